@@ -1,0 +1,1 @@
+"""Everything between raw files and a batch of tensors."""

@@ -1,0 +1,262 @@
+"""From tokenized examples to batches: per-objective streams, a weighted mixture, sharding
+across processes, and a data position that resumes in O(1).
+
+Every random choice is a pure function of (seed, position):
+
+* which objective the n-th micro-batch belongs to: ``rng(seed, n)``;
+* the order of an objective's examples in epoch e: ``rng(seed, objective, e)``;
+* the masking of the g-th example drawn from an objective: ``rng(seed, objective, g)``.
+
+So the position (micro-batches drawn, examples consumed per objective) is the whole state:
+resuming never replays data, and the g-th example is the same whatever the number of
+processes, which makes N-process training see exactly what one process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.objectives import OBJECTIVES
+from data.objectives.masked_lm import MaskingConfig, block, mask_sequence
+from data.objectives.summarize import build_example, collate
+from data.tokenizer import SpecialIds
+
+_MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+class MaskedLMStream:
+    """Fixed-length blocks of packed text with dynamic masking; bidirectional attention."""
+
+    name = "masked_lm"
+
+    def __init__(
+        self,
+        flat: np.ndarray,
+        seq_len: int,
+        ids: SpecialIds,
+        masking: MaskingConfig,
+        *,
+        word_start: np.ndarray | None,
+        vocab_size: int,
+    ) -> None:
+        self.flat, self.seq_len, self.ids, self.masking = flat, seq_len, ids, masking
+        self.word_start = word_start
+        self.special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
+        pool = np.setdiff1d(np.arange(vocab_size), self.special)
+        self.random_pool = pool
+        self.size = len(flat) // (seq_len - 1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def lengths(self) -> None:
+        return None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.size * self.seq_len
+
+    def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        inputs, labels = [], []
+        obj = OBJECTIVES.index(self.name)
+        for index, key in zip(indices, keys, strict=True):
+            ids = block(self.flat, int(index), self.seq_len, self.ids.cls)
+            x, y = mask_sequence(
+                ids,
+                _rng(seed, _SAMPLE, obj, key),
+                self.masking,
+                mask_id=self.ids.mask,
+                special=self.special,
+                random_pool=self.random_pool,
+                word_start=self.word_start,
+            )
+            inputs.append(x)
+            labels.append(y)
+        return {"input_ids": np.stack(inputs), "labels": np.stack(labels)}
+
+
+class Seq2SeqStream:
+    """(source, target) token-id pairs; prefix-LM attention."""
+
+    def __init__(
+        self,
+        name: str,
+        sources: list[np.ndarray],
+        targets: list[np.ndarray],
+        ids: SpecialIds,
+        *,
+        source_len: int,
+        target_len: int,
+    ) -> None:
+        self.name = name
+        self.sources, self.targets, self.ids = sources, targets, ids
+        self.source_len, self.target_len = source_len, target_len
+        self._lengths = np.array(
+            [
+                min(len(s), source_len - 2) + 2 + min(len(t), target_len - 1)
+                for s, t in zip(sources, targets, strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._lengths.sum())
+
+    def example(self, index: int):
+        return build_example(
+            self.sources[index],
+            self.targets[index],
+            cls_id=self.ids.cls,
+            sep_id=self.ids.sep,
+            source_len=self.source_len,
+            target_len=self.target_len,
+        )
+
+    def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        return collate([self.example(int(i)) for i in indices], self.ids.pad)
+
+
+# ---------------------------------------------------------------------------- ordering
+
+
+def epoch_order(n: int, seed: int, objective: int, epoch: int, lengths, bucket: int) -> np.ndarray:
+    """The order of an objective's examples in one epoch.
+
+    With lengths (sequence-to-sequence data), examples are sorted by length inside windows of
+    ``bucket`` examples and the resulting batches-worth are shuffled again, so a batch holds
+    examples of similar length (less padding) while the epoch stays random.
+    """
+    rng = _rng(seed, _ORDER, objective, epoch)
+    order = rng.permutation(n)
+    if lengths is None or bucket <= 1:
+        return order
+    window = bucket * 64
+    for start in range(0, n, window):
+        chunk = order[start : start + window]
+        order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    groups = [order[i : i + bucket] for i in range(0, n, bucket)]
+    rng.shuffle(groups)
+    return np.concatenate(groups)
+
+
+@dataclass
+class DataPosition:
+    """Where the mixture stands: micro-batches drawn, and examples consumed per objective
+    (across all processes). Plain integers, saved as JSON with every checkpoint."""
+
+    batches: int = 0
+    consumed: dict[str, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "consumed": dict(self.consumed or {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataPosition:
+        return cls(
+            batches=int(d["batches"]), consumed={k: int(v) for k, v in d["consumed"].items()}
+        )
+
+
+class MixtureLoader:
+    """Endless micro-batches; each belongs to one objective, picked with the given weights.
+
+    ``rank`` / ``world_size`` shard every global batch (``batch_size * world_size`` examples)
+    without overlap: rank r takes the r-th slice. All ranks pick the same objective at the
+    same step, so the mixture holds globally.
+    """
+
+    def __init__(
+        self,
+        streams: dict,
+        weights: dict[str, float],
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        missing = [name for name in weights if name not in streams]
+        if missing:
+            raise ValueError(f"no data for objective(s) {', '.join(missing)}")
+        for name, w in weights.items():
+            if w < 0:
+                raise ValueError(f"objective weight must be >= 0, got {name}={w}")
+        self.names = [n for n in OBJECTIVES if weights.get(n, 0) > 0]
+        if not self.names:
+            raise ValueError("at least one objective needs a weight > 0")
+        for name in self.names:
+            if len(streams[name]) == 0:
+                raise ValueError(f"objective {name} has no training examples")
+        total = sum(weights[n] for n in self.names)
+        self.probs = np.array([weights[n] / total for n in self.names])
+        self.streams, self.batch_size, self.seed = streams, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = DataPosition(0, {n: 0 for n in self.names})
+        self._orders: dict[tuple[str, int], np.ndarray] = {}
+
+    def state_dict(self) -> dict:
+        return self.position.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        pos = DataPosition.from_dict(state)
+        for name in self.names:
+            pos.consumed.setdefault(name, 0)
+        self.position = pos
+
+    def objective_at(self, batch_index: int) -> str:
+        u = _rng(self.seed, _MIXTURE, batch_index).random()
+        return self.names[
+            min(int(np.searchsorted(np.cumsum(self.probs), u, side="right")), len(self.names) - 1)
+        ]
+
+    def _order(self, name: str, epoch: int) -> np.ndarray:
+        key = (name, epoch)
+        if key not in self._orders:
+            stream = self.streams[name]
+            if len(self._orders) > 8:
+                self._orders.clear()
+            self._orders[key] = epoch_order(
+                len(stream),
+                self.seed,
+                OBJECTIVES.index(name),
+                epoch,
+                stream.lengths(),
+                self.batch_size * self.world_size,
+            )
+        return self._orders[key]
+
+    def examples_for(self, name: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's example indices and sample keys for the global batch starting at ``start``."""
+        n = len(self.streams[name])
+        keys = np.arange(start, start + self.batch_size) + self.rank * self.batch_size
+        indices = np.array([self._order(name, int(k // n))[int(k % n)] for k in keys])
+        return indices, keys
+
+    def next_batch(self) -> tuple[str, dict[str, torch.Tensor]]:
+        name = self.objective_at(self.position.batches)
+        start = self.position.consumed[name]
+        indices, keys = self.examples_for(name, start)
+        batch = self.streams[name].batch(indices, keys, self.seed)
+        self.position.batches += 1
+        self.position.consumed[name] = start + self.batch_size * self.world_size
+        return name, {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def epochs(self) -> dict[str, float]:
+        return {n: self.position.consumed[n] / max(len(self.streams[n]), 1) for n in self.names}

@@ -1,0 +1,59 @@
+"""Sequence-to-sequence examples for summarization (supervised pairs and gap sentences).
+
+One sequence per example, read by the prefix-LM mask:
+
+    [CLS] source... [SEP] t1 t2 ... tm        inputs
+          (ignored)   t1 t2 t3 ... [SEP]      labels (shifted: each position predicts the next)
+
+The prefix (``[CLS] source [SEP]``) sees itself in both directions; each target position
+sees the prefix and the target before it. Sources longer than the limit are truncated at
+the end; targets likewise (documented behaviour, counted by the caller).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.transformer import IGNORE_INDEX
+
+
+def build_example(
+    source: list[int] | np.ndarray,
+    target: list[int] | np.ndarray,
+    *,
+    cls_id: int,
+    sep_id: int,
+    source_len: int,
+    target_len: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (input_ids, labels, prefix_length); total length <= source_len + target_len."""
+    src = np.asarray(source, dtype=np.int64)[: source_len - 2]
+    tgt = np.asarray(target, dtype=np.int64)[: target_len - 1]
+    prefix = np.concatenate([[cls_id], src, [sep_id]])
+    inputs = np.concatenate([prefix, tgt])
+    labels = np.full(len(inputs), IGNORE_INDEX, dtype=np.int64)
+    labels[len(prefix) - 1 :] = np.concatenate([tgt, [sep_id]])
+    return inputs, labels, len(prefix)
+
+
+def collate(
+    examples: list[tuple[np.ndarray, np.ndarray, int]], pad_id: int
+) -> dict[str, np.ndarray]:
+    """Right-pad a list of examples into arrays (input_ids, labels, attention_mask, prefix_lengths)."""
+    length = max(len(e[0]) for e in examples)
+    b = len(examples)
+    input_ids = np.full((b, length), pad_id, dtype=np.int64)
+    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
+    attention = np.zeros((b, length), dtype=np.int64)
+    prefix = np.zeros(b, dtype=np.int64)
+    for i, (ids, lab, p) in enumerate(examples):
+        input_ids[i, : len(ids)] = ids
+        labels[i, : len(lab)] = lab
+        attention[i, : len(ids)] = 1
+        prefix[i] = p
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "prefix_lengths": prefix,
+    }

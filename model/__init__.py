@@ -1,0 +1,24 @@
+"""minituring's model: one UniLM-style transformer for masked-word prediction and
+summarization, and the inference API.
+
+    import model
+    lm = model.load("runs/default")
+    lm.fill_mask("Return the [MASK] value of a number.")
+    lm.summarize("a long document ...")
+"""
+
+from model.api import LM, RunFolderError, load
+from model.config import PRESETS, MiniTuringConfig
+from model.generate import DecodingConfig, generate
+from model.transformer import MiniTuringModel
+
+__all__ = [
+    "LM",
+    "PRESETS",
+    "DecodingConfig",
+    "MiniTuringConfig",
+    "MiniTuringModel",
+    "RunFolderError",
+    "generate",
+    "load",
+]

@@ -1,0 +1,213 @@
+"""The inference API: ``model.load(run_folder)`` -> ``fill_mask`` and ``summarize``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from model.config import MiniTuringConfig
+from model.generate import DecodingConfig, generate
+from model.transformer import MiniTuringModel
+
+MASK_LITERAL = "[MASK]"
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a loadable run, or whose parts disagree."""
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MiniTuringModel, object]:
+    """The model and tokenizer of a run folder, checked against each other."""
+    from data.tokenizer import TokenizerError, check_compatible, load_tokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RunFolderError(f"{folder} is not a folder: expected a run folder (e.g. runs/default)")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise RunFolderError(f"{folder} is not a complete run folder: {name} is missing")
+    try:
+        config = MiniTuringConfig.from_pretrained(folder)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise RunFolderError(
+            f"{folder / 'config.json'} is not a valid minituring config: {err}"
+        ) from None
+    tokenizer = load_tokenizer(folder)
+    try:
+        check_compatible(tokenizer, config, where=str(folder))
+    except TokenizerError as err:
+        raise RunFolderError(str(err)) from None
+    model = MiniTuringModel(config)
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise RunFolderError(
+            f"{folder / 'model.safetensors'} is not a valid safetensors file ({err}); "
+            "weights are only ever read from safetensors"
+        ) from None
+    expected = model.state_dict()
+    problems = [f"{k} missing" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if problems:
+        raise RunFolderError(
+            f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
+            + "; ".join(problems[:5])
+        )
+    model.load_state_dict(weights)
+    return model.to(device).eval(), tokenizer
+
+
+class LM:
+    """A trained model with its tokenizer, ready to fill masks and summarize."""
+
+    def __init__(self, model: MiniTuringModel, tokenizer, source_len: int | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        training = getattr(self.config, "training", None) or {}
+        self.source_len = source_len or training.get("data", {}).get("source_len", 256)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ fill-mask
+
+    def _never(self) -> torch.Tensor:
+        ids = [
+            i
+            for i in range(
+                self.config.tokenizer_size or self.config.vocab_size, self.config.vocab_size
+            )
+        ]
+        ids += self.tokenizer.all_special_ids
+        return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+    @torch.inference_mode()
+    def fill_mask(self, text: str | list[str], top_k: int = 5):
+        """Top-k predictions for each ``[MASK]``.
+
+        One text with one mask -> a list of {"token", "token_id", "score", "sequence"};
+        with several masks -> one such list per mask; a list of texts -> one result per text.
+        """
+        if isinstance(text, str):
+            return self._fill_batch([text], top_k)[0]
+        if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+            raise TypeError("fill_mask expects a string or a list of strings")
+        return self._fill_batch(text, top_k)
+
+    def _fill_batch(self, texts: list[str], top_k: int) -> list:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        tok, limit = self.tokenizer, self.config.max_position_embeddings
+        encoded = []
+        for i, text in enumerate(texts):
+            if MASK_LITERAL not in text and tok.mask_token not in text:
+                raise ValueError(f"text {i} has no {MASK_LITERAL} to fill: {text[:80]!r}")
+            ids = tok(text.replace(MASK_LITERAL, tok.mask_token))["input_ids"]
+            if len(ids) > limit:
+                raise ValueError(
+                    f"text {i} is {len(ids)} tokens long; the model reads at most {limit}: shorten it"
+                )
+            encoded.append(ids)
+        length = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), length), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+            attention[i, : len(e)] = 1
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        logits = self.model(ids, attention_mask=attention).logits.float()
+        logits[..., self._never().to(self.device)] = float("-inf")
+        probs = logits.softmax(-1)
+        results = []
+        for i, e in enumerate(encoded):
+            positions = [p for p, t in enumerate(e) if t == tok.mask_token_id]
+            per_mask = []
+            for p in positions:
+                scores, top = probs[i, p].topk(min(top_k, probs.shape[-1]))
+                options = []
+                for score, token_id in zip(scores.tolist(), top.tolist(), strict=True):
+                    filled = list(e)
+                    filled[p] = token_id
+                    options.append(
+                        {
+                            "token": tok.decode([token_id]),
+                            "token_id": token_id,
+                            "score": score,
+                            "sequence": tok.decode(filled, skip_special_tokens=True).strip(),
+                        }
+                    )
+                per_mask.append(options)
+            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+        return results
+
+    # ------------------------------------------------------------------ summarize
+
+    @torch.inference_mode()
+    def summarize(
+        self,
+        text: str | list[str],
+        max_new_tokens: int = 32,
+        num_beams: int = 4,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 3,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 16,
+    ) -> str | list[str]:
+        """A summary per document. Documents longer than the model's source length (from
+        training) are truncated to their beginning."""
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("summarize expects a string or a list of strings")
+        cfg = DecodingConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        cfg.validate()
+        tok = self.tokenizer
+        room = min(self.source_len, self.config.max_position_embeddings - max_new_tokens)
+        if room < 3:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the source in "
+                f"{self.config.max_position_embeddings} positions"
+            )
+        sources = []
+        for t in texts:
+            body = tok(t, add_special_tokens=False)["input_ids"][: room - 2]
+            sources.append([tok.cls_token_id, *body, tok.sep_token_id])
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        outputs = []
+        for start in range(0, len(sources), batch_size):
+            outputs += generate(self.model, sources[start : start + batch_size], cfg, generator)
+        summaries = [s.strip() for s in tok.batch_decode(outputs, skip_special_tokens=True)]
+        return summaries[0] if single else summaries
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> LM:
+    """Load a run folder for inference (CPU by default)."""
+    model, tokenizer = load_model(path, device)
+    return LM(model, tokenizer)

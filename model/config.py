@@ -1,0 +1,116 @@
+"""Model configuration and the size presets.
+
+The configuration is a `transformers` config so a run folder's ``config.json`` is read by the
+Auto classes; the presets are plain functions, as in torchtitan, not YAML trees.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+MODEL_TYPE = "minituring"
+
+
+class MiniTuringConfig(PretrainedConfig):
+    """Shape of the one transformer stack shared by every objective.
+
+    Token ids of the special tokens live here too so that the model, the tokenizer and the
+    objectives can be checked against each other when a run folder is loaded.
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        ffn_size: int = 1024,
+        max_position_embeddings: int = 512,
+        dropout: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        unk_token_id: int = 1,
+        bos_token_id: int = 2,
+        eos_token_id: int = 3,
+        mask_token_id: int = 4,
+        sentence_mask_token_id: int = 5,
+        tokenizer_size: int | None = None,
+        preset: str | None = None,
+        **kwargs,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.ffn_size = ffn_size
+        self.max_position_embeddings = max_position_embeddings
+        self.dropout = dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        self.sentence_mask_token_id = sentence_mask_token_id
+        self.unk_token_id = unk_token_id
+        # Number of entries the tokenizer actually has; vocab_size is this rounded up to a
+        # multiple of 64 so the embedding matmul stays aligned.
+        self.tokenizer_size = tokenizer_size
+        self.preset = preset
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count computed from the shape (tied output embedding counted once)."""
+        d, f, n = self.hidden_size, self.ffn_size, self.num_layers
+        block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+        total = n * block + 2 * d
+        if not non_embedding:
+            total += self.vocab_size * d + self.max_position_embeddings * d
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix:
+        6 * non-embedding params + 12 * layers * hidden * seq for attention, plus the output head."""
+        n_params = self.num_parameters(non_embedding=True) + self.vocab_size * self.hidden_size
+        return 6 * n_params + 12 * self.num_layers * self.hidden_size * seq_len
+
+
+def round_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer of n entries: n rounded up to a multiple of 64."""
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------- presets
+# Each preset returns the model shape plus the sequence length it is meant to train at.
+
+
+def tiny() -> dict:
+    """Laptop scale: trains in minutes on two CPU cores (about 5M parameters)."""
+    return dict(hidden_size=256, num_layers=4, num_heads=4, ffn_size=1024, seq_len=128)
+
+
+def small() -> dict:
+    """A single GPU for an hour, or a patient CPU (about 30M parameters)."""
+    return dict(hidden_size=512, num_layers=8, num_heads=8, ffn_size=2048, seq_len=256)
+
+
+def base() -> dict:
+    """About BERT-base: 12 layers, hidden 768, 12 heads (about 110M parameters)."""
+    return dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072, seq_len=512)
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base}

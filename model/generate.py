@@ -1,0 +1,292 @@
+"""Summary decoding with a KV cache: greedy, beam search, top-k / top-p sampling.
+
+Sources are left-padded to one length and encoded once (prefix-LM: the source sees itself
+bidirectionally); every new token then attends to the cached source and earlier output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.transformer import KVCache, MiniTuringModel
+
+
+@dataclass
+class DecodingConfig:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 1
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("choose sampling (do_sample) or beam search (num_beams > 1), not both")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def _left_pad(sources: list[list[int]], pad_id: int, device: torch.device):
+    length = max(len(s) for s in sources)
+    ids = torch.full((len(sources), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sources), length), dtype=torch.long)
+    for i, s in enumerate(sources):
+        ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, length - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _banned_ngram_tokens(generated: list[list[int]], n: int) -> list[list[int]]:
+    """For each row, the tokens that would repeat an n-gram already in that row."""
+    banned = []
+    for seq in generated:
+        if n <= 0 or len(seq) < n:
+            banned.append([])
+            continue
+        prefix = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+        row = [
+            seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix
+        ]
+        banned.append(row)
+    return banned
+
+
+class Decoder:
+    """Holds the per-batch decoding state shared by the three strategies."""
+
+    def __init__(self, model: MiniTuringModel, sources: list[list[int]], cfg: DecodingConfig):
+        cfg.validate()
+        self.model, self.cfg = model, cfg
+        conf = model.config
+        self.eos = conf.eos_token_id
+        self.pad = conf.pad_token_id
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.ids, self.mask = _left_pad(sources, self.pad, self.device)
+        self.source_len = self.ids.shape[1]
+        if self.source_len + cfg.max_new_tokens > conf.max_position_embeddings:
+            raise ValueError(
+                f"source ({self.source_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                f"exceeds the model's {conf.max_position_embeddings} positions"
+            )
+        # Tokens the model must never emit: padding rows past the tokenizer and special tokens.
+        vocab = conf.vocab_size
+        real = conf.tokenizer_size or vocab
+        never = [i for i in range(real, vocab)]
+        never += [
+            t
+            for t in (
+                self.pad,
+                conf.bos_token_id,
+                conf.mask_token_id,
+                conf.sentence_mask_token_id,
+                conf.unk_token_id,
+            )
+            if t is not None and t != self.eos
+        ]
+        self.never = torch.tensor(sorted(set(never)), dtype=torch.long, device=self.device)
+
+    def encode(self, repeat: int) -> tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
+        """Run the source through the model once, then copy its cache for each beam."""
+        b = self.ids.shape[0]
+        cache = KVCache(
+            self.model.config,
+            b,
+            self.source_len + self.cfg.max_new_tokens,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = torch.full((b,), self.source_len, device=self.device)
+        out = self.model(
+            self.ids,
+            attention_mask=self.mask,
+            prefix_lengths=prefix,
+            position_ids=positions,
+            cache=cache,
+            last_token_only=True,
+        )
+        logits = out.logits.float()
+        mask, next_pos = self.mask, positions[:, -1] + 1
+        if repeat > 1:
+            index = torch.arange(b, device=self.device).repeat_interleave(repeat)
+            cache.reorder(index)
+            logits, mask, next_pos = logits[index], mask[index], next_pos[index]
+        return logits, cache, mask, next_pos
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, mask: torch.Tensor, pos: torch.Tensor):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = self.model(
+            tokens.view(-1, 1),
+            attention_mask=mask,
+            position_ids=pos.view(-1, 1),
+            cache=cache,
+            last_token_only=True,
+        )
+        return out.logits.float(), mask, pos + 1
+
+    def log_probs(
+        self, logits: torch.Tensor, generated: list[list[int]], step: int
+    ) -> torch.Tensor:
+        logits = logits / self.cfg.temperature if self.cfg.do_sample else logits
+        logits[:, self.never] = float("-inf")
+        if step < self.cfg.min_new_tokens:
+            logits[:, self.eos] = float("-inf")
+        for row, banned in enumerate(
+            _banned_ngram_tokens(generated, self.cfg.no_repeat_ngram_size)
+        ):
+            if banned:
+                logits[row, banned] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
+
+# ---------------------------------------------------------------------------- strategies
+
+
+def _sample(logp: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logp, order = torch.sort(logp, descending=True, dim=-1)
+        cumulative = sorted_logp.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = cumulative - sorted_logp.softmax(-1) >= top_p
+        sorted_logp = sorted_logp.masked_fill(drop, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
+    return torch.multinomial(logp.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _greedy_or_sample(dec: Decoder, generator) -> list[list[int]]:
+    cfg = dec.cfg
+    logits, cache, mask, pos = dec.encode(1)
+    b = logits.shape[0]
+    generated: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=dec.device)
+    for step in range(cfg.max_new_tokens):
+        logp = dec.log_probs(logits, generated, step)
+        if cfg.do_sample:
+            tokens = _sample(logp, cfg.top_k, cfg.top_p, generator)
+        else:
+            tokens = logp.argmax(-1)
+        tokens = torch.where(done, torch.full_like(tokens, dec.eos), tokens)
+        for row, tok in enumerate(tokens.tolist()):
+            if not done[row]:
+                generated[row].append(tok)
+        done |= tokens == dec.eos
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        logits, mask, pos = dec.step(tokens, cache, mask, pos)
+    return [[t for t in g if t != dec.eos] for g in generated]
+
+
+def _beam_search(dec: Decoder) -> list[list[int]]:
+    cfg, k = dec.cfg, dec.cfg.num_beams
+    logits, cache, mask, pos = dec.encode(k)
+    b = logits.shape[0] // k
+    vocab = logits.shape[-1]
+    # Only the first beam is live at the start, so the k beams begin with k different tokens.
+    scores = torch.full((b, k), float("-inf"), device=dec.device)
+    scores[:, 0] = 0.0
+    beams: list[list[int]] = [[] for _ in range(b * k)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    closed = [False] * b
+
+    def normalised(score: float, length: int) -> float:
+        return score / (max(length, 1) ** cfg.length_penalty)
+
+    for step in range(cfg.max_new_tokens):
+        logp = dec.log_probs(logits, beams, step)
+        candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
+        top_scores, top_index = torch.topk(candidates, 2 * k, dim=-1)
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        next_scores = torch.full((b, k), float("-inf"), device=dec.device)
+        next_tokens = torch.full((b, k), dec.eos, dtype=torch.long, device=dec.device)
+        source_beam = torch.arange(b * k, device=dec.device).view(b, k).clone()
+        new_beams: list[list[int]] = [[] for _ in range(b * k)]
+        for i in range(b):
+            if closed[i]:
+                for j in range(k):
+                    new_beams[i * k + j] = beams[i * k + j]
+                continue
+            filled = 0
+            for score, index in zip(top_scores[i], top_index[i], strict=True):
+                if score == float("-inf"):
+                    break
+                beam, token = divmod(index, vocab)
+                history = beams[i * k + beam]
+                if token == dec.eos:
+                    finished[i].append((normalised(score, len(history) + 1), history))
+                    continue
+                next_scores[i, filled] = score
+                next_tokens[i, filled] = token
+                source_beam[i, filled] = i * k + beam
+                new_beams[i * k + filled] = history + [token]
+                filled += 1
+                if filled == k:
+                    break
+            best_live = next_scores[i, 0].item()
+            if len(finished[i]) >= k:
+                worst_kept = sorted(s for s, _ in finished[i])[-k]
+                # Scores only fall as hypotheses grow, so a live beam cannot overtake.
+                if normalised(best_live, step + 1) <= worst_kept or best_live == float("-inf"):
+                    closed[i] = True
+        beams, scores = new_beams, next_scores
+        if all(closed) or step == cfg.max_new_tokens - 1:
+            break
+        index = source_beam.view(-1)
+        cache.reorder(index)
+        mask, pos = mask[index], pos[index]
+        logits, mask, pos = dec.step(next_tokens.view(-1), cache, mask, pos)
+
+    results = []
+    for i in range(b):
+        pool = list(finished[i])
+        if not closed[i]:
+            for j in range(k):
+                s = scores[i, j].item()
+                if s != float("-inf"):
+                    pool.append((normalised(s, len(beams[i * k + j])), beams[i * k + j]))
+        results.append(max(pool, key=lambda p: p[0])[1] if pool else [])
+    return results
+
+
+@torch.inference_mode()
+def generate(
+    model: MiniTuringModel,
+    sources: list[list[int]],
+    cfg: DecodingConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Generate a target for each source (token ids including the [CLS] ... [SEP] frame).
+
+    Returns the generated token ids per source, without the end-of-sequence token.
+    """
+    cfg = cfg or DecodingConfig()
+    if not sources:
+        return []
+    if any(len(s) == 0 for s in sources):
+        raise ValueError("every source must have at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        dec = Decoder(model, sources, cfg)
+        if cfg.num_beams > 1:
+            return _beam_search(dec)
+        return _greedy_or_sample(dec, generator)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,287 @@
+"""One transformer stack for every objective (UniLM).
+
+The same weights fill masks and write summaries; only the self-attention mask changes:
+
+* bidirectional  every token sees every (non-pad) token: masked-word prediction;
+* prefix-LM      tokens of the prefix (the source) see the whole prefix; tokens after it (the
+                 target) see the prefix and the earlier target tokens: sequence-to-sequence.
+
+A batch says which with ``prefix_lengths``: ``None`` is bidirectional, a length per row is
+prefix-LM. Nothing here knows about optimizers, data or distributed training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from model.config import MiniTuringConfig
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer, for incremental decoding.
+
+    The source is encoded once; each decoding step appends one position. ``reorder`` follows
+    beam search when it re-ranks hypotheses.
+    """
+
+    def __init__(
+        self,
+        config: MiniTuringConfig,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (batch_size, config.num_heads, max_length, config.head_dim)
+        self.keys = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
+        ]
+        self.values = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
+        ]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions, asked for {end}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, index)
+            self.values[i] = self.values[i].index_select(0, index)
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: MiniTuringConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out.is_residual_projection = True
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: MiniTuringConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.ffn_size)
+        self.down = nn.Linear(config.ffn_size, config.hidden_size)
+        self.down.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, config: MiniTuringConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class MiniTuringOutput(ModelOutput):
+    """``loss`` when labels are given (then ``logits`` only at labelled positions, flattened);
+    otherwise ``logits`` for every position, or the last one with ``last_token_only``."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+
+
+def attention_mask_for(
+    *,
+    query_positions: torch.Tensor,
+    key_length: int,
+    key_padding: torch.Tensor | None,
+    prefix_lengths: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Boolean (batch, 1, queries, keys) mask, True where attention is allowed.
+
+    ``query_positions`` are the queries' indices among the keys (batch or broadcast, queries).
+    Returns None when every query may see every key, so SDPA can take its fastest kernel.
+    """
+    if prefix_lengths is None and key_padding is None:
+        return None
+    keys = torch.arange(key_length, device=query_positions.device)
+    q = query_positions.view(-1, 1, query_positions.shape[-1], 1)
+    allowed = torch.ones(1, 1, 1, key_length, dtype=torch.bool, device=keys.device)
+    if prefix_lengths is not None:
+        prefix = prefix_lengths.view(-1, 1, 1, 1)
+        allowed = (keys < prefix) | (keys <= q)
+    if key_padding is not None:
+        allowed = allowed & key_padding.view(key_padding.shape[0], 1, 1, key_length).bool()
+    # A query always sees itself, so no row is empty (an empty row would give NaN).
+    return allowed | (keys == q)
+
+
+class MiniTuringModel(PreTrainedModel):
+    """The UniLM-style transformer: token + position embeddings, pre-norm blocks, final norm,
+    and an output layer tied to the input embedding."""
+
+    config_class = MiniTuringConfig
+    base_model_prefix = "minituring"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: MiniTuringConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 / BERT init: N(0, 0.02) for matrices and embeddings, zero biases, unit norms.
+        Projections that write into the residual stream are scaled by 1/sqrt(2 * layers) so the
+        residual's variance does not grow with depth."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, hidden).
+
+        ``attention_mask`` (batch, keys) marks real tokens (1) and padding (0); with a cache it
+        covers the cached positions plus the new ones.
+        """
+        b, t = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + t, device=input_ids.device).unsqueeze(0)
+        if t and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence position {int(position_ids.max())} is beyond the model's "
+                f"max_position_embeddings ({self.config.max_position_embeddings}); "
+                "shorten the input or train a model with longer positions"
+            )
+        queries = torch.arange(offset, offset + t, device=input_ids.device).unsqueeze(0)
+        mask = attention_mask_for(
+            query_positions=queries,
+            key_length=offset + t,
+            key_padding=attention_mask,
+            prefix_lengths=prefix_lengths,
+        )
+        x = self.drop(self.embed(input_ids) + self.position(position_ids))
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += t
+        return self.ln_f(x)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Output layer tied to the input embedding."""
+        return F.linear(h, self.embed.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_token_only: bool = False,
+        **kwargs,
+    ) -> MiniTuringOutput:
+        """With ``labels`` (IGNORE_INDEX where there is nothing to predict), returns the mean
+        cross-entropy over labelled positions; logits are computed for those positions only,
+        which for masked LM is ~15% of the sequence and saves most of the output layer."""
+        h = self.hidden_states(input_ids, attention_mask, prefix_lengths, position_ids, cache)
+        if labels is None:
+            if last_token_only:
+                h = h[:, -1]
+            return MiniTuringOutput(logits=self.logits_from_hidden(h))
+        selected = labels != IGNORE_INDEX
+        targets = labels[selected]
+        logits = self.logits_from_hidden(h[selected])
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        count = selected.sum()
+        return MiniTuringOutput(
+            loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
+        )

@@ -1,0 +1,107 @@
+"""Shared tiny fixtures: a few hundred documents from the interpreter's own docs, a small
+tokenizer, a 2-layer model, and one tiny trained run folder for the API tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import pydoc_data.topics
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_FLAGS = [
+    "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
+    "--seq-len", "32", "--max-positions", "128", "--source-len", "64", "--target-len", "16",
+    "--vocab-size", "400", "--batch-size", "8", "--warmup-steps", "5",
+    "--eval-every", "0", "--eval-batches", "2", "--rouge-samples", "4",
+    "--log-every", "5", "--no-progress", "--device", "cpu", "--precision", "fp32",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Never write into the user's cache from tests."""
+    os.environ["MINITURING_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def paragraphs() -> list[str]:
+    out = []
+    for key in sorted(pydoc_data.topics.topics):
+        for p in pydoc_data.topics.topics[key].split("\n\n"):
+            p = " ".join(p.split())
+            if len(p.split()) >= 12:
+                out.append(p)
+    return out
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return paragraphs()[:600]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(texts):
+    from data.tokenizer import train_tokenizer
+
+    return train_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture
+def tiny_config(tokenizer):
+    from data.tokenizer import special_ids
+    from model.config import MiniTuringConfig, round_vocab
+
+    ids = special_ids(tokenizer)
+    return MiniTuringConfig(
+        vocab_size=round_vocab(len(tokenizer)),
+        tokenizer_size=len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        ffn_size=64,
+        max_position_embeddings=128,
+        pad_token_id=ids.pad,
+        unk_token_id=ids.unk,
+        bos_token_id=ids.cls,
+        eos_token_id=ids.sep,
+        mask_token_id=ids.mask,
+        sentence_mask_token_id=ids.sentence_mask,
+    )
+
+
+def write_corpus(folder: Path, texts: list[str]) -> tuple[Path, Path]:
+    """A text file (one document per line) and a jsonl of document/summary pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text_file = folder / "docs.txt"
+    text_file.write_text("\n".join(texts) + "\n")
+    pairs = folder / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for t in texts:
+            first, _, rest = t.partition(". ")
+            if rest and len(first.split()) >= 4:
+                f.write(json.dumps({"document": rest, "summary": first + "."}) + "\n")
+    return text_file, pairs
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory, texts):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_files) -> Path:
+    """A run folder trained for a few steps with every objective."""
+    import train
+
+    text_file, pairs = corpus_files
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = train.config_from_args(
+        TINY_FLAGS
+        + ["--train-text", str(text_file), "--train-pairs", str(pairs)]
+        + ["--output-dir", str(out), "--max-steps", "12", "--save-every", "6"]
+    )
+    train.train(cfg)
+    return out

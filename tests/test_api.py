@@ -1,0 +1,118 @@
+"""The Python inference API on a tiny trained run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model
+from model.api import RunFolderError
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_run):
+    return model.load(tiny_run)
+
+
+def test_fill_mask_one_mask(lm):
+    out = lm.fill_mask("Return the [MASK] value of a number.", top_k=5)
+    assert isinstance(out, list) and len(out) == 5
+    assert set(out[0]) >= {"token", "score", "sequence", "token_id"}
+    scores = [p["score"] for p in out]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert all("[MASK]" not in p["sequence"] for p in out)
+    assert all(p["sequence"].startswith("Return the") for p in out)
+    special = set(lm.tokenizer.all_special_ids)
+    assert not any(p["token_id"] in special for p in out)
+
+
+def test_fill_mask_several_masks_and_texts(lm):
+    two = lm.fill_mask("The [MASK] is [MASK].", top_k=3)
+    assert len(two) == 2 and all(len(options) == 3 for options in two)
+    batch = lm.fill_mask(
+        ["a [MASK] b", "A much longer text with a [MASK] in the middle of it all."], top_k=2
+    )
+    assert len(batch) == 2 and len(batch[0]) == 2
+    # A batch of mixed lengths gives the same answers as one text at a time.
+    alone = lm.fill_mask("A much longer text with a [MASK] in the middle of it all.", top_k=2)
+    assert [p["token_id"] for p in batch[1]] == [p["token_id"] for p in alone]
+    assert batch[1][0]["score"] == pytest.approx(alone[0]["score"], rel=1e-4)
+
+
+def test_fill_mask_bad_inputs(lm):
+    with pytest.raises(ValueError, match="no \\[MASK\\]"):
+        lm.fill_mask("")
+    with pytest.raises(ValueError, match="no \\[MASK\\]"):
+        lm.fill_mask("nothing to fill here")
+    with pytest.raises(ValueError, match="reads at most"):
+        lm.fill_mask("word " * 500 + "[MASK]")
+    with pytest.raises(TypeError):
+        lm.fill_mask(42)
+
+
+def test_summarize_str_and_list(lm):
+    doc = "The list type is a mutable sequence. Lists may be constructed in several ways. " * 3
+    out = lm.summarize(doc, max_new_tokens=8, num_beams=2)
+    assert isinstance(out, str)
+    many = lm.summarize([doc, "Short one.", ""], max_new_tokens=8, num_beams=1)
+    assert isinstance(many, list) and len(many) == 3
+    assert many[0] == lm.summarize(doc, max_new_tokens=8, num_beams=1)
+    long = lm.summarize("word " * 5000, max_new_tokens=4, num_beams=1)  # truncated, not an error
+    assert isinstance(long, str)
+    sampled = lm.summarize(doc, max_new_tokens=8, num_beams=1, do_sample=True, top_p=0.9, seed=3)
+    assert sampled == lm.summarize(
+        doc, max_new_tokens=8, num_beams=1, do_sample=True, top_p=0.9, seed=3
+    )
+
+
+def test_summarize_bad_options(lm):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.summarize("text", max_new_tokens=0)
+    with pytest.raises(ValueError, match="not both"):
+        lm.summarize("text", do_sample=True, num_beams=2)
+
+
+def test_load_refuses_incomplete_or_inconsistent_folders(tmp_path, tiny_run):
+    with pytest.raises(RunFolderError, match="not a folder"):
+        model.load(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(RunFolderError, match="model.safetensors is missing"):
+        model.load(broken)
+
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(tiny_run, mismatch)
+    config = json.loads((mismatch / "config.json").read_text())
+    config["hidden_size"] = 64
+    config["num_heads"] = 2
+    (mismatch / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunFolderError, match="shape"):
+        model.load(mismatch)
+
+    vocab = tmp_path / "vocab"
+    shutil.copytree(tiny_run, vocab)
+    config = json.loads((vocab / "config.json").read_text())
+    config["mask_token_id"] = 1
+    (vocab / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunFolderError, match="mask_token_id"):
+        model.load(vocab)
+
+
+def test_load_refuses_a_pickle_in_place_of_weights(tmp_path, tiny_run):
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_run, evil)
+    torch.save({"x": torch.zeros(1)}, evil / "model.safetensors")  # a pickle, not safetensors
+    with pytest.raises(RunFolderError, match="not a valid safetensors file"):
+        model.load(evil)
+
+
+def test_load_on_a_device_argument(tiny_run):
+    lm = model.load(tiny_run, device="cpu")
+    assert lm.device.type == "cpu"
+    weights = load_file(str(tiny_run / "model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())

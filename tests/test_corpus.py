@@ -1,0 +1,169 @@
+"""data.corpus: the embedded corpus is deterministic, cached, leak-free and well filtered."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from data import corpus as corpus_module
+from data.corpus import (
+    MIN_BODY_WORDS,
+    MIN_TEXT_WORDS,
+    SUMMARY_WORDS,
+    Corpus,
+    build_default_corpus,
+    docstring_pair,
+    file_docstrings,
+    is_held_out,
+)
+
+MAX_CHARS = 1_500_000
+EVAL_FRACTION = 0.1  # large, so the small test corpus still holds out enough to check
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corpus-cache")
+
+
+@pytest.fixture(scope="module")
+def built(cache_dir: Path) -> Corpus:
+    return build_default_corpus(cache_dir, eval_fraction=EVAL_FRACTION, max_chars=MAX_CHARS)
+
+
+def all_texts(corpus: Corpus) -> list[str]:
+    return corpus.train_texts + corpus.eval_texts
+
+
+def test_size_and_shape(built: Corpus) -> None:
+    texts = all_texts(built)
+    assert len(built.train_texts) > 500 and len(built.eval_texts) > 20
+    assert len(built.train_pairs) > 100 and len(built.eval_pairs) > 5
+    assert MAX_CHARS * 0.9 < sum(map(len, texts)) <= MAX_CHARS
+    assert len(set(texts)) == len(texts)
+    assert all(t == t.strip() and len(t.split()) >= MIN_TEXT_WORDS for t in texts)
+    assert "\n" not in built.describe() and f"{len(built.train_texts):,} train" in (
+        built.describe()
+    )
+
+
+def test_rebuild_is_identical(built: Corpus, tmp_path: Path) -> None:
+    assert build_default_corpus(tmp_path, EVAL_FRACTION, MAX_CHARS) == built
+
+
+def test_cache_hit(built: Corpus, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus_module, "_build", lambda *a: pytest.fail("cache missed"))
+    assert build_default_corpus(cache_dir, EVAL_FRACTION, MAX_CHARS) == built
+    files = list(cache_dir.iterdir())
+    assert len(files) == 1 and files[0].name.endswith(".json.gz")  # no temporary files left
+
+
+def test_cache_key_covers_the_options() -> None:
+    key = corpus_module._cache_key
+    assert key(0.02, 1000) == key(0.02, 1000)
+    assert len({key(0.02, 1000), key(0.05, 1000), key(0.02, 2000), key(0.02, None)}) == 4
+
+
+def test_unreadable_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = Corpus(["a text"], ["held out"], [("document", "summary")], [])
+    monkeypatch.setattr(corpus_module, "_build", lambda *a: small)
+    assert build_default_corpus(tmp_path, 0.02, 1000) == small
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not gzip at all")
+    assert build_default_corpus(tmp_path, 0.02, 1000) == small
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        assert "held out" in f.read()
+
+
+def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = Corpus(["a text"], [], [], [])
+    monkeypatch.setattr(corpus_module, "_build", lambda *a: small)
+    monkeypatch.setenv("MINITURING_CACHE", str(tmp_path / "env-cache"))
+    assert build_default_corpus(max_chars=1000) == small
+    assert len(list((tmp_path / "env-cache").glob("default-corpus-*.json.gz"))) == 1
+
+
+def test_held_out_docstrings_never_reach_training(built: Corpus) -> None:
+    assert all(is_held_out(t, EVAL_FRACTION) for t in built.eval_texts)
+    assert not any(is_held_out(t, EVAL_FRACTION) for t in built.train_texts)
+    held = set(built.eval_texts)
+    assert held.isdisjoint(built.train_texts)
+    for document, summary in built.train_pairs:
+        assert document not in held and summary not in held
+    # Every training pair comes from a training docstring, every eval pair from a held-out one.
+    train_derived = {docstring_pair(t) for t in built.train_texts}
+    eval_derived = {docstring_pair(t) for t in built.eval_texts}
+    assert set(built.train_pairs) <= train_derived
+    assert set(built.eval_pairs) <= eval_derived
+    train_summaries = {s for _, s in built.train_pairs}
+    assert not any(s in train_summaries for _, s in built.eval_pairs)
+
+
+def test_pairs_meet_the_thresholds(built: Corpus) -> None:
+    for document, summary in built.train_pairs + built.eval_pairs:
+        assert SUMMARY_WORDS[0] <= len(summary.split()) <= SUMMARY_WORDS[1]
+        assert "\n" not in summary and not summary.endswith(":") and ">>>" not in summary
+        assert len(document.split()) >= MIN_BODY_WORDS
+        assert document == document.strip()
+
+
+def test_capped_subset_samples_every_package() -> None:
+    files = sorted(corpus_module._source_files(), key=lambda f: corpus_module._order_key(f[0]))
+    groups = {label.split("/")[0] for label, _ in files}
+    first = {label.split("/")[0] for label, _ in files[: len(files) // 20]}
+    assert "stdlib" in groups
+    assert len(first) >= min(len(groups), 3)
+
+
+def test_docstring_pair() -> None:
+    body = " ".join(["The longer description explains what the function does."] * 6)
+    pair = docstring_pair(f"Compute the mean of the values\nalong an axis.\n\n{body}")
+    assert pair == (body, "Compute the mean of the values along an axis.")
+    assert docstring_pair(f"Short summary.\n\n{body}") is None
+    assert docstring_pair(f"Args:\n    x: the values to average over the axis.\n\n{body}") is None
+    assert docstring_pair("Compute the mean of the values along an axis.\n\nToo short.") is None
+    doctest = "\n".join([">>> mean([1, 2, 3])", "2.0"] * 30)
+    summary = "Compute the mean of the values along an axis."
+    assert docstring_pair(f"{summary}\n\n{body}\n\n{doctest}") is None
+    literal = "Use it like this::\n\n" + "\n".join(["    total = mean(values)"] * 20)
+    assert docstring_pair(f"{summary}\n\n{body}\n\n{literal}") is None
+    assert docstring_pair(f"{summary} {body}") is None  # no summary paragraph
+
+
+def test_file_docstrings(tmp_path: Path) -> None:
+    words = " ".join(f"word{i}" for i in range(MIN_TEXT_WORDS))
+    source = tmp_path / "module.py"
+    source.write_text(
+        f'"""Module {words}."""\n'
+        "import sys\n"
+        "if sys.version_info >= (3,):\n"
+        "    class A:\n"
+        f'        """Class {words}."""\n'
+        "        def f(self):\n"
+        f"            '''Method {words}.'''\n"
+        "            def inner():\n"
+        f'                """Inner {words}."""\n'
+        "def short():\n"
+        '    """Too short to keep."""\n',
+        encoding="utf-8",
+    )
+    found = file_docstrings(str(source))
+    assert [d.split()[0] for d in found] == ["Module", "Class", "Method", "Inner"]
+    broken = tmp_path / "broken.py"
+    broken.write_text(f'"""{words}"""\ndef (:\n', encoding="utf-8")
+    assert file_docstrings(str(broken)) == []
+    assert file_docstrings(str(tmp_path / "missing.py")) == []
+
+
+def test_is_held_out_is_stable_and_proportional() -> None:
+    keys = [f"document {i}" for i in range(20_000)]
+    share = sum(is_held_out(k, 0.05) for k in keys) / len(keys)
+    assert 0.04 < share < 0.06
+    assert not any(is_held_out(k, 0.0) for k in keys[:100])
+    # Fixed values: the split must not change between versions or machines.
+    assert [is_held_out(f"key {i}", 0.5) for i in range(8)] == EXPECTED_HALF_SPLIT
+
+
+EXPECTED_HALF_SPLIT = [True, False, False, True, True, True, True, False]

@@ -1,0 +1,237 @@
+"""The transformer: the attention masks on the model itself, learning, decoding, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import MiniTuringConfig
+from model.generate import DecodingConfig, generate
+from model.transformer import IGNORE_INDEX, MiniTuringModel, attention_mask_for
+
+
+def small_model(seed: int = 0, **overrides) -> MiniTuringModel:
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64,
+        max_position_embeddings=64, tokenizer_size=100,
+    )  # fmt: skip
+    cfg.update(overrides)
+    return MiniTuringModel(MiniTuringConfig(**cfg)).eval()
+
+
+def test_parameter_count_matches_formula():
+    model = small_model()
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+
+
+def test_residual_projections_get_depth_scaled_init():
+    model = small_model(num_layers=8, hidden_size=64, ffn_size=256)
+    qkv_std = torch.stack([b.attn.qkv.weight.std() for b in model.blocks]).mean()
+    out_std = torch.stack([b.attn.out.weight.std() for b in model.blocks]).mean()
+    assert abs(qkv_std - 0.02) < 0.003
+    assert abs(out_std - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8 layers) = 1/4
+
+
+def test_bidirectional_positions_see_the_future():
+    model = small_model()
+    x = torch.randint(6, 100, (1, 12))
+    y = x.clone()
+    y[0, 10] = (x[0, 10] + 1 - 6) % 94 + 6
+    a, b = model(x).logits, model(y).logits
+    assert not torch.allclose(a[0, 0], b[0, 0])
+
+
+def test_prefix_lm_source_never_sees_target():
+    """Changing a target token never changes a source position's output."""
+    model = small_model()
+    prefix = 7
+    x = torch.randint(6, 100, (2, 14))
+    y = x.clone()
+    y[:, prefix + 2] = (x[:, prefix + 2] + 1 - 6) % 94 + 6
+    lengths = torch.tensor([prefix, prefix])
+    a = model(x, prefix_lengths=lengths).logits
+    b = model(y, prefix_lengths=lengths).logits
+    torch.testing.assert_close(a[:, :prefix], b[:, :prefix])
+    # ...and the target position after the change does see it.
+    assert not torch.allclose(a[:, prefix + 3], b[:, prefix + 3])
+
+
+def test_prefix_lm_target_never_sees_later_target():
+    model = small_model()
+    prefix = 5
+    x = torch.randint(6, 100, (1, 12))
+    lengths = torch.tensor([prefix])
+    base = model(x, prefix_lengths=lengths).logits
+    for changed in range(prefix + 1, 12):
+        y = x.clone()
+        y[0, changed] = (x[0, changed] + 1 - 6) % 94 + 6
+        out = model(y, prefix_lengths=lengths).logits
+        torch.testing.assert_close(base[0, :changed], out[0, :changed])
+
+
+def test_prefix_tokens_see_each_other_both_ways():
+    model = small_model()
+    x = torch.randint(6, 100, (1, 10))
+    y = x.clone()
+    y[0, 4] = (x[0, 4] + 1 - 6) % 94 + 6
+    lengths = torch.tensor([6])
+    a = model(x, prefix_lengths=lengths).logits
+    b = model(y, prefix_lengths=lengths).logits
+    assert not torch.allclose(a[0, 1], b[0, 1])  # position 1 sees position 4 inside the prefix
+
+
+def test_padding_does_not_change_real_positions():
+    model = small_model()
+    x = torch.randint(6, 100, (1, 9))
+    padded = torch.cat([x, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).long()
+    torch.testing.assert_close(model(x).logits, model(padded, attention_mask=mask).logits[:, :9])
+
+
+def test_mask_helper_returns_none_when_nothing_is_masked():
+    q = torch.arange(4).unsqueeze(0)
+    assert (
+        attention_mask_for(query_positions=q, key_length=4, key_padding=None, prefix_lengths=None)
+        is None
+    )
+
+
+def test_loss_only_on_labelled_positions():
+    model = small_model()
+    x = torch.randint(6, 100, (2, 10))
+    labels = torch.full_like(x, IGNORE_INDEX)
+    labels[0, 3] = 17
+    labels[1, 5] = 40
+    out = model(x, labels=labels)
+    full = model(x).logits
+    expected = torch.nn.functional.cross_entropy(full[[0, 1], [3, 5]], torch.tensor([17, 40]))
+    torch.testing.assert_close(out.loss, expected)
+    assert out.logits.shape == (2, 128) and int(out.num_label_tokens) == 2
+
+
+def test_overfits_one_batch():
+    model = small_model().train()
+    x = torch.randint(6, 100, (4, 16))
+    labels = x.clone()
+    inputs = x.clone()
+    inputs[:, ::3] = 4
+    labels[:, 1::3] = IGNORE_INDEX
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(inputs, labels=labels).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+def test_position_limit_is_a_clear_error():
+    model = small_model()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.randint(6, 100, (1, 65)))
+
+
+def _uncached_greedy(model, source, steps, eos):
+    """Reference decoding: the whole sequence through the model at every step."""
+    seq, out = list(source), []
+    never = list(range(100, 128)) + [0, 1, 2, 4, 5]
+    for step in range(steps):
+        logits = model(torch.tensor([seq]), prefix_lengths=torch.tensor([len(source)])).logits[
+            0, -1
+        ]
+        logits[never] = float("-inf")
+        if step == 0:
+            logits[eos] = float("-inf")
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def test_cached_decoding_equals_uncached():
+    model = small_model(3)
+    sources = [[2, 10, 11, 12, 13, 3], [2, 20, 21, 3], [2, 30, 31, 32, 33, 34, 35, 36, 3]]
+    cfg = DecodingConfig(max_new_tokens=10, num_beams=1, no_repeat_ngram_size=0)
+    batched = generate(model, sources, cfg)
+    for source, got in zip(sources, batched, strict=True):
+        assert got == _uncached_greedy(model, source, 10, eos=3)
+
+
+def _sequence_logprob(model, source, target, eos=3, finished=True):
+    target = target + [eos] if finished else target
+    seq = source + target
+    logits = (
+        model(torch.tensor([seq]), prefix_lengths=torch.tensor([len(source)])).logits[0].float()
+    )
+    never = list(range(100, 128)) + [0, 1, 2, 4, 5]
+    logits[:, never] = float("-inf")
+    logp = logits.log_softmax(-1)
+    return sum(float(logp[len(source) - 1 + i, t]) for i, t in enumerate(target))
+
+
+def test_beam_search_finds_at_least_the_greedy_score():
+    model = small_model(5)
+    source = [2, 40, 41, 42, 3]
+    greedy = generate(model, [source], DecodingConfig(max_new_tokens=6, no_repeat_ngram_size=0))[0]
+    beam = generate(
+        model,
+        [source],
+        DecodingConfig(max_new_tokens=6, num_beams=4, no_repeat_ngram_size=0, length_penalty=0.0),
+    )[0]
+    # Hypotheses that reach the length limit end without an end-of-sequence token.
+    beam_score = _sequence_logprob(model, source, beam, finished=len(beam) < 6)
+    greedy_score = _sequence_logprob(model, source, greedy, finished=len(greedy) < 6)
+    assert beam_score >= greedy_score - 1e-4
+
+
+def test_beam_search_is_batch_independent():
+    model = small_model(6)
+    sources = [[2, 10, 11, 3], [2, 50, 51, 52, 53, 54, 3]]
+    cfg = DecodingConfig(max_new_tokens=8, num_beams=3)
+    together = generate(model, sources, cfg)
+    alone = [generate(model, [s], cfg)[0] for s in sources]
+    assert together == alone
+
+
+def test_no_repeat_ngram_blocks_repeats():
+    model = small_model(0)
+    out = generate(
+        model, [[2, 9, 9, 3]], DecodingConfig(max_new_tokens=20, no_repeat_ngram_size=2)
+    )[0]
+    bigrams = list(zip(out, out[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = small_model(1)
+    cfg = DecodingConfig(max_new_tokens=8, do_sample=True, top_k=1, no_repeat_ngram_size=0)
+    greedy = generate(
+        model, [[2, 7, 8, 3]], DecodingConfig(max_new_tokens=8, no_repeat_ngram_size=0)
+    )
+    assert generate(model, [[2, 7, 8, 3]], cfg, torch.Generator().manual_seed(0)) == greedy
+    cfg = DecodingConfig(max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.5)
+    a = generate(model, [[2, 7, 8, 3]], cfg, torch.Generator().manual_seed(1))
+    b = generate(model, [[2, 7, 8, 3]], cfg, torch.Generator().manual_seed(1))
+    assert a == b
+
+
+def test_decoding_options_are_validated():
+    model = small_model()
+    with pytest.raises(ValueError, match="not both"):
+        generate(model, [[2, 3]], DecodingConfig(do_sample=True, num_beams=2))
+    with pytest.raises(ValueError, match="positions"):
+        generate(model, [[2] * 60], DecodingConfig(max_new_tokens=10))
+
+
+def test_save_and_load_give_identical_logits(tmp_path):
+    model = small_model(2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = MiniTuringModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(6, 100, (2, 10))
+    torch.testing.assert_close(model(x).logits, again(x).logits, rtol=0, atol=0)

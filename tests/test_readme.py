@@ -1,0 +1,67 @@
+"""The README's two commands stay true: the test command is what CI runs, and the main job
+(``python train.py``) runs, here with a tiny shape and a small slice of the embedded corpus,
+through the very function the command calls, ending with a fill-mask and a summary."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY_FLAGS
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_COMMAND = "pip install -e . && python train.py"
+TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest -q'
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_both_commands():
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme(), re.S)
+    lines = {line.strip() for block in blocks for line in block.splitlines()}
+    assert MAIN_COMMAND in lines
+    assert TEST_COMMAND in lines
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q torch==2.13.0" in ci
+    assert TEST_COMMAND.replace("pip install -e", "pip install -q -e") in ci
+
+
+def test_train_help_runs_as_a_command():
+    out = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "--time-budget" in out.stdout
+
+
+def test_main_job_on_the_embedded_corpus(tmp_path, capsys):
+    """``python train.py`` is ``train.main([])``; the same call with a tiny shape and corpus."""
+    out = tmp_path / "default"
+    train.main(
+        TINY_FLAGS + ["--corpus-max-chars", "400000", "--max-steps", "6", "--output-dir", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert "embedded corpus" in printed
+    assert "objectives: masked_lm=1, gap_summary=1, summarize=1" in printed
+    assert "fill-mask:" in printed and "Return the [MASK] value of a number." in printed
+    assert "reference summary:" in printed and "generated summary:" in printed
+    assert (out / "model.safetensors").is_file()
+
+
+def test_default_configuration_is_the_tiny_preset_on_everything():
+    cfg = train.config_from_args([])
+    assert cfg.model.preset == "tiny"
+    assert cfg.data.train_text == [] and cfg.data.train_pairs == []  # the embedded corpus
+    assert cfg.run.objectives == "auto"

@@ -1,0 +1,181 @@
+"""train.py end to end on a tiny model: loss falls, the run folder is complete, resume is
+exact, and the CLI rejects what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_FLAGS
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import train
+
+
+def run(tmp_path: Path, corpus_files, *extra: str, name: str = "run") -> Path:
+    text_file, pairs = corpus_files
+    out = tmp_path / name
+    flags = TINY_FLAGS + [
+        "--train-text",
+        str(text_file),
+        "--train-pairs",
+        str(pairs),
+        "--output-dir",
+        str(out),
+    ]
+    train.train(train.config_from_args(flags + list(extra)))
+    return out
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_for_every_objective(tmp_path, corpus_files):
+    out = run(tmp_path, corpus_files, "--max-steps", "60", "--lr", "3e-3", "--log-every", "10")
+    lines = [m for m in metrics(out) if "lr" in m]
+    for name in ("masked_lm", "gap_summary", "summarize"):
+        curve = [m[f"loss/{name}"] for m in lines if f"loss/{name}" in m]
+        assert curve[-1] < curve[0] - 0.5, (name, curve)
+    evals = [m for m in metrics(out) if "eval/masked_lm/accuracy" in m]
+    assert evals and {"eval/summarize/rougeL", "eval/gap_summary/loss"} <= set(evals[-1])
+
+
+def test_run_folder_is_complete_and_loadable(tiny_run):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "metrics.jsonl",
+    ):
+        assert (tiny_run / name).is_file(), name
+    latest = (tiny_run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-0000012"
+    ckpt = tiny_run / "checkpoints" / latest
+    assert {"model.safetensors", "optimizer.pt", "rng.pt", "state.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 12 and "consumed" in state["data"]
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model_type"] == "minituring"
+    assert (
+        config["training"]["run"]["max_steps"] == 12
+    )  # the full configuration travels with the run
+    assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= config["tokenizer_size"]
+    AutoTokenizer.from_pretrained(tiny_run)
+    top = load_file(str(tiny_run / "model.safetensors"))
+    inner = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.equal(top[k], inner[k]) for k in top)
+
+
+def test_config_json_reproduces_the_run(tmp_path, tiny_run):
+    saved = json.loads((tiny_run / "config.json").read_text())["training"]
+    cfg = train.TrainConfig.from_dict(saved)
+    assert cfg.to_dict() == saved
+
+
+def _losses(folder: Path) -> list[tuple]:
+    return [
+        (m["step"], k, v) for m in metrics(folder) for k, v in m.items() if k.startswith("loss/")
+    ]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, corpus_files):
+    """Stop a 16-step run at step 8 (its step-8 checkpoint), resume: same losses, same weights."""
+    straight = run(
+        tmp_path,
+        corpus_files,
+        "--max-steps",
+        "16",
+        "--save-every",
+        "8",
+        "--log-every",
+        "4",
+        name="straight",
+    )
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step-0000016")
+    (interrupted / "checkpoints" / "latest").write_text("step-0000008")
+    (interrupted / "model.safetensors").unlink()
+    train.train(train.config_from_args(["--resume", str(interrupted)]))
+    a, b = _losses(straight), _losses(interrupted)
+    assert len(a) == len(b) and a[-1][0] == 16
+    for (s1, k1, v1), (s2, k2, v2) in zip(a, b, strict=True):
+        assert (s1, k1) == (s2, k2) and v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
+    wa = load_file(str(straight / "model.safetensors"))
+    wb = load_file(str(interrupted / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_can_extend_a_finished_run(tmp_path, corpus_files):
+    out = run(tmp_path, corpus_files, "--max-steps", "6", name="short")
+    train.train(train.config_from_args(["--resume", str(out), "--max-steps", "10"]))
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000010"
+    assert [m["step"] for m in metrics(out) if "lr" in m] == [5, 6, 10]
+
+
+def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
+    out = run(
+        tmp_path, corpus_files, "--max-steps", "100000", "--time-budget", "4", "--warmup-steps", "2"
+    )
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
+    assert 20 <= state["step"] < 100000
+    assert state["planned_steps"] < 100000
+
+
+def test_existing_run_is_not_overwritten(tiny_run, corpus_files):
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.train(train.config_from_args(TINY_FLAGS + ["--output-dir", str(tiny_run)]))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seq-len", "1024"], "larger than the model supports"),
+        (["--source-len", "500", "--target-len", "100"], "exceeds --max-positions"),
+        (["--mask-rate", "0"], "--mask-rate"),
+        (["--batch-size", "0"], "--batch-size"),
+        (
+            ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
+            "device",
+        ),
+        (["--objectives", "masked_lm=1,translate=1"], "unknown objective"),
+    ],
+)
+def test_bad_flags_are_clear_errors(tmp_path, corpus_files, flags, message):
+    text_file, pairs = corpus_files
+    base = TINY_FLAGS + ["--train-text", str(text_file), "--output-dir", str(tmp_path / "x")]
+    with pytest.raises((SystemExit, ValueError), match=message):
+        train.train(train.config_from_args(base + flags))
+
+
+def test_objective_without_its_data_is_named(tmp_path, corpus_files):
+    text_file, _ = corpus_files
+    flags = TINY_FLAGS + ["--train-text", str(text_file), "--output-dir", str(tmp_path / "x")]
+    with pytest.raises(ValueError, match="summarize needs document/summary pairs"):
+        train.train(train.config_from_args(flags + ["--objectives", "masked_lm=1,summarize=1"]))
+
+
+def test_unknown_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        train.config_from_args(["--no-such-flag", "1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.config_from_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--preset", "--max-steps", "--time-budget", "--output-dir", "--resume", "--seed", "--device",
+                 "--objectives", "--train-text", "--train-pairs", "--tokenizer", "--batch-size", "--lr",
+                 "--precision", "--text-column", "--seq-len"):  # fmt: skip
+        assert flag in text
