@@ -50,7 +50,7 @@ def test_main_job_on_the_embedded_corpus(tmp_path, capsys):
     """``python train.py`` is ``train.main([])``; the same call with a tiny shape and corpus."""
     out = tmp_path / "default"
     train.main(
-        TINY_FLAGS + ["--corpus-max-chars", "400000", "--max-steps", "6", "--output-dir", str(out)]
+        TINY_FLAGS + ["--corpus-max-chars", "1000000", "--max-steps", "6", "--output-dir", str(out)]
     )
     printed = capsys.readouterr().out
     assert "embedded corpus" in printed
