@@ -26,6 +26,13 @@ from data.tokenizer import SpecialIds
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
 
+# Why an objective's stream can come out empty.
+_TOO_LITTLE = {
+    "masked_lm": "the training text holds fewer tokens than one block of --seq-len",
+    "gap_summary": "no training document has the two or more sentences gap sentences need",
+    "summarize": "no training document/summary pairs",
+}
+
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
@@ -192,18 +199,24 @@ class MixtureLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        missing = [name for name in weights if name not in streams]
-        if missing:
-            raise ValueError(f"no data for objective(s) {', '.join(missing)}")
+        unknown = [name for name in weights if name not in OBJECTIVES]
+        if unknown:
+            raise ValueError(
+                f"unknown objective(s) {', '.join(unknown)}; expected {', '.join(OBJECTIVES)}"
+            )
         for name, w in weights.items():
-            if w < 0:
-                raise ValueError(f"objective weight must be >= 0, got {name}={w}")
+            if not (np.isfinite(w) and w >= 0):
+                raise ValueError(f"objective weight must be a finite number >= 0, got {name}={w}")
         self.names = [n for n in OBJECTIVES if weights.get(n, 0) > 0]
         if not self.names:
             raise ValueError("at least one objective needs a weight > 0")
+        # An objective weighted 0 is switched off and needs no data.
+        missing = [name for name in self.names if name not in streams]
+        if missing:
+            raise ValueError(f"no data for objective(s) {', '.join(missing)}")
         for name in self.names:
             if len(streams[name]) == 0:
-                raise ValueError(f"objective {name} has no training examples")
+                raise ValueError(f"objective {name} has no training examples ({_TOO_LITTLE[name]})")
         total = sum(weights[n] for n in self.names)
         self.probs = np.array([weights[n] / total for n in self.names])
         self.streams, self.batch_size, self.seed = streams, batch_size, seed

@@ -63,8 +63,39 @@ def load_model(
             f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
             + "; ".join(problems[:5])
         )
+    _check_training_options(config, folder)
     model.load_state_dict(weights)
     return model.to(device).eval(), tokenizer
+
+
+def _check_training_options(config: MiniTuringConfig, folder: Path) -> None:
+    """config.json also records the options the model was trained with: the shape they give
+    (the preset, then any override) must be the config's own, preset included."""
+    from model.config import PRESETS
+
+    options = (getattr(config, "training", None) or {}).get("model") or {}
+    preset = options.get("preset")
+    if preset is None:
+        return  # a config written by other tools: nothing to compare
+    if preset not in PRESETS:
+        raise RunFolderError(f"{folder / 'config.json'}: unknown training preset {preset!r}")
+    implied = {**PRESETS[preset](), "preset": preset}
+    implied.pop("seq_len")
+    for key in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
+        if options.get(key) is not None:
+            implied[key] = options[key]
+    if options.get("max_positions") is not None:
+        implied["max_position_embeddings"] = options["max_positions"]
+    problems = [
+        f"{key} is {getattr(config, key, None)!r} but the training options give {value!r}"
+        for key, value in implied.items()
+        if getattr(config, key, None) != value
+    ]
+    if problems:
+        raise RunFolderError(
+            f"{folder / 'config.json'} disagrees with its own training options: "
+            + "; ".join(problems)
+        )
 
 
 class LM:
@@ -108,6 +139,8 @@ class LM:
     def _fill_batch(self, texts: list[str], top_k: int) -> list:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not texts:
+            return []
         tok, limit = self.tokenizer, self.config.max_position_embeddings
         encoded = []
         for i, text in enumerate(texts):
@@ -158,7 +191,7 @@ class LM:
         self,
         text: str | list[str],
         max_new_tokens: int = 32,
-        num_beams: int = 4,
+        num_beams: int | None = None,
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 3,
         do_sample: bool = False,
@@ -169,11 +202,14 @@ class LM:
         batch_size: int = 16,
     ) -> str | list[str]:
         """A summary per document. Documents longer than the model's source length (from
-        training) are truncated to their beginning."""
+        training) are truncated to their beginning. ``num_beams`` defaults to 4, or to 1 when
+        sampling."""
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise TypeError("summarize expects a string or a list of strings")
+        if num_beams is None:
+            num_beams = 1 if do_sample else 4
         cfg = DecodingConfig(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,

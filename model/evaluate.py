@@ -95,10 +95,18 @@ def evaluate(
                 tokenizer.decode(summaries.targets[i], skip_special_tokens=True)
                 for i in range(count)
             ]
-            for key, value in rouge(
-                [p.strip() for p in predictions], [r.strip() for r in references]
-            ).items():
+            references = [r.strip() for r in references]
+            for key, value in rouge([p.strip() for p in predictions], references).items():
                 results[f"summarize/{key}"] = value
+            # Lead baseline: the document's first words, as many as the reference has.
+            documents = [
+                tokenizer.decode(s[1:-1], skip_special_tokens=True).split() for s in sources
+            ]
+            leads = [
+                " ".join(d[: len(r.split())]) for d, r in zip(documents, references, strict=True)
+            ]
+            for key, value in rouge(leads, references).items():
+                results[f"summarize/lead_{key}"] = value
     finally:
         model.train(was_training)
     return results

@@ -21,7 +21,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from model.config import MiniTuringConfig
+# Relative, so this file and config.py, copied side by side into a run folder, load with
+# trust_remote_code=True where this package is not installed.
+from .config import MiniTuringConfig
 
 IGNORE_INDEX = -100
 
@@ -234,9 +236,12 @@ class MiniTuringModel(PreTrainedModel):
         offset = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(offset, offset + t, device=input_ids.device).unsqueeze(0)
-        if t and int(position_ids.max()) >= self.config.max_position_embeddings:
+            last = offset + t - 1  # known from the shape: no device sync in training
+        else:
+            last = int(position_ids.max()) if t else 0
+        if last >= self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence position {int(position_ids.max())} is beyond the model's "
+                f"sequence position {last} is beyond the model's "
                 f"max_position_embeddings ({self.config.max_position_embeddings}); "
                 "shorten the input or train a model with longer positions"
             )
@@ -285,3 +290,56 @@ class MiniTuringModel(PreTrainedModel):
         return MiniTuringOutput(
             loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
         )
+
+
+class MiniTuringForMaskedLM(MiniTuringModel):
+    """The same network as served to Hugging Face's ``AutoModelForMaskedLM`` and
+    ``pipeline("fill-mask")``.
+
+    Without labels, tokens a masked word can never be (the special tokens and the embedding rows
+    past the tokenizer, which exist only for alignment) get -inf logits, so a softmax over the
+    vocabulary gives the same probabilities as ``LM.fill_mask``. With labels the loss is the
+    base model's, unchanged.
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_token_only: bool = False,
+        **kwargs,
+    ) -> MiniTuringOutput:
+        out = super().forward(
+            input_ids,
+            attention_mask=attention_mask,
+            prefix_lengths=prefix_lengths,
+            position_ids=position_ids,
+            labels=labels,
+            cache=cache,
+            last_token_only=last_token_only,
+        )
+        if labels is None:
+            out.logits = out.logits.masked_fill(
+                self.never_predicted(out.logits.device), float("-inf")
+            )
+        return out
+
+    def never_predicted(self, device: torch.device | None = None) -> torch.Tensor:
+        """Boolean (vocab_size,): True for ids a masked position is never filled with."""
+        c = self.config
+        never = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
+        never[c.tokenizer_size or c.vocab_size :] = True
+        specials = [
+            c.pad_token_id,
+            c.unk_token_id,
+            c.bos_token_id,
+            c.eos_token_id,
+            c.mask_token_id,
+            c.sentence_mask_token_id,
+        ]
+        never[[i for i in specials if i is not None]] = True
+        return never

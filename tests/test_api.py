@@ -63,7 +63,7 @@ def test_summarize_str_and_list(lm):
     assert many[0] == lm.summarize(doc, max_new_tokens=8, num_beams=1)
     long = lm.summarize("word " * 5000, max_new_tokens=4, num_beams=1)  # truncated, not an error
     assert isinstance(long, str)
-    sampled = lm.summarize(doc, max_new_tokens=8, num_beams=1, do_sample=True, top_p=0.9, seed=3)
+    sampled = lm.summarize(doc, max_new_tokens=8, do_sample=True, top_p=0.9, seed=3)  # 1 beam
     assert sampled == lm.summarize(
         doc, max_new_tokens=8, num_beams=1, do_sample=True, top_p=0.9, seed=3
     )

@@ -128,8 +128,8 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
     )
     latest = (out / "checkpoints" / "latest").read_text().strip()
     state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
-    assert 20 <= state["step"] < 100000
-    assert state["planned_steps"] < 100000
+    # The schedule was fitted to the speed measured over the first steps, then honoured.
+    assert 1 <= state["step"] <= state["planned_steps"] < 100000
 
 
 def test_existing_run_is_not_overwritten(tiny_run, corpus_files):

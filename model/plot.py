@@ -1,0 +1,152 @@
+"""A run's training curves as one PNG, drawn from its metrics.jsonl: readable without a server.
+
+Four panels against the optimizer step: the loss of each objective (training solid, held-out
+dashed, one colour per objective), held-out accuracy, held-out ROUGE, and the learning rate
+with the throughput. matplotlib is an optional extra (``pip install -e ".[plot]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PLOT_FILE = "training_curves.png"
+PLOT_EXTRA = 'pip install -e ".[plot]"'
+OBJECTIVE_ORDER = ("masked_lm", "gap_summary", "summarize")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl, each an object with an integer ``step``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: expected the metrics.jsonl of a training run")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: expected an object with an integer 'step'")
+        records.append(record)
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one metric, in file order, where it was recorded."""
+    points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), int | float)]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _objectives(keys: set[str]) -> list[str]:
+    found = {k.split("/")[1] for k in keys if k.startswith("eval/")}
+    found |= {k.split("/")[1] for k in keys if k.startswith("loss/")}
+    return sorted(found, key=lambda n: (OBJECTIVE_ORDER + (n,)).index(n))
+
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            f"plotting training curves needs matplotlib, which is not installed: {PLOT_EXTRA}"
+        ) from None
+    return Figure
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = "") -> Path:
+    """Draw the four panels from metrics records and write them as a PNG (atomically)."""
+    figure_class = _figure_class()
+    keys = {k for r in records for k in r}
+    objectives = _objectives(keys)
+    fig = figure_class(figsize=(12, 8), dpi=100, layout="constrained")
+    # One step axis for all four, so a single evaluation sits where it happened.
+    (loss_ax, acc_ax), (rouge_ax, lr_ax) = fig.subplots(2, 2, sharex=True)
+    colors = {name: f"C{i}" for i, name in enumerate(objectives)}
+
+    drawn = False
+    for name in objectives:
+        steps, values = series(records, f"loss/{name}")
+        if steps:
+            loss_ax.plot(steps, values, color=colors[name], label=f"{name} (train)")
+            drawn = True
+        steps, values = series(records, f"eval/{name}/loss")
+        if steps:
+            loss_ax.plot(steps, values, "o--", color=colors[name], label=f"{name} (held-out)")
+            drawn = True
+    if drawn:
+        loss_ax.set(title="loss per objective", ylabel="cross-entropy")
+        loss_ax.legend(fontsize="small")
+    else:
+        _empty(loss_ax, "loss")
+
+    drawn = False
+    for name in objectives:
+        for metric in ("accuracy", "token_accuracy"):
+            steps, values = series(records, f"eval/{name}/{metric}")
+            if steps:
+                acc_ax.plot(steps, values, "o-", color=colors[name], label=f"{name} {metric}")
+                drawn = True
+    if drawn:
+        acc_ax.set(title="held-out accuracy", ylabel="accuracy")
+        acc_ax.legend(fontsize="small")
+    else:
+        _empty(acc_ax, "held-out accuracy")
+
+    drawn = False
+    for i, metric in enumerate(("rouge1", "rouge2", "rougeL")):
+        steps, values = series(records, f"eval/summarize/{metric}")
+        if steps:
+            rouge_ax.plot(steps, values, "o-", color=f"C{i}", label=metric)
+            drawn = True
+        # The lead baseline (the document's first words), where the evaluation reports it.
+        steps, values = series(records, f"eval/summarize/lead_{metric}")
+        if steps:
+            rouge_ax.plot(steps, values, "x:", color=f"C{i}", label=f"{metric}, lead baseline")
+    if drawn:
+        rouge_ax.set(title="held-out summaries: ROUGE F1", xlabel="step", ylabel="ROUGE (x100)")
+        rouge_ax.legend(fontsize="small")
+    else:
+        _empty(rouge_ax, "ROUGE")
+
+    steps, values = series(records, "lr")
+    if steps:
+        lr_ax.plot(steps, values, color="C0", label="learning rate")
+        lr_ax.set(title="learning rate and throughput", xlabel="step", ylabel="learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        steps, values = series(records, "tokens_per_s")
+        if steps:
+            speed_ax = lr_ax.twinx()
+            speed_ax.plot(steps, values, ":", color="C1", label="tokens/s")
+            speed_ax.set_ylabel("tokens/s")
+            handles = lr_ax.get_legend_handles_labels()[0] + speed_ax.get_legend_handles_labels()[0]
+            lr_ax.legend(handles=handles, fontsize="small")
+    else:
+        _empty(lr_ax, "learning rate")
+
+    if title:
+        fig.suptitle(title)
+    output = Path(output)
+    tmp = output.with_name(output.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, output)
+    return output
+
+
+def plot_run(run: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Write ``RUN/training_curves.png`` (or ``output``) from ``RUN/metrics.jsonl``."""
+    run = Path(run)
+    records = read_metrics(run / "metrics.jsonl")
+    if not records:
+        raise ValueError(f"{run / 'metrics.jsonl'} holds no records yet: nothing to plot")
+    last = max(r["step"] for r in records)
+    return plot_metrics(records, output or run / PLOT_FILE, title=f"{run.name}: step {last}")

@@ -1,0 +1,252 @@
+"""bench/compare.py: the side-by-side benchmark runs end to end at tiny sizes, both sides see
+the same data and count tokens the same way, and every ratio comes from measured numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load("bench_compare", "compare.py")
+workers = _load("bench_workers", "_workers.py")
+
+TINY = [
+    "--vocab-size", "400", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
+    "--ffn-size", "64", "--seq-len", "32", "--max-positions", "128", "--source-len", "64",
+    "--target-len", "16", "--batch-size", "8", "--warmup", "2", "--steps", "3",
+    "--seq2seq-warmup", "2", "--seq2seq-steps", "3", "--new-tokens", "6", "--gen-batch", "3",
+    "--beams", "2", "--gen-repeats", "1", "--matmul-size", "128", "--device", "cpu",
+    "--precision", "fp32",
+]  # fmt: skip
+
+
+def data_flags(corpus_files) -> list[str]:
+    text_file, pairs = corpus_files
+    return ["--train-text", str(text_file), "--train-pairs", str(pairs)]
+
+
+# ---------------------------------------------------------------------------- same data
+
+
+def test_blocks_are_exactly_our_masked_lm_blocks():
+    from data.objectives.masked_lm import block, pack_blocks
+
+    flat = np.arange(10, 10 + 100, dtype=np.int32)
+    blocks = compare.mlm_blocks(flat, 8, cls=2)
+    assert len(blocks) == pack_blocks(flat, 8) == 14
+    for i in range(len(blocks)):
+        assert np.array_equal(blocks[i], block(flat, i, 8, 2))
+
+
+def test_both_sides_count_the_same_tokens(tokenizer):
+    """The replayed count of our batch equals what the BART hook counts on the same pairs."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from data.batching import Seq2SeqStream
+    from data.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(10, 300, size=n) for n in (3, 40, 70, 12)]
+    targets = [rng.integers(10, 300, size=n) for n in (2, 30, 5, 16)]
+    s_len, t_len = 32, 8
+    stream = Seq2SeqStream("summarize", sources, targets, ids, source_len=s_len, target_len=t_len)
+    replay = compare.replay_seq2seq(stream, batch_size=4, seed=0, total=1)
+    expected = sum(
+        min(len(s), s_len - 2) + 2 + min(len(t), t_len - 1) + 1
+        for s, t in zip(sources, targets, strict=True)
+    )
+    assert replay["real"] == [expected]
+    assert replay["padded"][0] > replay["nonpad"][0]  # the batch holds padding, not counted
+
+    hf_examples = [
+        {
+            "input_ids": compare.frame_source(s, ids.cls, ids.sep, s_len),
+            "labels": [*(int(x) for x in t[: t_len - 1]), ids.sep],
+        }
+        for s, t in zip(sources, targets, strict=True)
+    ]
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(hf_examples)
+    hf_count = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+    assert hf_count == expected
+
+
+def test_generation_model_is_the_one_train_py_builds(tokenizer):
+    import train
+
+    shape = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_size": 64}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()] + ["--max-positions=96"]
+    expected = train.build_model_config(train.config_from_args(flags), tokenizer)
+    spec = {"shape": {**shape, "max_positions": 96}, "preset": "tiny"}
+    assert workers._our_model_config(spec, tokenizer).to_dict() == expected.to_dict()
+
+
+# ---------------------------------------------------------------------------- timing arithmetic
+
+
+def test_timed_window_reads_train_metrics(tmp_path):
+    lines = [
+        {"step": 5, "tokens": 500, "tokens_per_s": 50.0, "data_wait": 0.5, "elapsed": 10.0},
+        {"step": 10, "tokens": 1000, "tokens_per_s": 250.0, "data_wait": 0.1, "elapsed": 12.0},
+        {"step": 10, "eval/masked_lm/loss": 3.0},
+        {"step": 15, "tokens": 1500, "tokens_per_s": 500.0, "data_wait": 0.4, "elapsed": 13.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    window = workers.read_timed_window(path, 5, 15)
+    assert window["seconds"] == pytest.approx(3.0)
+    assert window["padded_tokens"] == 1000 and window["tokens_at_warmup"] == 500
+    # Windows of 2 s (10% waiting) and 1 s (40%): 0.6 s of 3 s.
+    assert window["data_wait"] == pytest.approx(0.2)
+    with pytest.raises(RuntimeError, match="steps 5 and 20"):
+        workers.read_timed_window(path, 5, 20)
+
+
+def test_rows_compute_ratios_from_results():
+    spec = {
+        "shape": {
+            "vocab_size": 448, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+            "ffn_size": 64, "max_positions": 128,
+        },
+        "mlm": {"seq_len": 32},
+        "seq2seq": {"bart_layers": [1, 1]},
+        "generate": {"modes": {"greedy": 1}},
+        "ceiling": {"size": 128},
+    }  # fmt: skip
+    results = {
+        "ceiling": {"flops_per_s": 1e10, "dtype": "float32"},
+        "mlm_hf": {"tokens_per_s": 400.0, "params": 1, "peak_mem_mib": 10.0},
+        "mlm_ours": {"tokens_per_s": 1000.0, "params": 1, "data_wait": 0.01},
+        "seq2seq_hf": {"error": "exit status 1"},
+        "seq2seq_ours": {"tokens_per_s": 300.0, "params": 1, "data_wait": 0.0},
+        "generate_hf": {"modes": {"greedy": {"seconds_per_batch": 0.3}}},
+        "generate_ours": {"modes": {"greedy": {"seconds_per_batch": 0.1}}},
+    }
+    rows = compare.build_rows(spec, results)
+    by = {(r["part"], r["contestant"]): r for r in rows}
+    assert by[("mlm", "ours train.py masked_lm")]["ratio"] == pytest.approx(2.5)
+    flops = by[("mlm", "ours model FLOP/s")]
+    per_token = compare.model_flops_per_token(spec)
+    assert flops["value"] == pytest.approx(per_token * 1000.0)
+    assert flops["fraction_of_ceiling"] == pytest.approx(per_token * 1000.0 / 1e10)
+    # A failed contestant shows as failed and leaves no ratio behind.
+    assert by[("seq2seq", "HF BART + Trainer")]["value"] is None
+    assert by[("seq2seq", "ours train.py summarize")]["ratio"] is None
+    assert by[("generate greedy", "ours model.generate")]["ratio"] == pytest.approx(3.0)
+    table = compare.format_table(rows)
+    assert "FAILED" in table and "2.50x" in table and "3.00x" in table
+
+
+def test_flags_that_cannot_work_are_refused():
+    for argv, message in (
+        (["--parts", "mlm,speed"], "unknown"),
+        (["--preset", "base", "--device", "cpu"], "GPU"),
+        (["--bart-layers", "2"], "ENC,DEC"),
+        (["--source-len", "500", "--target-len", "32"], "max-positions"),
+        (["--steps", "0"], ">= 1"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            compare.resolve(compare.build_parser().parse_args(argv + ["--device", "cpu"]))
+
+
+def test_our_peak_is_taken_when_training_ends(tmp_path, corpus_files):
+    from conftest import TINY_FLAGS
+
+    import train
+
+    original = getattr(train, "write_training_curves", None)
+    flags = TINY_FLAGS + data_flags(corpus_files) + ["--output-dir", str(tmp_path / "run")]
+    memory = workers.train_ours(
+        {"device": "cpu"}, flags + ["--max-steps", "2", "--objectives", "masked_lm=1"]
+    )
+    assert getattr(train, "write_training_curves", None) is original  # left as it was
+    if original is not None:
+        assert memory["peak_mem_mib"] > 0 and memory["mem_kind"].endswith("end of training")
+
+
+def test_unreadable_data_is_a_clear_error(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"document": "a b c", "summary": "a"}\nnot json\n')
+    flags = TINY + ["--train-pairs", str(bad), "--parts", "generate"]
+    with pytest.raises(SystemExit, match="pairs.jsonl"):
+        compare.main(flags)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_files, capsys):
+    pytest.importorskip("accelerate", reason="HF Trainer needs accelerate (pip install .[bench])")
+    out = tmp_path / "bench.json"
+    flags = TINY + data_flags(corpus_files) + ["--json", str(out), "--in-process"]
+    flags += ["--precision", "bf16"]  # the last --precision wins
+    assert compare.main(flags) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    results, rows = report["results"], report["rows"]
+    assert not [t for t, r in results.items() if "error" in r]
+    # Contestants that shared this process have no peak of their own to report.
+    assert not [t for t, r in results.items() if "peak_mem_mib" in r]
+
+    # The table is the last thing printed, one line per row.
+    tail = printed.strip().splitlines()[-len(rows) :]
+    assert [line.split()[0] for line in tail] == [r["part"].split()[0] for r in rows]
+
+    parts = {(r["part"], r["contestant"]) for r in rows}
+    assert {p for p, _ in parts} == {
+        "mlm", "seq2seq", "generate greedy", "generate beam 2", "ceiling",
+    }  # fmt: skip
+    for task in ("mlm_hf", "mlm_ours", "seq2seq_hf", "seq2seq_ours"):
+        r = results[task]
+        assert r["seconds"] > 0 and r["tokens"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    # Masked LM: 3 timed steps of 8 blocks of 32 tokens, on each side.
+    assert results["mlm_hf"]["tokens"] == results["mlm_ours"]["tokens"] == 3 * 8 * 32
+    for part in ("mlm", "seq2seq"):
+        ours = next(r for r in rows if r["part"] == part and r["contestant"].startswith("ours"))
+        expected = results[f"{part}_ours"]["tokens_per_s"] / results[f"{part}_hf"]["tokens_per_s"]
+        assert ours["ratio"] == pytest.approx(expected)
+        assert 0 <= ours["data_wait"] < 1
+    for mode in ("greedy", "beam 2"):
+        hf, ours = results["generate_hf"]["modes"][mode], results["generate_ours"]["modes"][mode]
+        assert hf["new_tokens"] == ours["new_tokens"] == [6, 6, 6]  # equal work on both sides
+        row = next(r for r in rows if r["part"] == f"generate {mode}" and r.get("ratio"))
+        assert row["ratio"] == pytest.approx(hf["seconds_per_batch"] / ours["seconds_per_batch"])
+    assert results["ceiling"]["flops_per_s"] > 0
+    assert "learning_rate=0.002" in printed and "adamw_torch_fused" in printed
+    # bf16 asked for: HF's forward passes really ran under bf16 autocast, as ours did.
+    for task in ("mlm_hf", "seq2seq_hf"):
+        assert results[task]["hf_config"]["autocast_seen"] == "bfloat16"
+    assert report["settings"]["precision"] == "bf16"
+    ours_flags = results["mlm_ours"]["flags"]
+    assert ours_flags[ours_flags.index("--precision") + 1] == "bf16"
+
+
+def test_contestants_in_their_own_process_report_their_own_peak(tmp_path, corpus_files):
+    out = tmp_path / "bench.json"
+    flags = TINY + data_flags(corpus_files) + ["--parts", "ceiling", "--json", str(out)]
+    assert compare.main(flags) == 0
+    result = json.loads(out.read_text())["results"]["ceiling"]
+    assert result["peak_mem_mib"] > 20  # a fresh interpreter holding torch
+    status = Path("/proc/self/status")
+    if status.is_file():
+        assert result["mem_kind"] == "peak RSS (VmHWM)"
+        # This process holds transformers, datasets and the prepared data; a contestant that
+        # only imports torch peaks far below it. (ru_maxrss would inherit this process's peak.)
+        ours = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        assert result["peak_mem_mib"] < 0.8 * int(ours.split()[1]) / 1024
