@@ -116,7 +116,7 @@ class RunConfig:
     """Recompute each block's activations during the backward pass: less memory, more compute."""
     compile: bool = False
     """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
-    max_steps: int = 1200
+    max_steps: int = 700
     """Optimizer steps to train for."""
     time_budget: float | None = None
     """Stop after this many seconds of training; the schedule is fitted to the steps that fit."""
@@ -708,7 +708,9 @@ class Checkpointer:
         """Restore into ``model`` (plain, DDP's inner module, or FSDP) whatever wrote ``path``:
         a sharded checkpoint is resharded to this run's ranks, a plain one is sharded on load."""
         if (path / "dcp").is_dir():
-            _load_sharded(path / "dcp", model, optimizer)
+            check_sharded_metadata(path / "dcp")
+            with _sharded_load_errors(path / "dcp"):
+                _load_sharded(path / "dcp", model, optimizer)
         elif _is_fsdp(model):
             _load_plain_into_fsdp(path, model, optimizer)
         else:
@@ -755,7 +757,7 @@ def _load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
     with warnings.catch_warnings():
         # One plain process reads every shard itself, which is what is meant here.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=single)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=single, planner=safe_load_planner())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -1020,6 +1022,86 @@ def save_checkpoint(ckpt: Checkpointer, model, optimizer, state: dict, env: Env)
             f"error: {problem} {_intact(ckpt)} Make room (or fix the folder) and continue with: "
             f"python train.py --resume {ckpt.folder}"
         ) from None
+
+
+# A sharded checkpoint (torch.distributed.checkpoint) unpickles its .metadata with plain pickle
+# and its non-tensor entries (the optimizer's hyper-parameters) with weights_only=False: either
+# could run code. The metadata is first read with an unpickler that admits only DCP's own
+# record types, and the entries are read with weights_only=True.
+_DCP_RECORD_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == _DCP_RECORD_MODULE:
+            import torch.distributed.checkpoint.metadata as records
+
+            record = getattr(records, name, None)
+            if isinstance(record, type):  # its dataclasses and enums; no functions
+                return record
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+
+
+def check_sharded_metadata(folder: Path) -> None:
+    """Refuse a sharded checkpoint whose metadata holds anything but DCP's own records."""
+    for path in sorted(folder.glob(".metadata*")):
+        try:
+            with open(path, "rb") as f:
+                _DCPMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise SystemExit(
+                f"error: refused to load {path}: it holds more than checkpoint metadata ({err}); "
+                "checkpoints never run code when opened"
+            ) from None
+        except Exception as err:  # a truncated or garbled file
+            raise SystemExit(f"error: cannot read {path}: {err}") from None
+
+
+def safe_load_planner():
+    """DCP's default load planner, reading non-tensor entries with weights_only=True."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            plain = torch.load(value, weights_only=True)  # refuses anything but plain data
+            again = io.BytesIO()
+            torch.save(plain, again)
+            again.seek(0)
+            super().load_bytes(read_item, again)
+
+    return SafeLoadPlanner()
+
+
+@contextlib.contextmanager
+def _sharded_load_errors(folder: Path):
+    """DCP wraps every failure in a multi-line CheckpointException: say what went wrong."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        causes = [exc for exc, _ in err.failures.values()]
+        if any(isinstance(exc, pickle.UnpicklingError) for exc in causes):
+            raise SystemExit(
+                f"error: refused to load {folder}: an entry holds more than tensors and plain "
+                "data; checkpoints never run code when opened"
+            ) from None
+        first = str(causes[0]).splitlines()[0] if causes else str(err).splitlines()[0]
+        raise SystemExit(f"error: cannot load the sharded checkpoint {folder}: {first}") from None
 
 
 def check_resumed_model(saved: MiniTuringConfig, built: MiniTuringConfig, folder: Path) -> None:
@@ -1308,6 +1390,18 @@ def train(cfg: TrainConfig) -> Path:
         streams = build_streams(
             raw, tokenizer, cfg.data, objectives, seq_len, model_config.vocab_size
         )
+    if cfg.run.objectives.strip() == "auto":
+        # "Every objective with data": one whose examples all fell away (no document with two
+        # sentences for gap_summary, say) is left out rather than failing the run.
+        for name in [n for n in objectives if len(streams.train[n]) == 0]:
+            if env.main:
+                log.warning("objective %s has no training examples; left out of the mixture", name)
+            weights.pop(name)
+            objectives.remove(name)
+            streams.train.pop(name)
+            streams.eval.pop(name, None)
+        if not objectives:
+            raise ValueError("no objective has training examples in the given data")
     data_seconds = time.perf_counter() - t0
 
     model = MiniTuringModel(model_config)

@@ -251,6 +251,8 @@ def make_gap_pairs(
     key = _fingerprint(cfg.gap_ratio, max_chars, mask_token, texts)
     num_proc = 2 if len(texts) > 20_000 and (os.cpu_count() or 1) > 1 else None
     ds = _cached_map(ds, gaps, name, key, remove_columns=["text"], num_proc=num_proc)
+    if len(ds) == 0:  # no document had two sentences: the map produced no columns at all
+        return []
     return list(zip(ds["document"], ds["summary"], strict=True))
 
 

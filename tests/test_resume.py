@@ -1,0 +1,243 @@
+"""Exact resume: a run stopped at any step and resumed from its checkpoint logs the same losses
+and ends with the same weights as the run that was never stopped, for every objective mix, with
+gradient accumulation, with dropout, and under a time budget; the data position resumes in
+O(1), without replaying the data already consumed.
+
+A run is stopped the way a cluster stops it: SIGTERM arrives while a chosen step is computed,
+the trainer finishes that step, checkpoints and exits. Metrics are logged every step, so the
+comparison is step by step whatever logging window the interruption falls in.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_FLAGS
+from fault_runner import assert_same_run, latest_step, metrics
+
+import train
+from data.batching import MixtureLoader
+
+STEPS = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_runs():
+    # One intra-op thread: on a shared two-core machine several times faster than two, and the
+    # same floating-point reduction order in every run and process. The end-of-run plot is
+    # left out: it is most of a tiny run's time and none of what is tested here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "write_training_curves", lambda folder: None)
+        yield
+    torch.set_num_threads(before)
+
+
+def flags(out, corpus_files, *extra: str) -> list[str]:
+    text, pairs = corpus_files
+    return TINY_FLAGS + [
+        "--train-text", str(text), "--train-pairs", str(pairs), "--output-dir", str(out),
+        "--max-steps", str(STEPS), "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def run_to_end(argv: list[str]) -> None:
+    train.train(train.config_from_args(argv))
+
+
+def run_until_signal(monkeypatch, argv: list[str], stop_at: int, sig=signal.SIGTERM) -> int:
+    """Train, sending ``sig`` to this process while step ``stop_at`` (1-based) is being computed;
+    returns the exit status the trainer asked for."""
+    cfg = train.config_from_args(argv)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "MixtureLoader", interrupting(train.MixtureLoader, stop_at, cfg, sig))
+        try:
+            train.train(cfg)
+        except SystemExit as stop:
+            return stop.code
+    return 0
+
+
+def interrupting(base: type, stop_at: int, cfg, sig=signal.SIGTERM) -> type:
+    """A loader class that raises ``sig`` when step ``stop_at``'s first micro-batch is drawn."""
+    first_micro_batch = (stop_at - 1) * cfg.optim.grad_accum
+
+    class Interrupting(base):
+        def next_batch(self):
+            if self.position.batches == first_micro_batch:
+                signal.raise_signal(sig)
+            return super().next_batch()
+
+    return Interrupting
+
+
+def resume(out, *extra: str) -> None:
+    run_to_end(["--resume", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, corpus_files):
+    """Uninterrupted runs, trained once per configuration and shared by the tests."""
+    done = {}
+
+    def get(name: str, *extra: str):
+        if name not in done:
+            out = tmp_path_factory.mktemp("straight") / name
+            run_to_end(flags(out, corpus_files, *extra))
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+CASES = {
+    # all three objectives, with dropout: the RNG state must travel with the checkpoint
+    "mix": ["--dropout", "0.1"],
+    "masked_lm": ["--objectives", "masked_lm=1"],
+    "gap_summary": ["--objectives", "gap_summary=1"],
+    "summarize": ["--objectives", "summarize=1"],
+    "accumulation": ["--grad-accum", "3", "--dropout", "0.1"],
+}
+
+
+@pytest.mark.parametrize(
+    "case, stop_at",
+    [("mix", 1), ("mix", 6), ("mix", 11), ("masked_lm", 7), ("gap_summary", 5),
+     ("summarize", 7), ("accumulation", 5)],
+)  # fmt: skip
+def test_stopped_and_resumed_equals_uninterrupted(
+    tmp_path, monkeypatch, corpus_files, straight_runs, case, stop_at
+):
+    straight = straight_runs(case, *CASES[case])
+    out = tmp_path / "stopped"
+    status = run_until_signal(monkeypatch, flags(out, corpus_files, *CASES[case]), stop_at)
+    assert status == 128 + signal.SIGTERM
+    assert latest_step(out) == stop_at
+    assert [m["step"] for m in metrics(out) if "lr" in m] == list(range(1, stop_at + 1))
+    resume(out)
+    assert latest_step(out) == STEPS
+    assert_same_run(straight, out)
+
+
+def test_dropout_is_active_in_the_resume_test(straight_runs):
+    """Guards the test above: dropout changes the computation, so an RNG state lost on resume
+    (different dropout masks after step k) would show there."""
+    with_dropout = straight_runs("mix", *CASES["mix"])
+    without = straight_runs("mix-no-dropout")
+    a = [m["grad_norm"] for m in metrics(with_dropout) if "lr" in m]
+    b = [m["grad_norm"] for m in metrics(without) if "lr" in m]
+    assert a[0] != pytest.approx(b[0], rel=1e-4)
+
+
+def test_resume_reads_only_the_data_it_trains_on(tmp_path, monkeypatch, corpus_files):
+    """The data position is a few integers: resuming at step k draws exactly the remaining
+    micro-batches, never the k consumed ones again (no "skip N batches")."""
+    out = tmp_path / "run"
+    argv = flags(out, corpus_files, "--grad-accum", "2")
+    run_until_signal(monkeypatch, argv, stop_at=8)
+    built = []
+
+    class Counting(MixtureLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.examples = 0
+            built.append(self)
+            for stream in self.streams.values():
+                real = stream.batch
+
+                def batch(indices, keys, seed, _real=real):
+                    self.examples += len(indices)
+                    return _real(indices, keys, seed)
+
+                stream.batch = batch
+
+    monkeypatch.setattr(train, "MixtureLoader", Counting)
+    resume(out)
+    (loader,) = built
+    micro_batches = (STEPS - 8) * 2
+    assert loader.position.batches == STEPS * 2
+    assert loader.examples == micro_batches * 8  # --batch-size 8 per micro-batch
+
+
+def test_data_position_far_into_training_is_reached_in_constant_time(corpus_files, tokenizer):
+    """Jumping to micro-batch 10^12 (epochs deep) costs no more than drawing the first one."""
+    from data.batching import MaskedLMStream
+    from data.objectives.masked_lm import MaskingConfig
+    from data.tokenizer import special_ids, word_start_table
+
+    flat = np.arange(10_000, dtype=np.int32) % (len(tokenizer) - 10) + 10
+    ids = special_ids(tokenizer)
+    stream = MaskedLMStream(
+        flat, 32, ids, MaskingConfig(), word_start=word_start_table(tokenizer),
+        vocab_size=len(tokenizer),
+    )  # fmt: skip
+    loader = MixtureLoader({"masked_lm": stream}, {"masked_lm": 1.0}, 8, seed=0)
+    far = {"batches": 10**12, "consumed": {"masked_lm": 8 * 10**12}}
+    loader.load_state_dict(far)
+    start = time.perf_counter()
+    name, batch = loader.next_batch()
+    assert time.perf_counter() - start < 2.0
+    assert name == "masked_lm" and batch["input_ids"].shape == (8, 32)
+    assert loader.state_dict() == {"batches": 10**12 + 1, "consumed": {"masked_lm": 8 * 10**12 + 8}}
+
+
+# ---------------------------------------------------------------------------- time budget
+
+
+class _BatchClock:
+    """A clock that reads one second per micro-batch drawn, so a time-budgeted run's schedule
+    (fixed from the measured speed) and its stop are the same on every run and machine."""
+
+    def __init__(self) -> None:
+        self.loader = None
+
+    def perf_counter(self) -> float:
+        return float(self.loader.position.batches) if self.loader is not None else 0.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def clocked(patch, stop_at: int | None = None, cfg=None) -> None:
+    """Drive ``train``'s clock by the data position; optionally SIGTERM at step ``stop_at``."""
+    clock = _BatchClock()
+    base = interrupting(MixtureLoader, stop_at, cfg) if stop_at else MixtureLoader
+
+    class Registered(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clock.loader = self
+
+    patch.setattr(train, "MixtureLoader", Registered)
+    patch.setattr(train, "time", clock)
+
+
+@pytest.mark.parametrize("stop_at", [10, 24])
+def test_time_budgeted_run_resumes_with_the_same_schedule(
+    tmp_path, monkeypatch, corpus_files, stop_at
+):
+    """The budget fixes the schedule's length after 20 steps; a run resumed after that keeps
+    the planned length (saved in the checkpoint) instead of planning anew."""
+    budget = ["--max-steps", "1000", "--time-budget", "30", "--warmup-steps", "3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        clocked(patch)
+        run_to_end(flags(straight, corpus_files, *budget))
+    assert latest_step(straight) == 30  # 30 "seconds" at one second per step
+
+    cfg = train.config_from_args(flags(stopped, corpus_files, *budget))
+    with monkeypatch.context() as patch:
+        clocked(patch, stop_at, cfg)
+        with pytest.raises(SystemExit):
+            train.train(cfg)
+    assert latest_step(stopped) == stop_at
+    with monkeypatch.context() as patch:
+        clocked(patch)
+        resume(stopped)
+    assert latest_step(stopped) == 30
+    assert_same_run(straight, stopped)
