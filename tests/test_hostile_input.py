@@ -200,8 +200,7 @@ def test_text_without_any_two_sentence_document(tmp_path, texts, caplog):
     # ...while "auto" (every objective with data) leaves it out and trains the rest.
     out = tmp_path / "auto"
     train.main(
-        TINY_FLAGS
-        + ["--train-text", str(titles), "--output-dir", str(out), "--max-steps", "2"]
+        TINY_FLAGS + ["--train-text", str(titles), "--output-dir", str(out), "--max-steps", "2"]
     )
     assert "gap_summary has no training examples; left out" in caplog.text
     assert (out / "model.safetensors").is_file()
