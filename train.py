@@ -41,11 +41,11 @@ from data.pipeline import DataConfig, build_streams, load_raw
 from data.tokenizer import (
     check_compatible,
     load_tokenizer,
+    model_config,
     save_tokenizer,
-    special_ids,
     train_tokenizer,
 )
-from model.config import PRESETS, MiniTuringConfig, round_vocab
+from model.config import PRESETS, MiniTuringConfig
 from model.evaluate import EVAL_SEED, evaluate
 from model.hf import save_remote_code
 from model.transformer import IGNORE_INDEX, MiniTuringModel
@@ -1248,19 +1248,11 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
     for key in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
         if getattr(opts, key) is not None:
             shape[key] = getattr(opts, key)
-    ids = special_ids(tokenizer)
-    return MiniTuringConfig(
+    return model_config(
+        tokenizer,
         **shape,
-        vocab_size=round_vocab(len(tokenizer)),
-        tokenizer_size=len(tokenizer),
         max_position_embeddings=opts.max_positions,
         dropout=opts.dropout,
-        pad_token_id=ids.pad,
-        unk_token_id=ids.unk,
-        bos_token_id=ids.cls,
-        eos_token_id=ids.sep,
-        mask_token_id=ids.mask,
-        sentence_mask_token_id=ids.sentence_mask,
         preset=opts.preset,
     )
 

@@ -527,24 +527,16 @@ def _gen_autocast(spec: dict):
 def _our_model_config(spec: dict, tokenizer):
     """The config train.py's build_model_config makes for this shape and tokenizer, built here
     so that generation does not import the trainer (whose imports would count as its memory)."""
-    from data.tokenizer import special_ids
-    from model.config import MiniTuringConfig, round_vocab
+    from data.tokenizer import model_config
 
-    shape, ids = spec["shape"], special_ids(tokenizer)
-    return MiniTuringConfig(
-        vocab_size=round_vocab(len(tokenizer)),
-        tokenizer_size=len(tokenizer),
+    shape = spec["shape"]
+    return model_config(
+        tokenizer,
         hidden_size=shape["hidden_size"],
         num_layers=shape["num_layers"],
         num_heads=shape["num_heads"],
         ffn_size=shape["ffn_size"],
         max_position_embeddings=shape["max_positions"],
-        pad_token_id=ids.pad,
-        unk_token_id=ids.unk,
-        bos_token_id=ids.cls,
-        eos_token_id=ids.sep,
-        mask_token_id=ids.mask,
-        sentence_mask_token_id=ids.sentence_mask,
         preset=spec["preset"],
     )
 

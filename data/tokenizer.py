@@ -34,6 +34,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from model.config import MiniTuringConfig, round_vocab
+
 SPECIAL_TOKENS = {
     "pad": "[PAD]",
     "unk": "[UNK]",
@@ -222,6 +224,23 @@ def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
             table[index] = token[:1] in ("Ġ", "Ċ") or not token[:1].isalnum()
     table[special_ids(tokenizer).as_list()] = True
     return table
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast, **shape) -> MiniTuringConfig:
+    """A model config sized for ``tokenizer`` (embedding rows rounded up to a multiple of 64)
+    with its special-token ids; ``shape`` holds the other MiniTuringConfig fields."""
+    ids = special_ids(tokenizer)
+    return MiniTuringConfig(
+        vocab_size=round_vocab(len(tokenizer)),
+        tokenizer_size=len(tokenizer),
+        pad_token_id=ids.pad,
+        unk_token_id=ids.unk,
+        bos_token_id=ids.cls,
+        eos_token_id=ids.sep,
+        mask_token_id=ids.mask,
+        sentence_mask_token_id=ids.sentence_mask,
+        **shape,
+    )
 
 
 def check_compatible(tokenizer: PreTrainedTokenizerFast, config, where: str = "") -> None:

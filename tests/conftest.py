@@ -53,24 +53,15 @@ def tokenizer(texts):
 
 @pytest.fixture
 def tiny_config(tokenizer):
-    from data.tokenizer import special_ids
-    from model.config import MiniTuringConfig, round_vocab
+    from data.tokenizer import model_config
 
-    ids = special_ids(tokenizer)
-    return MiniTuringConfig(
-        vocab_size=round_vocab(len(tokenizer)),
-        tokenizer_size=len(tokenizer),
+    return model_config(
+        tokenizer,
         hidden_size=32,
         num_layers=2,
         num_heads=2,
         ffn_size=64,
         max_position_embeddings=128,
-        pad_token_id=ids.pad,
-        unk_token_id=ids.unk,
-        bos_token_id=ids.cls,
-        eos_token_id=ids.sep,
-        mask_token_id=ids.mask,
-        sentence_mask_token_id=ids.sentence_mask,
     )
 
 
