@@ -249,7 +249,8 @@ def _beam_search(dec: Decoder) -> list[list[int]]:
         if all(closed) or step == cfg.max_new_tokens - 1:
             break
         index = source_beam.view(-1)
-        cache.reorder(index)
+        # A beam only ever continues a beam of the same document: the source part stays.
+        cache.reorder(index, start=dec.source_len)
         mask, pos = mask[index], pos[index]
         logits, mask, pos = dec.step(next_tokens.view(-1), cache, mask, pos)
 

@@ -67,10 +67,17 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i].index_select(0, index)
-            self.values[i] = self.values[i].index_select(0, index)
+    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
+        """Rows follow ``index`` for positions ``start:length``. Beam search passes the source
+        length as ``start``: the k beams of a document share its source, so only the generated
+        positions (a few dozen) move instead of the whole cache."""
+        end = self.length
+        for cache in (self.keys, self.values):
+            for i in range(len(cache)):
+                if start == 0:  # may also change the batch size (one source -> k beams)
+                    cache[i] = cache[i].index_select(0, index)
+                else:
+                    cache[i][:, :, start:end] = cache[i][:, :, start:end].index_select(0, index)
 
 
 # ---------------------------------------------------------------------------- blocks

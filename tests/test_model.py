@@ -162,6 +162,7 @@ def test_cached_decoding_equals_uncached():
         assert got == _uncached_greedy(model, source, 10, eos=3)
 
 
+@torch.no_grad()
 def _sequence_logprob(model, source, target, eos=3, finished=True):
     target = target + [eos] if finished else target
     seq = source + target
