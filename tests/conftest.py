@@ -29,6 +29,17 @@ def _isolated_cache(tmp_path_factory):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def without_plot():
+    """Leave out the end-of-run plot: most of a tiny run's time, and not what most tests
+    check (the plot has its own tests)."""
+    import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "write_training_curves", lambda folder: None)
+        yield
+
+
 def paragraphs() -> list[str]:
     out = []
     for key in sorted(pydoc_data.topics.topics):

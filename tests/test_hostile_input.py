@@ -12,25 +12,13 @@ import math
 import re
 
 import pytest
-import torch
 from conftest import TINY_FLAGS
 
 import model as api
 import train
 from data.batching import MixtureLoader
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_runs():
-    # One intra-op thread: on a shared two-core machine several times faster than two, and the
-    # same floating-point reduction order in every run and process. The end-of-run plot is
-    # left out: it is most of a tiny run's time and none of what is tested here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "write_training_curves", lambda folder: None)
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("without_plot")
 
 
 def main_error(argv: list[str]) -> str:

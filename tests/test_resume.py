@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY_FLAGS
 from fault_runner import assert_same_run, latest_step, metrics
 
@@ -25,17 +24,7 @@ from data.batching import MixtureLoader
 STEPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_runs():
-    # One intra-op thread: on a shared two-core machine several times faster than two, and the
-    # same floating-point reduction order in every run and process. The end-of-run plot is
-    # left out: it is most of a tiny run's time and none of what is tested here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "write_training_curves", lambda folder: None)
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("without_plot")
 
 
 def flags(out, corpus_files, *extra: str) -> list[str]:
