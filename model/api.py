@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from model.config import MiniTuringConfig
 from model.generate import DecodingConfig, generate
-from model.transformer import MiniTuringModel
+from model.transformer import MiniTuringModel, never_predicted
 
 MASK_LITERAL = "[MASK]"
 
@@ -113,16 +113,6 @@ class LM:
 
     # ------------------------------------------------------------------ fill-mask
 
-    def _never(self) -> torch.Tensor:
-        ids = [
-            i
-            for i in range(
-                self.config.tokenizer_size or self.config.vocab_size, self.config.vocab_size
-            )
-        ]
-        ids += self.tokenizer.all_special_ids
-        return torch.tensor(sorted(set(ids)), dtype=torch.long)
-
     @torch.inference_mode()
     def fill_mask(self, text: str | list[str], top_k: int = 5):
         """Top-k predictions for each ``[MASK]``.
@@ -160,7 +150,7 @@ class LM:
             attention[i, : len(e)] = 1
         ids, attention = ids.to(self.device), attention.to(self.device)
         logits = self.model(ids, attention_mask=attention).logits.float()
-        logits[..., self._never().to(self.device)] = float("-inf")
+        logits = logits.masked_fill(never_predicted(self.config, device=self.device), float("-inf"))
         probs = logits.softmax(-1)
         results = []
         for i, e in enumerate(encoded):

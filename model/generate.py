@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import KVCache, MiniTuringModel
+from model.transformer import KVCache, MiniTuringModel, never_predicted
 
 
 @dataclass
@@ -83,22 +83,7 @@ class Decoder:
                 f"source ({self.source_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
                 f"exceeds the model's {conf.max_position_embeddings} positions"
             )
-        # Tokens the model must never emit: padding rows past the tokenizer and special tokens.
-        vocab = conf.vocab_size
-        real = conf.tokenizer_size or vocab
-        never = [i for i in range(real, vocab)]
-        never += [
-            t
-            for t in (
-                self.pad,
-                conf.bos_token_id,
-                conf.mask_token_id,
-                conf.sentence_mask_token_id,
-                conf.unk_token_id,
-            )
-            if t is not None and t != self.eos
-        ]
-        self.never = torch.tensor(sorted(set(never)), dtype=torch.long, device=self.device)
+        self.never = never_predicted(conf, allow=self.eos, device=self.device)
 
     def encode(self, repeat: int) -> tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
         """Run the source through the model once, then copy its cache for each beam."""
@@ -143,7 +128,7 @@ class Decoder:
         self, logits: torch.Tensor, generated: list[list[int]], step: int
     ) -> torch.Tensor:
         logits = logits / self.cfg.temperature if self.cfg.do_sample else logits
-        logits[:, self.never] = float("-inf")
+        logits = logits.masked_fill(self.never, float("-inf"))
         if step < self.cfg.min_new_tokens:
             logits[:, self.eos] = float("-inf")
         for row, banned in enumerate(

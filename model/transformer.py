@@ -337,16 +337,25 @@ class MiniTuringForMaskedLM(MiniTuringModel):
 
     def never_predicted(self, device: torch.device | None = None) -> torch.Tensor:
         """Boolean (vocab_size,): True for ids a masked position is never filled with."""
-        c = self.config
-        never = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
-        never[c.tokenizer_size or c.vocab_size :] = True
-        specials = [
-            c.pad_token_id,
-            c.unk_token_id,
-            c.bos_token_id,
-            c.eos_token_id,
-            c.mask_token_id,
-            c.sentence_mask_token_id,
-        ]
-        never[[i for i in specials if i is not None]] = True
-        return never
+        return never_predicted(self.config, device=device)
+
+
+def never_predicted(
+    config: MiniTuringConfig, *, allow: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Boolean (vocab_size,): True for ids the model is never asked to produce: the embedding
+    rows past the tokenizer (they only round the vocabulary up) and the special tokens, except
+    ``allow`` (end-of-sequence, when generating)."""
+    c = config
+    never = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
+    never[c.tokenizer_size or c.vocab_size :] = True
+    specials = [
+        c.pad_token_id,
+        c.unk_token_id,
+        c.bos_token_id,
+        c.eos_token_id,
+        c.mask_token_id,
+        c.sentence_mask_token_id,
+    ]
+    never[[i for i in specials if i is not None and i != allow]] = True
+    return never
