@@ -635,6 +635,12 @@ class Checkpointer:
         weights = model.state_dict()
         _save_weights(weights, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        return self._publish(tmp, name, weights, state)
+
+    def _publish(self, tmp: Path, name: str, weights: dict, state: dict) -> Path:
+        """Rank 0's part of every save, once the weights and optimizer are in ``tmp``: add the
+        RNG and JSON state, flush, rename into place, switch ``latest``, export the weights for
+        inference, prune."""
         rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -673,20 +679,7 @@ class Checkpointer:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
         weights = full_state_dict(model)  # collective: every rank takes part
         if main:
-            rng = {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }
-            torch.save(rng, tmp / "rng.pt")
-            _atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-            _fsync_files(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            _atomic_write_text(self.dir / "latest", name)
-            _save_weights(weights, self.folder / "model.safetensors")
-            self._prune(keep_name=name)
+            self._publish(tmp, name, weights, state)
         torch.distributed.barrier()
         return final
 
@@ -1219,15 +1212,17 @@ def _check_global_batch(state: dict, global_batch: int, env: Env) -> None:
     state["global_batch"] = global_batch
 
 
-def _reduce_losses(sums: dict[str, list[torch.Tensor]], batches, env: Env) -> dict[str, list]:
+def _reduce_losses(
+    sums: dict[str, list[torch.Tensor]], label_counts: list[int], batches, env: Env
+) -> dict[str, list]:
     """Per objective, the step's mean loss over the label tokens of the whole global batch
     (all micro-batches, all ranks), so what rank 0 logs is what one process with the global
     batch would log. ``sums`` holds loss x label tokens per micro-batch, in float64 so a lone
     micro-batch gives back its own mean exactly."""
     names = list(sums)
     counts = dict.fromkeys(names, 0)
-    for name, batch in batches:
-        counts[name] += int((batch["labels"] != -100).sum())
+    for (name, _), count in zip(batches, label_counts, strict=True):
+        counts[name] += count
     totals = torch.stack(
         [torch.stack(sums[n]).sum() for n in names]
         + [torch.tensor(float(counts[n]), dtype=torch.float64, device=env.device) for n in names]
@@ -1526,7 +1521,8 @@ def _loop(
         t_data = time.perf_counter() - t_step
         # Normalise by the label tokens of the whole global batch, so N processes x b equal
         # one process x N*b and accumulation equals a bigger batch exactly.
-        counts = torch.tensor([float((b["labels"] != -100).sum()) for _, b in batches]).sum()
+        label_counts = [int((b["labels"] != IGNORE_INDEX).sum()) for _, b in batches]
+        counts = torch.tensor(float(sum(label_counts)))
         global_count = _all_reduce_sum(counts.to(env.device), env).clamp(min=1)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, optim)
@@ -1542,7 +1538,7 @@ def _loop(
                 loss.backward()
             loss_sums.setdefault(name, []).append(out.loss.detach().double() * out.num_label_tokens)
             window["tokens"] += int(batch["input_ids"].numel()) * env.world_size
-        step_losses = _reduce_losses(loss_sums, batches, env)
+        step_losses = _reduce_losses(loss_sums, label_counts, batches, env)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), optim.clip_grad if optim.clip_grad > 0 else float("inf")
         )

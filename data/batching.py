@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.objectives import OBJECTIVES
-from data.objectives.masked_lm import MaskingConfig, block, mask_sequence
+from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
 from data.objectives.summarize import build_example, collate
 from data.tokenizer import SpecialIds
 
@@ -61,7 +61,7 @@ class MaskedLMStream:
         self.special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
         pool = np.setdiff1d(np.arange(vocab_size), self.special)
         self.random_pool = pool
-        self.size = len(flat) // (seq_len - 1)
+        self.size = pack_blocks(flat, seq_len)
 
     def __len__(self) -> int:
         return self.size
@@ -270,6 +270,3 @@ class MixtureLoader:
         self.position.batches += 1
         self.position.consumed[name] = start + self.batch_size * self.world_size
         return name, {k: torch.from_numpy(v) for k, v in batch.items()}
-
-    def epochs(self) -> dict[str, float]:
-        return {n: self.position.consumed[n] / max(len(self.streams[n]), 1) for n in self.names}

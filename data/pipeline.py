@@ -100,9 +100,41 @@ def _split_held_out(items: list, key, fraction: float):
     return train, held
 
 
-def load_raw(cfg: DataConfig) -> RawData:
+def read_texts(paths: list[str], cfg: DataConfig) -> list[str]:
+    """The documents of every text source, read with the configured columns and encoding."""
     from data import sources
 
+    out: list[str] = []
+    for p in paths:
+        out += sources.read_texts(
+            p,
+            text_column=cfg.text_column,
+            split=cfg.text_split,
+            hf_config=cfg.hf_config,
+            hf_split=cfg.hf_split,
+            encoding=cfg.encoding,
+        )
+    return out
+
+
+def read_pairs(paths: list[str], cfg: DataConfig) -> list[tuple[str, str]]:
+    """The (document, summary) pairs of every pair source."""
+    from data import sources
+
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        out += sources.read_pairs(
+            p,
+            document_column=cfg.document_column,
+            summary_column=cfg.summary_column,
+            hf_config=cfg.hf_config,
+            hf_split=cfg.hf_split,
+            encoding=cfg.encoding,
+        )
+    return out
+
+
+def load_raw(cfg: DataConfig) -> RawData:
     if not cfg.train_text and not cfg.train_pairs:
         from data.corpus import build_default_corpus
 
@@ -118,39 +150,14 @@ def load_raw(cfg: DataConfig) -> RawData:
             f"embedded corpus: {corpus.describe()}",
         )
 
-    def texts(paths: list[str]) -> list[str]:
-        out: list[str] = []
-        for p in paths:
-            out += sources.read_texts(
-                p,
-                text_column=cfg.text_column,
-                split=cfg.text_split,
-                hf_config=cfg.hf_config,
-                hf_split=cfg.hf_split,
-                encoding=cfg.encoding,
-            )
-        return out
-
-    def pairs(paths: list[str]) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        for p in paths:
-            out += sources.read_pairs(
-                p,
-                document_column=cfg.document_column,
-                summary_column=cfg.summary_column,
-                hf_config=cfg.hf_config,
-                hf_split=cfg.hf_split,
-                encoding=cfg.encoding,
-            )
-        return out
-
-    train_texts, train_pairs = texts(cfg.train_text), pairs(cfg.train_pairs)
+    train_texts = read_texts(cfg.train_text, cfg)
+    train_pairs = read_pairs(cfg.train_pairs, cfg)
     if cfg.eval_text:
-        eval_texts = texts(cfg.eval_text)
+        eval_texts = read_texts(cfg.eval_text, cfg)
     else:
         train_texts, eval_texts = _split_held_out(train_texts, lambda t: t, cfg.eval_fraction)
     if cfg.eval_pairs:
-        eval_pairs = pairs(cfg.eval_pairs)
+        eval_pairs = read_pairs(cfg.eval_pairs, cfg)
     else:
         train_pairs, eval_pairs = _split_held_out(train_pairs, lambda p: p[0], cfg.eval_fraction)
     names = ", ".join(cfg.train_text + cfg.train_pairs)

@@ -232,8 +232,7 @@ def _training_settings(lm: LM) -> tuple[dict, int, int]:
 
 
 def evaluate_command(args) -> dict:
-    from data.pipeline import DataConfig, RawData, build_streams
-    from data.sources import read_pairs, read_texts
+    from data.pipeline import DataConfig, RawData, build_streams, read_pairs, read_texts
     from model.evaluate import evaluate
 
     if not args.pairs and not args.text:
@@ -253,26 +252,8 @@ def evaluate_command(args) -> dict:
     for flag in ("text_column", "document_column", "summary_column", "text_split"):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
-    texts = (
-        read_texts(
-            _existing(args.text, "--text"),
-            text_column=cfg.text_column,
-            split=cfg.text_split,
-            encoding=cfg.encoding,
-        )
-        if args.text
-        else []
-    )
-    pairs = (
-        read_pairs(
-            _existing(args.pairs, "--pairs"),
-            document_column=cfg.document_column,
-            summary_column=cfg.summary_column,
-            encoding=cfg.encoding,
-        )
-        if args.pairs
-        else []
-    )
+    texts = read_texts([_existing(args.text, "--text")], cfg) if args.text else []
+    pairs = read_pairs([_existing(args.pairs, "--pairs")], cfg) if args.pairs else []
     objectives = (["masked_lm", "gap_summary"] if texts else []) + (["summarize"] if pairs else [])
     raw = RawData([], texts, [], pairs, "evaluation files")
     streams = build_streams(raw, lm.tokenizer, cfg, objectives, seq_len, lm.config.vocab_size).eval

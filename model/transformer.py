@@ -309,26 +309,8 @@ class MiniTuringForMaskedLM(MiniTuringModel):
     base model's, unchanged.
     """
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        prefix_lengths: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_token_only: bool = False,
-        **kwargs,
-    ) -> MiniTuringOutput:
-        out = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            prefix_lengths=prefix_lengths,
-            position_ids=position_ids,
-            labels=labels,
-            cache=cache,
-            last_token_only=last_token_only,
-        )
+    def forward(self, input_ids: torch.Tensor, *args, labels=None, **kwargs) -> MiniTuringOutput:
+        out = super().forward(input_ids, *args, labels=labels, **kwargs)
         if labels is None:
             out.logits = out.logits.masked_fill(
                 self.never_predicted(out.logits.device), float("-inf")
