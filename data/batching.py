@@ -158,9 +158,12 @@ def epoch_order(n: int, seed: int, objective: int, epoch: int, lengths, bucket: 
     for start in range(0, n, window):
         chunk = order[start : start + window]
         order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
-    groups = [order[i : i + bucket] for i in range(0, n, bucket)]
+    # Whole batches-worth move; the short remainder stays last, or every batch after it would
+    # straddle two length groups.
+    whole = n - n % bucket
+    groups = [order[i : i + bucket] for i in range(0, whole, bucket)]
     rng.shuffle(groups)
-    return np.concatenate(groups)
+    return np.concatenate([*groups, order[whole:]])
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.batching import MaskedLMStream, MixtureLoader, Seq2SeqStream
+from data.batching import MaskedLMStream, MixtureLoader, Seq2SeqStream, epoch_order
 from data.objectives.gap_summary import gap_sentences, sentence_scores, split_sentences
 from data.objectives.masked_lm import MaskingConfig, mask_sequence
 from data.objectives.summarize import build_example, collate
@@ -250,6 +250,17 @@ def test_length_bucketing_reduces_padding(streams):
     rng = np.random.default_rng(0)
     random_spread = [np.ptp(lengths[rng.choice(len(lengths), 8, replace=False)]) for _ in range(50)]
     assert np.mean(spread) < np.mean(random_spread)
+
+
+def test_length_buckets_stay_whole_when_the_epoch_is_not_whole_batches():
+    """The remainder (n % batch examples) must not shift the batches after it across length
+    groups: every full batch then holds similar lengths."""
+    lengths = np.random.default_rng(0).integers(20, 300, size=1000 + 7)
+    for seed in range(3):
+        order = epoch_order(len(lengths), seed, 2, 0, lengths, 32)
+        assert sorted(order.tolist()) == list(range(len(lengths)))
+        full = lengths[order[: len(order) // 32 * 32]].reshape(-1, 32)
+        assert 1 - full.sum() / (full.max(1) * 32).sum() < 0.03  # padding share
 
 
 def test_objective_without_data_is_a_clear_error(streams):
