@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 MODEL_TYPE = "minituring"
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 class MiniTuringConfig(PretrainedConfig):
@@ -29,6 +30,7 @@ class MiniTuringConfig(PretrainedConfig):
         ffn_size: int = 1024,
         max_position_embeddings: int = 512,
         dropout: float = 0.0,
+        hidden_act: str = "gelu",
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         pad_token_id: int = 0,
@@ -48,6 +50,8 @@ class MiniTuringConfig(PretrainedConfig):
         self.ffn_size = ffn_size
         self.max_position_embeddings = max_position_embeddings
         self.dropout = dropout
+        # "gelu" is the exact (erf) GELU of BERT and BART; "gelu_tanh" its tanh approximation.
+        self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
@@ -64,6 +68,8 @@ class MiniTuringConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {hidden_act!r}")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
