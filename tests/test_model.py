@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.transformer as transformer
 from model.config import MiniTuringConfig
 from model.generate import DecodingConfig, generate
-from model.transformer import IGNORE_INDEX, MiniTuringModel, attention_mask_for
+from model.transformer import (
+    IGNORE_INDEX,
+    MiniTuringModel,
+    attention_mask_for,
+    labelled_positions,
+)
 
 
 def small_model(seed: int = 0, **overrides) -> MiniTuringModel:
@@ -108,6 +114,74 @@ def test_loss_only_on_labelled_positions():
     expected = torch.nn.functional.cross_entropy(full[[0, 1], [3, 5]], torch.tensor([17, 40]))
     torch.testing.assert_close(out.loss, expected)
     assert out.logits.shape == (2, 128) and int(out.num_label_tokens) == 2
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, prefix_lm):
+    """The last block computes queries and feed-forward only where labels are; loss and every
+    gradient equal those of the model run at every position (padding, uneven label counts)."""
+    model = small_model(num_layers=3).train()
+    torch.manual_seed(1)
+    x = torch.randint(6, 100, (3, 14))
+    padding = torch.ones_like(x)
+    padding[1, 11:] = 0
+    labels = torch.full_like(x, IGNORE_INDEX)
+    if prefix_lm:
+        prefix = torch.tensor([9, 5, 13])
+        for row, p in enumerate(prefix.tolist()):
+            labels[row, p - 1 : int(padding[row].sum())] = x[row, p - 1 : int(padding[row].sum())]
+    else:
+        prefix = None
+        labels[0, [2, 7]] = 11
+        labels[2, [0, 5, 9, 13]] = 12  # row 1 has none
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(x, attention_mask=padding, prefix_lengths=prefix, labels=labels)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    fast, fast_grads = loss_and_grads()
+    monkeypatch.setattr(transformer, "labelled_positions", lambda selected: (None, selected))
+    full, full_grads = loss_and_grads()
+    torch.testing.assert_close(fast.loss, full.loss)
+    torch.testing.assert_close(fast.logits, full.logits)
+    assert int(fast.num_label_tokens) == int(full.num_label_tokens) == int((labels >= 0).sum())
+    for a, b in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_labelled_positions_gather_what_a_boolean_index_takes():
+    torch.manual_seed(0)
+    for _ in range(20):
+        selected = torch.rand(4, 9) < torch.rand(1)
+        labels = torch.randint(0, 50, (4, 9))
+        wanted, valid = labelled_positions(selected)
+        taken = labels[valid] if wanted is None else labels.gather(1, wanted)[valid]
+        assert torch.equal(taken, labels[selected])
+    wanted, valid = labelled_positions(torch.ones(2, 5, dtype=torch.bool))
+    assert wanted is None and bool(valid.all())
+
+
+def test_last_token_logits_equal_the_full_model_s_last_column():
+    model = small_model()
+    x = torch.randint(6, 100, (2, 10))
+    padding = torch.ones_like(x)
+    padding[0, :3] = 0  # left padding, as in decoding
+    prefix = torch.tensor([10, 10])
+    full = model(x, attention_mask=padding, prefix_lengths=prefix).logits[:, -1]
+    last = model(x, attention_mask=padding, prefix_lengths=prefix, last_token_only=True).logits
+    torch.testing.assert_close(last, full)
+
+
+def test_activation_is_a_config_choice():
+    x = torch.randint(6, 100, (1, 8))
+    exact = small_model().eval()(x).logits
+    tanh = small_model(hidden_act="gelu_tanh").eval()(x).logits
+    assert exact.shape == tanh.shape and not torch.equal(exact, tanh)
+    torch.testing.assert_close(exact, tanh, atol=1e-2, rtol=0)  # an approximation of it
+    with pytest.raises(ValueError, match="hidden_act"):
+        MiniTuringConfig(hidden_act="relu6")
 
 
 def test_overfits_one_batch():
