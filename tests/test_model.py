@@ -174,6 +174,35 @@ def test_last_token_logits_equal_the_full_model_s_last_column():
     torch.testing.assert_close(last, full)
 
 
+def test_bf16_cpu_attention_matches_sdpa_values_and_gradients():
+    """The CPU bf16 training path (batched matmuls + softmax) computes what SDPA computes."""
+    torch.manual_seed(0)
+    b, h, t, d = 3, 2, 11, 8
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    mask = attention_mask_for(
+        query_positions=torch.arange(t).unsqueeze(0),
+        key_length=t,
+        key_padding=torch.tensor([[1] * t, [1] * 8 + [0] * 3, [1] * t]),
+        prefix_lengths=torch.tensor([6, 4, 11]),
+    )
+    grad = torch.randn(b, h, t, d)
+
+    def run(attend, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        attend(*leaves).backward(grad.to(dtype))
+        return [attend(*leaves).float()] + [x.grad.float() for x in leaves]
+
+    ours = run(lambda *x: transformer._bf16_attention(*x, mask, 0.0), torch.bfloat16)
+    sdpa = run(lambda *x: torch.nn.functional.scaled_dot_product_attention(*x, mask), torch.float32)
+    for a, e in zip(ours, sdpa, strict=True):
+        torch.testing.assert_close(a, e, atol=0.05, rtol=0.05)
+    bf16 = q.to(torch.bfloat16)
+    assert transformer._math_attention_is_faster(bf16, bf16)
+    assert not transformer._math_attention_is_faster(q, k)  # fp32: the fused kernel
+    with torch.no_grad():
+        assert not transformer._math_attention_is_faster(bf16, bf16)  # inference: fused
+
+
 def test_activation_is_a_config_choice():
     x = torch.randint(6, 100, (1, 8))
     exact = small_model().eval()(x).logits
