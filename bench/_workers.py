@@ -8,7 +8,8 @@ its own heap and allocator, so its peak memory (peak resident set, VmHWM, on CPU
 ``torch.cuda.max_memory_allocated`` on GPU) is its own, and nothing one leaves behind slows
 the next.
 
-Tasks: ceiling, mlm_hf, mlm_ours, seq2seq_hf, seq2seq_ours, generate_hf, generate_ours.
+Tasks: ceiling, mlm_hf, mlm_ours, seq2seq_hf, seq2seq_ours, generate_hf, generate_ours,
+quality_hf, quality_ours.
 """
 
 from __future__ import annotations
@@ -310,15 +311,11 @@ def mlm_ours(spec: dict) -> dict:
     }
 
 
-def mlm_hf(spec: dict) -> dict:
-    from datasets import load_from_disk
-    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, Trainer
+def _bert_mlm(spec: dict, tokenizer):
+    """HF BertForMaskedLM at the benchmark's shape, seeded as ours is."""
+    from transformers import BertConfig, BertForMaskedLM
 
-    from data.tokenizer import load_tokenizer
-
-    part, shape = spec["mlm"], spec["shape"]
-    tokenizer = load_tokenizer(spec["tokenizer"])
-    ids = _special(tokenizer)
+    shape, ids = spec["shape"], _special(tokenizer)
     torch.manual_seed(spec["seed"])
     config = BertConfig(
         **_hf_model_config_common(spec, ids),
@@ -331,7 +328,18 @@ def mlm_hf(spec: dict) -> dict:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+    return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+
+
+def mlm_hf(spec: dict) -> dict:
+    from datasets import load_from_disk
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from data.tokenizer import load_tokenizer
+
+    part = spec["mlm"]
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    model = _bert_mlm(spec, tokenizer)
     data = load_from_disk(part["dataset"])
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=part["mask_rate"]
@@ -359,6 +367,100 @@ def mlm_hf(spec: dict) -> dict:
             "collator": f"DataCollatorForLanguageModeling(mlm_probability={part['mask_rate']})",
             "training_arguments": shown,
         },
+    }
+
+
+# ---------------------------------------------------------------------------- equal time
+
+
+def _quality_part(spec: dict, side: str) -> dict:
+    """The quality run as a masked-LM part: the side's step count, warm-up a tenth of it."""
+    q = spec["quality"]
+    steps = q["steps"][side]
+    log_every = max(1, steps // 10)
+    return {
+        "warmup": log_every,  # our_flags logs every ``warmup`` steps
+        "steps": steps - log_every,
+        "lr_warmup": max(steps // 10, 1),
+        "batch_size": q["batch_size"],
+    }
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, spec: dict) -> float:
+    """Mean cross-entropy over every masked token of the held-out blocks, fp32, eval mode."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(spec["quality"]["dataset"]).with_format("torch")
+    model.eval()
+    total = count = 0.0
+    for start in range(0, len(data), 32):
+        batch = data[start : start + 32]
+        labels = batch["labels"].to(spec["device"])
+        n = int((labels != IGNORE_INDEX).sum())
+        loss = model(input_ids=batch["input_ids"].to(spec["device"]), labels=labels).loss
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def quality_ours(spec: dict) -> dict:
+    from model.transformer import MiniTuringModel
+
+    part = _quality_part(spec, "ours")
+    out = Path(spec["tmp"]) / "ours-quality"
+    flags = our_flags(spec, part, out) + [
+        "--objectives", "masked_lm=1",
+        "--seq-len", str(spec["quality"]["seq_len"]),
+        "--mask-rate", str(spec["mlm"]["mask_rate"]),
+    ]  # fmt: skip
+    train_ours(spec, flags)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    last = [r for r in records if "tokens_per_s" in r][-1]
+    model = MiniTuringModel.from_pretrained(out).to(spec["device"])
+    return {
+        "steps": last["step"],
+        "train_seconds": last["elapsed"],
+        "train_tokens": last["tokens"],
+        "heldout_loss": heldout_loss(model, spec),
+        "flags": flags,
+    }
+
+
+def quality_hf(spec: dict) -> dict:
+    from datasets import load_from_disk
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
+
+    from data.tokenizer import load_tokenizer
+
+    part = _quality_part(spec, "hf")
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    model = _bert_mlm(spec, tokenizer)
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm=True, mlm_probability=spec["mlm"]["mask_rate"]
+    )
+    args, _ = training_arguments(spec, part, Path(spec["tmp"]) / "hf-quality")
+    marks: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks["begin"] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            _sync(spec["device"])
+            marks["end"] = time.perf_counter()
+
+    data = load_from_disk(spec["mlm"]["dataset"])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()]
+    )
+    trainer.train()
+    steps = trainer.state.global_step
+    return {
+        "steps": steps,
+        "train_seconds": marks["end"] - marks["begin"],
+        "train_tokens": steps * part["batch_size"] * spec["quality"]["seq_len"],
+        "heldout_loss": heldout_loss(model, spec),
     }
 
 
@@ -637,6 +739,8 @@ TASKS = {
     "seq2seq_hf": seq2seq_hf,
     "generate_ours": generate_ours,
     "generate_hf": generate_hf,
+    "quality_hf": quality_hf,
+    "quality_ours": quality_ours,
 }
 
 

@@ -17,6 +17,11 @@ Parts (``--parts``):
 * ``generate``: a batch of summaries, exactly N new tokens each (min = max new tokens), greedy
   and beam search, ours against HF BART's ``generate``; both randomly initialised.
 * ``ceiling``: the matrix-product ceiling alone (always run with ``mlm``).
+* ``quality``: quality at equal wall-clock time. Each masked-LM trainer gets the number of steps
+  its measured speed (the ``mlm`` part, always run with it) fits into ``--quality-seconds``, with
+  its schedule stretched over them, from a fresh start; then both models are scored on the same
+  held-out blocks with the same masks (token-level, 15%, 80/10/10): the mean cross-entropy of
+  the masked tokens. The faster trainer should reach the lower held-out loss.
 
 The parent prepares the data once (tokenizer, blocks, pairs) in a temporary folder, then starts
 each contestant in its own process (``bench/_workers.py``) one after another, so each has the
@@ -42,7 +47,7 @@ WORKERS = Path(__file__).resolve().parent / "_workers.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PARTS = ("mlm", "seq2seq", "generate", "ceiling")
+PARTS = ("mlm", "seq2seq", "generate", "quality", "ceiling")
 SHAPES = {
     "tiny": dict(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024, seq_len=128),
     "base": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_size=3072, seq_len=512),
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--parts", default="mlm,seq2seq,generate", help=f"comma list of {PARTS}")
+    p.add_argument("--parts", default="mlm,seq2seq,generate,quality", help=f"comma list of {PARTS}")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument(
         "--preset",
@@ -108,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     s2s.add_argument("--no-repeat-ngram", type=int, default=3)
     s2s.add_argument("--gen-repeats", type=int, default=3, help="timed calls (median reported)")
     s2s.add_argument("--gen-precision", default="fp32", choices=("fp32", "bf16"))
+    quality = p.add_argument_group("quality at equal wall-clock time")
+    quality.add_argument(
+        "--quality-seconds", type=float, default=60, help="training time given to each side"
+    )
+    quality.add_argument(
+        "--quality-blocks", type=int, default=256, help="held-out blocks the loss is taken on"
+    )
     data = p.add_argument_group("data (default: the embedded corpus)")
     data.add_argument("--train-text", nargs="+", default=[], help="as train.py --train-text")
     data.add_argument("--train-pairs", nargs="+", default=[], help="as train.py --train-pairs")
@@ -134,6 +146,8 @@ def resolve(args: argparse.Namespace) -> dict:
     unknown = [x for x in parts if x not in PARTS]
     if unknown or not parts:
         raise SystemExit(f"error: --parts: unknown {unknown}; choose from {', '.join(PARTS)}")
+    if "quality" in parts and "mlm" not in parts:  # the step counts come from its speeds
+        parts.insert(parts.index("quality"), "mlm")
     if "mlm" in parts and "ceiling" not in parts:
         parts.append("ceiling")
     device = args.device
@@ -173,6 +187,8 @@ def resolve(args: argparse.Namespace) -> dict:
         ),
         (args.gen_batch >= 1 and args.new_tokens >= 1, "--gen-batch, --new-tokens must be >= 1"),
         (args.beams >= 1 and args.gen_repeats >= 1, "--beams, --gen-repeats must be >= 1"),
+        (args.quality_seconds > 0, "--quality-seconds must be > 0"),
+        (args.quality_blocks >= 1, "--quality-blocks must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -241,6 +257,29 @@ def mlm_blocks(flat, seq_len: int, cls: int):
     n = len(flat) // (seq_len - 1)
     body = np.asarray(flat[: n * (seq_len - 1)], dtype=np.int64).reshape(n, seq_len - 1)
     return np.concatenate([np.full((n, 1), cls, dtype=np.int64), body], axis=1)
+
+
+def heldout_blocks(streams, ids, cfg, tmp: Path, args: argparse.Namespace, vocab: int) -> str:
+    """The held-out text's blocks, masked once with a fixed seed (token-level: what both
+    trainers are asked to predict, whatever masking each trains with), saved for both sides."""
+    import numpy as np
+    from datasets import Dataset
+
+    from data.batching import MaskedLMStream
+    from data.objectives.masked_lm import MaskingConfig
+
+    held = streams.eval["masked_lm"]
+    masking = MaskingConfig(rate=cfg.mask_rate, whole_word=False)
+    stream = MaskedLMStream(
+        held.flat, held.seq_len, ids, masking, word_start=None, vocab_size=vocab
+    )
+    n = min(len(stream), args.quality_blocks)
+    if n == 0:
+        raise SystemExit("error: --parts quality: the held-out text gives no full block")
+    batch = stream.batch(np.arange(n), np.arange(n), seed=args.seed + 1)
+    path = tmp / "mlm-heldout"
+    Dataset.from_dict({k: batch[k] for k in ("input_ids", "labels")}).save_to_disk(str(path))
+    return str(path)
 
 
 def replay_seq2seq(stream, batch_size: int, seed: int, total: int) -> dict[str, list[int]]:
@@ -346,6 +385,13 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
             "mask_rate": cfg.mask_rate,
             "dataset": str(tmp / "mlm-blocks"),
             "blocks": len(blocks),
+        }
+    if "quality" in parts:
+        spec["quality"] = {
+            "seconds": args.quality_seconds,
+            "batch_size": args.batch_size,
+            "seq_len": shape["seq_len"],
+            "dataset": heldout_blocks(streams, ids, cfg, tmp, args, vocab),
         }
     if "summarize" in objectives:
         train_stream = streams.train["summarize"]
@@ -455,10 +501,26 @@ def tasks_for(parts: list[str]) -> list[str]:
         ("mlm", ["mlm_hf", "mlm_ours"]),
         ("seq2seq", ["seq2seq_hf", "seq2seq_ours"]),
         ("generate", ["generate_hf", "generate_ours"]),
+        ("quality", ["quality_hf", "quality_ours"]),
     ):
         if part in parts:
             order += pair
     return order
+
+
+def equal_time_steps(spec: dict, results: dict) -> bool:
+    """Each side's step count for ``--quality-seconds`` of training at the speed it reached in
+    the mlm part (both sides' steps hold the same tokens). False when a speed is missing."""
+    q = spec["quality"]
+    tokens_per_step = q["batch_size"] * q["seq_len"]
+    steps = {}
+    for side in ("hf", "ours"):
+        r = results.get(f"mlm_{side}")
+        if not _ok(r):
+            return False
+        steps[side] = max(1, round(q["seconds"] * r["tokens_per_s"] / tokens_per_step))
+    q["steps"] = steps
+    return True
 
 
 # ---------------------------------------------------------------------------- the table
@@ -541,6 +603,21 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
                         fraction_of_ceiling=achieved / peak,
                         flops_per_token=per_token,
                     )
+    for side, name in (("hf", "HF BertForMaskedLM + Trainer"), ("ours", "ours train.py masked_lm")):
+        result = results.get(f"quality_{side}")
+        if result is None:
+            continue
+        extra = (
+            {
+                "steps": result["steps"],
+                "train_seconds": result["train_seconds"],
+                "train_tokens": result["train_tokens"],
+            }
+            if _ok(result)
+            else {"error": result.get("error")}
+        )
+        value = result["heldout_loss"] if _ok(result) else None
+        row("quality", name, value, "loss", **extra)
     hf, ours = results.get("generate_hf"), results.get("generate_ours")
     if hf is not None or ours is not None:
         for mode in spec["generate"]["modes"]:
@@ -573,6 +650,8 @@ def _fmt_value(r: dict) -> str:
         return "FAILED" if r.get("error") else "-"
     if r["unit"] == "tokens/s":
         return f"{v:,.0f} tok/s"
+    if r["unit"] == "loss":
+        return f"{v:.3f} held-out loss"
     if r["unit"] == "FLOP/s":
         return f"{v / 1e12:.3f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.2f} GFLOP/s"
     return f"{v:.3f} s/batch"
@@ -587,6 +666,11 @@ def format_table(rows: list[dict]) -> str:
             note.append(f"{r['params'] / 1e6:.2f}M params")
         if r.get("padding_share") is not None:
             note.append(f"{100 * r['padding_share']:.0f}% padding")
+        if r.get("train_seconds") is not None:
+            note.append(
+                f"{r['steps']} steps, {r['train_tokens'] / 1e6:.2f}M tokens "
+                f"in {r['train_seconds']:.0f}s"
+            )
         if r.get("fraction_of_ceiling") is not None:
             note.append(f"{100 * r['fraction_of_ceiling']:.1f}% of ceiling")
         ratio = r.get("ratio")
@@ -655,6 +739,14 @@ def describe(spec: dict, settings: dict, results: dict) -> str:
             f"{q['batch_size']}, {q['warmup']} + {q['steps']} steps; tokens = source tokens "
             "with their [CLS]/[SEP] + target tokens with the closing [SEP], no padding"
         )
+    if "steps" in spec.get("quality", {}):
+        q = spec["quality"]
+        lines.append(
+            f"quality: {q['seconds']:g}s of masked-LM training each (steps = seconds x the "
+            f"speed measured above: HF {q['steps']['hf']}, ours {q['steps']['ours']}), "
+            "schedule over those steps; loss = mean cross-entropy of the masked tokens of "
+            "the same held-out blocks, same masks"
+        )
     if "generate" in spec:
         g = spec["generate"]
         lines.append(
@@ -702,6 +794,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepared in {spec['prepare_seconds']:.0f}s; contestants, {where}:")
         results = {}
         for task in tasks_for(settings["parts"]):
+            if task.startswith("quality"):
+                if not equal_time_steps(spec, results):
+                    results[task] = {"error": "the mlm part failed: no speed to size the run by"}
+                    continue
+                spec_file.write_text(json.dumps(spec))
             if args.in_process:
                 results[task] = run_in_process(task, json.loads(spec_file.read_text()))
             else:

@@ -31,7 +31,7 @@ TINY = [
     "--target-len", "16", "--batch-size", "8", "--warmup", "2", "--steps", "3",
     "--seq2seq-warmup", "2", "--seq2seq-steps", "3", "--new-tokens", "6", "--gen-batch", "3",
     "--beams", "2", "--gen-repeats", "1", "--matmul-size", "128", "--device", "cpu",
-    "--precision", "fp32",
+    "--precision", "fp32", "--quality-seconds", "1", "--quality-blocks", "5",
 ]  # fmt: skip
 
 
@@ -209,7 +209,7 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
 
     parts = {(r["part"], r["contestant"]) for r in rows}
     assert {p for p, _ in parts} == {
-        "mlm", "seq2seq", "generate greedy", "generate beam 2", "ceiling",
+        "mlm", "seq2seq", "generate greedy", "generate beam 2", "quality", "ceiling",
     }  # fmt: skip
     for task in ("mlm_hf", "mlm_ours", "seq2seq_hf", "seq2seq_ours"):
         r = results[task]
@@ -228,6 +228,17 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
         row = next(r for r in rows if r["part"] == f"generate {mode}" and r.get("ratio"))
         assert row["ratio"] == pytest.approx(hf["seconds_per_batch"] / ours["seconds_per_batch"])
     assert results["ceiling"]["flops_per_s"] > 0
+    # Equal time: each side ran the steps its measured speed fits into --quality-seconds, and
+    # both were scored on the same 5 held-out blocks.
+    for side in ("hf", "ours"):
+        speed = results[f"mlm_{side}"]["tokens_per_s"]
+        q = results[f"quality_{side}"]
+        assert q["steps"] == max(1, round(1 * speed / (8 * 32)))
+        assert q["train_tokens"] == q["steps"] * 8 * 32
+        assert 0 < q["heldout_loss"] < 2 * np.log(400)  # nats; log(vocab) is a uniform guess
+    assert report["spec"]["quality"]["steps"] == {
+        side: results[f"quality_{side}"]["steps"] for side in ("hf", "ours")
+    }
     assert "learning_rate=0.002" in printed and "adamw_torch_fused" in printed
     # bf16 asked for: HF's forward passes really ran under bf16 autocast, as ours did.
     for task in ("mlm_hf", "seq2seq_hf"):
