@@ -25,6 +25,8 @@ from data.objectives.summarize import build_example, collate
 from data.tokenizer import SpecialIds
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
+# Sequence-to-sequence batches are padded to a multiple of this many positions (see collate).
+PAD_MULTIPLE = 16
 
 # Why an objective's stream can come out empty.
 _TOO_LITTLE = {
@@ -137,7 +139,12 @@ class Seq2SeqStream:
         )
 
     def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-        return collate([self.example(int(i)) for i in indices], self.ids.pad)
+        return collate(
+            [self.example(int(i)) for i in indices],
+            self.ids.pad,
+            multiple=PAD_MULTIPLE,
+            limit=self.source_len + self.target_len,
+        )
 
 
 # ---------------------------------------------------------------------------- ordering

@@ -378,12 +378,15 @@ def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, tor
     """Which positions a loss reads, packed to the left of each row, in order.
 
     ``selected`` is (batch, t) boolean. Returns ``wanted`` (batch, q) indices, q the most labels
-    in any row, with ``valid`` (batch, q) false where a row has fewer (those slots repeat some
-    unlabelled position and are dropped); or ``(None, selected)`` when q is the whole sequence.
+    in any row rounded up to a multiple of 8, with ``valid`` (batch, q) false where a row has
+    fewer (those slots repeat some unlabelled position and are dropped); or ``(None, selected)``
+    when q reaches the whole sequence.
     ``labels[selected]`` equals ``labels.gather(1, wanted)[valid]``.
     """
     counts = selected.sum(1)
-    q = max(int(counts.max()), 1) if selected.numel() else 1
+    # Rounded up to a multiple of 8, so the last block sees few distinct shapes (CPU matrix
+    # kernels are prepared per shape).
+    q = -(-max(int(counts.max()) if selected.numel() else 0, 1) // 8) * 8
     if q >= selected.shape[1]:
         return None, selected
     # A stable sort puts each row's labelled positions first, in their order.

@@ -122,18 +122,19 @@ def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, pref
     gradient equal those of the model run at every position (padding, uneven label counts)."""
     model = small_model(num_layers=3).train()
     torch.manual_seed(1)
-    x = torch.randint(6, 100, (3, 14))
+    x = torch.randint(6, 100, (3, 30))
     padding = torch.ones_like(x)
-    padding[1, 11:] = 0
+    padding[1, 25:] = 0
     labels = torch.full_like(x, IGNORE_INDEX)
     if prefix_lm:
-        prefix = torch.tensor([9, 5, 13])
+        prefix = torch.tensor([22, 15, 26])
         for row, p in enumerate(prefix.tolist()):
             labels[row, p - 1 : int(padding[row].sum())] = x[row, p - 1 : int(padding[row].sum())]
     else:
         prefix = None
         labels[0, [2, 7]] = 11
         labels[2, [0, 5, 9, 13]] = 12  # row 1 has none
+    assert labelled_positions(labels != IGNORE_INDEX)[0] is not None  # the fast path is taken
 
     def loss_and_grads():
         model.zero_grad()
@@ -154,8 +155,8 @@ def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, pref
 def test_labelled_positions_gather_what_a_boolean_index_takes():
     torch.manual_seed(0)
     for _ in range(20):
-        selected = torch.rand(4, 9) < torch.rand(1)
-        labels = torch.randint(0, 50, (4, 9))
+        selected = torch.rand(4, 30) < torch.rand(1)
+        labels = torch.randint(0, 50, (4, 30))
         wanted, valid = labelled_positions(selected)
         taken = labels[valid] if wanted is None else labels.gather(1, wanted)[valid]
         assert torch.equal(taken, labels[selected])

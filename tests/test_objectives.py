@@ -252,6 +252,21 @@ def test_length_bucketing_reduces_padding(streams):
     assert np.mean(spread) < np.mean(random_spread)
 
 
+def test_seq2seq_batches_pad_to_a_multiple_of_16_within_the_limit():
+    def example(n):
+        return np.arange(6, 6 + n), np.full(n, IGNORE_INDEX), 3
+
+    for lengths, limit, expected in (
+        ([20, 33], 288, 48),
+        ([40, 48], 288, 48),
+        ([250], 258, 256),
+        ([250], 252, 252),
+    ):
+        batch = collate([example(n) for n in lengths], 0, multiple=16, limit=limit)
+        assert batch["input_ids"].shape == (len(lengths), expected)
+        assert batch["attention_mask"].sum(1).tolist() == lengths  # padding is masked out
+
+
 def test_length_buckets_stay_whole_when_the_epoch_is_not_whole_batches():
     """The remainder (n % batch examples) must not shift the batches after it across length
     groups: every full batch then holds similar lengths."""
