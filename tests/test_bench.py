@@ -261,3 +261,22 @@ def test_contestants_in_their_own_process_report_their_own_peak(tmp_path, corpus
         # only imports torch peaks far below it. (ru_maxrss would inherit this process's peak.)
         ours = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
         assert result["peak_mem_mib"] < 0.8 * int(ours.split()[1]) / 1024
+
+
+def test_levers_time_every_variant_against_the_defaults():
+    levers = _load("bench_levers", "levers.py")
+    args = levers.build_parser().parse_args(
+        "--rounds 1 --steps 1 --batch-size 2 --seq-len 16 --source-len 40 --target-len 8 "
+        "--hidden-size 32 --num-layers 2 --num-heads 2 --ffn-size 64 --vocab-size 200".split()
+    )
+    rows = levers.run(args)
+    seen = {(r["objective"], r["variant"]) for r in rows}
+    assert seen == {("masked_lm", v) for v in levers.VARIANTS if v != "exact lengths"} | {
+        ("summarize", v) for v in levers.VARIANTS
+    }
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    for r in rows:
+        if r["variant"] == "defaults":
+            assert r["vs_defaults"] == 1.0
+    with pytest.raises(SystemExit, match="unknown"):
+        levers.run(levers.build_parser().parse_args(["--variants", "bogus"]))
