@@ -21,11 +21,13 @@ variant that undoes one lever:
   only where the loss reads;
 * ``fp32``: no bf16 autocast;
 * ``default adamw``: ``torch.optim.AdamW`` as constructed without options, instead of the fused
-  kernel.
+  kernel;
+* ``compiled`` (only when asked for: ``--variants compiled``): each block under
+  ``torch.compile``, as ``train.py --compile`` does; a lever that is not on by default.
 
-Variants run round-robin, ``--rounds`` times, so a machine whose speed drifts slows all of
-them alike; each variant's tokens over its seconds, summed over the rounds, is reported with
-its speed relative to the defaults.
+Variants run round-robin, ``--rounds`` times, each round led by the next variant, so a machine
+whose speed drifts slows all of them alike; each variant's tokens over its seconds, summed over
+the rounds, is reported with its speed relative to the defaults.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ VARIANTS = (
     "fp32",
     "default adamw",
 )
+OPT_IN = ("compiled",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--objectives", default="masked_lm,summarize", help="comma list")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + str(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + OPT_IN}"
+    )
     p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the variants")
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     p.add_argument("--batch-size", type=int, default=32)
@@ -135,6 +140,9 @@ class Contestant:
         )
         self.variant = variant
         self.model = MiniTuringModel(config).train()
+        if variant == "compiled":
+            for block in self.model.blocks:
+                block.compile()
         options = {} if variant == "default adamw" else {"fused": True}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **options)
 
@@ -173,7 +181,7 @@ def tokens(batch: dict) -> int:
 def run(args: argparse.Namespace) -> list[dict]:
     objectives = [x.strip() for x in args.objectives.split(",") if x.strip()]
     variants = [x.strip() for x in args.variants.split(",") if x.strip()]
-    unknown = [v for v in variants if v not in VARIANTS] + [
+    unknown = [v for v in variants if v not in VARIANTS + OPT_IN] + [
         o for o in objectives if o not in ("masked_lm", "summarize")
     ]
     if unknown or not variants or not objectives:
@@ -202,9 +210,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Warm-up, as after the first minutes of a run: every padded shape once (the kernels
         # prepared for a shape are shared by every variant of the process), then one step
         # each for the allocator and optimizer state.
-        contestants["defaults"].steps(
-            batches("defaults", list(range(shortest, args.source_len + 1, PAD_MULTIPLE)), -1)
-        )
+        every_shape = list(range(shortest, args.source_len + 1, PAD_MULTIPLE))
+        for v in ("defaults", "compiled"):  # compiled: every shape compiled before timing
+            if v in contestants:
+                contestants[v].steps(batches(v, every_shape, -1))
         for v, c in contestants.items():
             c.steps(batches(v, [args.source_len], -2))
         seconds: dict[str, float] = {v: 0.0 for v in chosen}
@@ -212,7 +221,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         for round_index in range(args.rounds):
             start = round_index * args.steps
             longest = [fresh[(start + i) % len(fresh)] for i in range(args.steps)]
-            for v, c in contestants.items():
+            names = list(contestants)
+            shift = round_index % len(names)  # each variant leads a round in turn
+            for v in names[shift:] + names[:shift]:
+                c = contestants[v]
                 work = batches(v, longest, round_index)
                 seconds[v] += c.steps(work)
                 counts[v] += sum(tokens(b) for b in work)
