@@ -116,7 +116,7 @@ class RunConfig:
     """Recompute each block's activations during the backward pass: less memory, more compute."""
     compile: bool = False
     """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
-    max_steps: int = 700
+    max_steps: int = 1200
     """Optimizer steps to train for."""
     time_budget: float | None = None
     """Stop after this many seconds of training; the schedule is fitted to the steps that fit."""
