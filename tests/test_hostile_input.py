@@ -12,6 +12,7 @@ import math
 import re
 
 import pytest
+import torch
 from conftest import TINY_FLAGS
 
 import model as api
@@ -211,7 +212,8 @@ def test_long_documents_are_split_and_long_pairs_truncated(tmp_path, texts, monk
     class Watching(MixtureLoader):
         def next_batch(self):
             name, batch = super().next_batch()
-            seen.append((name, tuple(batch["input_ids"].shape)))
+            real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum(1)
+            seen.append((name, tuple(batch["input_ids"].shape), int(real.max())))
             return name, batch
 
     monkeypatch.setattr(train, "MixtureLoader", Watching)
@@ -220,15 +222,15 @@ def test_long_documents_are_split_and_long_pairs_truncated(tmp_path, texts, monk
     # (gap_summary left out: see test_text_without_any_two_sentence_document)
     train.main(flags + ["--max-steps", "12", "--objectives", "masked_lm=1,summarize=1"])
     config = json.loads((out / "config.json").read_text())["training"]["data"]
-    assert {name for name, _ in seen} == {"masked_lm", "summarize"}
-    for name, (_, length) in seen:
+    assert {name for name, _, _ in seen} == {"masked_lm", "summarize"}
+    for name, (_, length), _ in seen:
         if name == "masked_lm":
             assert length == 32
         else:
             assert length <= config["source_len"] + config["target_len"]
     # Truncated, not dropped: [CLS] + 62 source tokens + [SEP], then 15 target tokens (the
     # label sequence adds the final [SEP]).
-    assert any(name == "summarize" and length == 64 + 15 for name, (_, length) in seen)
+    assert any(name == "summarize" and longest == 64 + 15 for name, _, longest in seen)
 
 
 def test_a_hundred_megabyte_single_line(tmp_path, corpus_files, tokenizer, capsys):
