@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 import model.transformer as transformer  # noqa: E402
 from data.batching import PAD_MULTIPLE  # noqa: E402
+from data.objectives.summarize import build_example, collate  # noqa: E402
 from model.config import MiniTuringConfig  # noqa: E402
 from model.transformer import IGNORE_INDEX, MiniTuringModel  # noqa: E402
 
@@ -90,8 +91,8 @@ def make_batches(
     args: argparse.Namespace, objective: str, longest: list[int], multiple: int, seed: int
 ) -> list[dict]:
     """Synthetic batches with the token counts, masks and label layout of the real ones, one per
-    entry of ``longest`` (the batch's longest source; summarization only), summarization rows
-    padded to a multiple of ``multiple`` positions."""
+    entry of ``longest`` (the batch's longest prefix, [CLS] source [SEP]; summarization only),
+    summarization rows padded to a multiple of ``multiple`` positions."""
     gen = torch.Generator().manual_seed(seed)
     vocab, b = args.vocab_size, args.batch_size
     batches = []
@@ -101,26 +102,24 @@ def make_batches(
             chosen = torch.rand(b, args.seq_len, generator=gen) < 0.15
             batches.append({"input_ids": ids, "labels": torch.where(chosen, ids, IGNORE_INDEX)})
             continue
-        # One length bucket: sources within a few tokens of each other, full targets.
-        source = torch.randint(max(top - 7, 2), top + 1, (b,), generator=gen)
+        # One length bucket: sources within a few tokens of each other, full targets, framed
+        # and padded by the same functions as the real batches.
+        source = torch.randint(max(top - 7, 3), top + 1, (b,), generator=gen)
         source[0] = top
-        full = top + args.target_len
-        length = max(min(-(-full // multiple) * multiple, args.source_len + args.target_len), full)
-        ids = torch.randint(6, vocab, (b, length), generator=gen)
-        labels = torch.full((b, length), IGNORE_INDEX)
-        padding = torch.zeros(b, length, dtype=torch.long)
-        for row, p in enumerate(source.tolist()):
-            end = p + args.target_len
-            labels[row, p - 1 : end - 1] = ids[row, p:end]
-            padding[row, :end] = 1
-        batches.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "attention_mask": padding,
-                "prefix_lengths": source,
-            }
-        )
+        examples = [
+            build_example(
+                torch.randint(6, vocab, (p - 2,), generator=gen).numpy(),
+                torch.randint(6, vocab, (args.target_len - 1,), generator=gen).numpy(),
+                cls_id=1,
+                sep_id=2,
+                source_len=args.source_len,
+                target_len=args.target_len,
+            )
+            for p in source.tolist()
+        ]
+        limit = args.source_len + args.target_len
+        batch = collate(examples, 0, multiple=multiple, limit=limit)
+        batches.append({k: torch.from_numpy(v) for k, v in batch.items()})
     return batches
 
 
