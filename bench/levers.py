@@ -19,6 +19,8 @@ variant that undoes one lever:
 * ``tanh gelu``: the tanh approximation of GELU instead of the exact one;
 * ``every position``: the last block computes queries and feed-forward at every position, not
   only where the loss reads;
+* ``whole logits``: the loss from all the logits at once in fp32 (``F.cross_entropy``), not
+  chunk by chunk with the gradients taken in the forward pass (``linear_cross_entropy``);
 * ``fp32``: no bf16 autocast;
 * ``default adamw``: ``torch.optim.AdamW`` as constructed without options, instead of the fused
   kernel;
@@ -43,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import model.transformer as transformer  # noqa: E402
 from data.batching import PAD_MULTIPLE  # noqa: E402
@@ -56,6 +59,7 @@ VARIANTS = (
     "sdpa attention",
     "tanh gelu",
     "every position",
+    "whole logits",
     "fp32",
     "default adamw",
 )
@@ -148,16 +152,28 @@ class Contestant:
     @contextlib.contextmanager
     def switched(self):
         """Undo this contestant's lever for the duration of its steps."""
-        saved = transformer._math_attention_is_faster, transformer.labelled_positions
+        saved = (
+            transformer._math_attention_is_faster,
+            transformer.labelled_positions,
+            transformer.linear_cross_entropy,
+        )
         if self.variant == "sdpa attention":
             transformer._math_attention_is_faster = lambda q, k: False
         if self.variant == "every position":
             transformer.labelled_positions = lambda selected: (None, selected)
+        if self.variant == "whole logits":
+            transformer.linear_cross_entropy = lambda h, weight, targets: F.cross_entropy(
+                F.linear(h, weight).float(), targets, reduction="sum"
+            )
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.variant != "fp32"):
                 yield
         finally:
-            transformer._math_attention_is_faster, transformer.labelled_positions = saved
+            (
+                transformer._math_attention_is_faster,
+                transformer.labelled_positions,
+                transformer.linear_cross_entropy,
+            ) = saved
 
     def steps(self, batches: list[dict]) -> float:
         """Seconds for these training steps."""
