@@ -379,8 +379,8 @@ class MiniTuringModel(PreTrainedModel):
         )
 
 
-# Logits per chunk of linear_cross_entropy: 4 MiB in fp32, so a chunk's softmax and gradient
-# stay in a CPU core's cache; on a GPU, large enough to keep it busy.
+# Rows of logits per chunk of linear_cross_entropy's softmax: 4 MiB of them in fp32, so that
+# each chunk stays in a CPU core's cache; on a GPU, large enough to keep it busy.
 _CE_CHUNK_ELEMENTS = {"cpu": 2**20}
 _CE_CHUNK_ELEMENTS_DEFAULT = 2**26
 
@@ -388,25 +388,23 @@ _CE_CHUNK_ELEMENTS_DEFAULT = 2**26
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dtype):
-        w = weight.to(dtype)
+        x, w = h.to(dtype), weight.to(dtype)
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
         chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
-        needs = ctx.needs_input_grad
-        grad_h = torch.empty_like(h) if needs[0] else None
-        grad_w = torch.zeros_like(weight) if needs[1] else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            x, t = h[rows].to(dtype), targets[rows].unsqueeze(1)
-            z = F.linear(x, w).float()
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            loss += (lse - z.gather(1, t)).sum()
-            # d loss / d logits = softmax - one-hot, taken now while the chunk is at hand.
-            g = z.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype))
-            g = g.to(dtype)
-            if grad_h is not None:
-                grad_h[rows] = g @ w
-            if grad_w is not None:
-                grad_w += (g.t() @ x).float()
+        for start in range(0, len(z), chunk):
+            part, t = z[start : start + chunk], targets[start : start + chunk].unsqueeze(1)
+            logits = part.float()  # part itself when already fp32
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (lse - logits.gather(1, t)).sum()
+            # d loss / d logits = softmax - one-hot
+            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)
+            if grad.data_ptr() != part.data_ptr():
+                part.copy_(grad)
+        needs = ctx.needs_input_grad
+        grad_h = (z @ w).to(h.dtype) if needs[0] else None
+        grad_w = (z.t() @ x).to(weight.dtype) if needs[1] else None
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -423,10 +421,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in value and
-    gradients, without the (rows, vocabulary) logits ever held whole: a chunk of rows at a time
-    takes its logits (in the autocast dtype, if on), their log-sum-exp in fp32, and at once
-    the gradients of ``h`` and ``weight``, which backward only scales. The full logits in fp32,
-    their softmax and its gradient cost a tenth of a summarization training step on a CPU.
+    gradients, taken together in the forward pass (backward only scales them): the logits in the
+    autocast dtype, if on, and their softmax in fp32 a chunk of rows at a time, written back
+    over the logits as their gradient. No fp32 copy of the (rows, vocabulary) logits, their
+    log-softmax or its gradient is ever held whole; those cost a tenth of a summarization
+    training step on a CPU.
     """
     kind = h.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
