@@ -75,7 +75,10 @@ class Decoder:
         self.eos = conf.eos_token_id
         self.pad = conf.pad_token_id
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        kind = self.device.type
+        # The cache holds keys and values as the layers make them: in the autocast dtype if on.
+        autocast = torch.is_autocast_enabled(kind)
+        self.dtype = torch.get_autocast_dtype(kind) if autocast else next(model.parameters()).dtype
         self.ids, self.mask = _left_pad(sources, self.pad, self.device)
         self.source_len = self.ids.shape[1]
         if self.source_len + cfg.max_new_tokens > conf.max_position_embeddings:

@@ -382,3 +382,20 @@ def test_save_and_load_give_identical_logits(tmp_path):
     again = MiniTuringModel.from_pretrained(tmp_path).eval()
     x = torch.randint(6, 100, (2, 10))
     torch.testing.assert_close(model(x).logits, again(x).logits, rtol=0, atol=0)
+
+
+def test_cache_is_kept_in_the_autocast_dtype():
+    """Under autocast the cache holds keys and values as the layers make them (bf16), so no
+    step casts the whole cache again; greedy decoding there still works."""
+    from model.generate import Decoder
+
+    model = small_model()
+    sources = [[1, 10, 11, 12, 2], [1, 20, 2]]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = Decoder(model, sources, DecodingConfig(max_new_tokens=4))
+        _, cache, _, _ = dec.encode(1)
+        out = generate(model, sources, DecodingConfig(max_new_tokens=4, min_new_tokens=4))
+    assert cache.keys[0].dtype == cache.values[-1].dtype == torch.bfloat16
+    assert [len(o) for o in out] == [4, 4]
+    dec = Decoder(model, sources, DecodingConfig(max_new_tokens=4))
+    assert dec.encode(1)[1].keys[0].dtype == torch.float32
