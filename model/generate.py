@@ -80,6 +80,8 @@ class Decoder:
         autocast = torch.is_autocast_enabled(kind)
         self.dtype = torch.get_autocast_dtype(kind) if autocast else next(model.parameters()).dtype
         self.ids, self.mask = _left_pad(sources, self.pad, self.device)
+        # Sources of one length need no mask at all: attention then takes its unmasked kernel.
+        self.padded = not bool(self.mask.all())
         self.source_len = self.ids.shape[1]
         if self.source_len + cfg.max_new_tokens > conf.max_position_embeddings:
             raise ValueError(
@@ -99,11 +101,10 @@ class Decoder:
             device=self.device,
         )
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        prefix = torch.full((b,), self.source_len, device=self.device)
+        # The source sees itself both ways: no prefix-LM mask is needed while it is alone.
         out = self.model(
             self.ids,
-            attention_mask=self.mask,
-            prefix_lengths=prefix,
+            attention_mask=self.mask if self.padded else None,
             position_ids=positions,
             cache=cache,
             last_token_only=True,
@@ -120,7 +121,7 @@ class Decoder:
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = self.model(
             tokens.view(-1, 1),
-            attention_mask=mask,
+            attention_mask=mask if self.padded else None,
             position_ids=pos.view(-1, 1),
             cache=cache,
             last_token_only=True,
