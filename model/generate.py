@@ -128,9 +128,10 @@ class Decoder:
         )
         return out.logits.float(), mask, pos + 1
 
-    def log_probs(
-        self, logits: torch.Tensor, generated: list[list[int]], step: int
-    ) -> torch.Tensor:
+    def allowed(self, logits: torch.Tensor, generated: list[list[int]], step: int) -> torch.Tensor:
+        """The logits with every token that may not come next at -inf (never-predicted ids,
+        end-of-sequence before min_new_tokens, repeated n-grams); scaled by the temperature
+        when sampling. Their log_softmax gives the log-probabilities; greedy needs only argmax."""
         logits = logits / self.cfg.temperature if self.cfg.do_sample else logits
         logits = logits.masked_fill(self.never, float("-inf"))
         if step < self.cfg.min_new_tokens:
@@ -140,7 +141,7 @@ class Decoder:
         ):
             if banned:
                 logits[row, banned] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        return logits
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -167,11 +168,11 @@ def _greedy_or_sample(dec: Decoder, generator) -> list[list[int]]:
     generated: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=dec.device)
     for step in range(cfg.max_new_tokens):
-        logp = dec.log_probs(logits, generated, step)
+        logits = dec.allowed(logits, generated, step)
         if cfg.do_sample:
-            tokens = _sample(logp, cfg.top_k, cfg.top_p, generator)
+            tokens = _sample(logits.log_softmax(-1), cfg.top_k, cfg.top_p, generator)
         else:
-            tokens = logp.argmax(-1)
+            tokens = logits.argmax(-1)
         tokens = torch.where(done, torch.full_like(tokens, dec.eos), tokens)
         for row, tok in enumerate(tokens.tolist()):
             if not done[row]:
@@ -199,7 +200,7 @@ def _beam_search(dec: Decoder) -> list[list[int]]:
         return score / (max(length, 1) ** cfg.length_penalty)
 
     for step in range(cfg.max_new_tokens):
-        logp = dec.log_probs(logits, beams, step)
+        logp = dec.allowed(logits, beams, step).log_softmax(-1)
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
         top_scores, top_index = torch.topk(candidates, 2 * k, dim=-1)
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
