@@ -152,6 +152,26 @@ def test_rows_compute_ratios_from_results():
     assert "FAILED" in table and "2.50x" in table and "3.00x" in table
 
 
+def test_generation_runs_of_one_side_are_pooled():
+    """Generation runs A B B A; each side's two runs pool their timed calls, and a failed run
+    shows as failed rather than being hidden by the other."""
+    first = {"modes": {"greedy": {"times": [0.3, 0.1, 0.2], "seconds_per_batch": 0.2}},
+             "peak_mem_mib": 50.0}  # fmt: skip
+    second = {"modes": {"greedy": {"times": [0.4, 0.5, 0.6], "seconds_per_batch": 0.5}},
+              "peak_mem_mib": 70.0}  # fmt: skip
+    merged = compare.merge_runs(first, second)
+    assert merged["modes"]["greedy"]["times"] == [0.3, 0.1, 0.2, 0.4, 0.5, 0.6]
+    assert merged["modes"]["greedy"]["seconds_per_batch"] == pytest.approx(0.35)
+    assert merged["peak_mem_mib"] == 70.0
+    assert compare.merge_runs(None, first) is first
+    failed = {"error": "exit status 1"}
+    assert compare.merge_runs(first, failed) is failed
+    assert compare.merge_runs(failed, second) is failed
+    assert compare.tasks_for(["generate"]) == [
+        "generate_hf", "generate_ours", "generate_ours", "generate_hf",
+    ]  # fmt: skip
+
+
 def test_flags_that_cannot_work_are_refused():
     for argv, message in (
         (["--parts", "mlm,speed"], "unknown"),
@@ -225,6 +245,7 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
     for mode in ("greedy", "beam 2"):
         hf, ours = results["generate_hf"]["modes"][mode], results["generate_ours"]["modes"][mode]
         assert hf["new_tokens"] == ours["new_tokens"] == [6, 6, 6]  # equal work on both sides
+        assert len(hf["times"]) == len(ours["times"]) == 2  # --gen-repeats 1, two runs a side
         row = next(r for r in rows if r["part"] == f"generate {mode}" and r.get("ratio"))
         assert row["ratio"] == pytest.approx(hf["seconds_per_batch"] / ours["seconds_per_batch"])
     assert results["ceiling"]["flops_per_s"] > 0
