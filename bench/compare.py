@@ -25,9 +25,10 @@ Parts (``--parts``):
 
 The parent prepares the data once (tokenizer, blocks, pairs) in a temporary folder, then starts
 each contestant in its own process (``bench/_workers.py``) one after another, so each has the
-machine to itself and its peak memory is its own. Generation, a few seconds a side, runs in the
-order HF, ours, ours, HF, each side's timed calls pooled: a machine whose speed drifts over the
-part weighs on both sides alike. The table comes last.
+machine to itself and its peak memory is its own. Generation, a few seconds a process, runs in
+the order HF, ours, ours, HF, ``--gen-rounds`` times, each side's timed calls pooled: a machine
+whose speed drifts over the part, or differs from one process to the next, weighs on both sides
+alike. The table comes last.
 """
 
 from __future__ import annotations
@@ -114,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     s2s.add_argument("--new-tokens", type=int, default=32, help="exactly this many, both sides")
     s2s.add_argument("--beams", type=int, default=4)
     s2s.add_argument("--no-repeat-ngram", type=int, default=3)
-    s2s.add_argument("--gen-repeats", type=int, default=7, help="timed calls (median reported)")
+    s2s.add_argument("--gen-repeats", type=int, default=7, help="timed calls per process")
+    s2s.add_argument(
+        "--gen-rounds",
+        type=int,
+        default=2,
+        help="rounds of HF, ours, ours, HF processes; every timed call pooled, median reported",
+    )
     s2s.add_argument("--gen-precision", default="fp32", choices=("fp32", "bf16"))
     quality = p.add_argument_group("quality at equal wall-clock time")
     quality.add_argument(
@@ -189,7 +196,10 @@ def resolve(args: argparse.Namespace) -> dict:
             "--source-len + --target-len (or --new-tokens) exceeds --max-positions",
         ),
         (args.gen_batch >= 1 and args.new_tokens >= 1, "--gen-batch, --new-tokens must be >= 1"),
-        (args.beams >= 1 and args.gen_repeats >= 1, "--beams, --gen-repeats must be >= 1"),
+        (
+            min(args.beams, args.gen_repeats, args.gen_rounds) >= 1,
+            "--beams, --gen-repeats, --gen-rounds must be >= 1",
+        ),
         (args.quality_seconds > 0, "--quality-seconds must be > 0"),
         (args.quality_blocks >= 1, "--quality-blocks must be >= 1"),
     ]
@@ -222,6 +232,7 @@ def resolve(args: argparse.Namespace) -> dict:
             precision = "bf16" if _bf16_faster_on_cpu() else "fp32"
     return {
         "parts": parts,
+        "gen_rounds": args.gen_rounds,
         "device": device,
         "gpu": gpu,
         "precision": precision,
@@ -496,15 +507,16 @@ def run_worker(task: str, spec_file: Path, tmp: Path, timeout: float) -> dict:
     return {"error": why, "log": str(log_file)}
 
 
-def tasks_for(parts: list[str]) -> list[str]:
+def tasks_for(parts: list[str], gen_rounds: int = 1) -> list[str]:
     order = []
     if "ceiling" in parts:
         order.append("ceiling")
     for part, pair in (
         ("mlm", ["mlm_hf", "mlm_ours"]),
         ("seq2seq", ["seq2seq_hf", "seq2seq_ours"]),
-        # A B B A: drift over the part falls on both sides alike (see merge_runs).
-        ("generate", ["generate_hf", "generate_ours", "generate_ours", "generate_hf"]),
+        # A B B A: drift over the part falls on both sides alike (see merge_runs); a process's
+        # own speed varies too (by 20% here), so there are several.
+        ("generate", ["generate_hf", "generate_ours", "generate_ours", "generate_hf"] * gen_rounds),
         ("quality", ["quality_hf", "quality_ours"]),
     ):
         if part in parts:
@@ -777,8 +789,9 @@ def describe(spec: dict, settings: dict, results: dict) -> str:
         lines.append(
             f"generate: {len(g['sources'])} documents, exactly {g['new_tokens']} new tokens, "
             f"no_repeat_ngram_size {g['no_repeat_ngram_size']}, {g['precision']}, random init; "
-            f"median of 2 x {g['repeats']} calls (order HF, ours, ours, HF; one warm-up call "
-            "each); ratio = HF s / ours s"
+            f"median of {2 * settings['gen_rounds']} processes x {g['repeats']} calls a side "
+            f"(order HF, ours, ours, HF, {settings['gen_rounds']} times; one warm-up call each); "
+            "ratio = HF s / ours s"
         )
     for task in ("mlm_hf", "seq2seq_hf"):
         r = results.get(task)
@@ -819,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         where = "in this process" if args.in_process else "one process each"
         print(f"prepared in {spec['prepare_seconds']:.0f}s; contestants, {where}:")
         results = {}
-        for task in tasks_for(settings["parts"]):
+        for task in tasks_for(settings["parts"], settings["gen_rounds"]):
             if task.startswith("quality"):
                 if not equal_time_steps(spec, results):
                     results[task] = {"error": "the mlm part failed: no speed to size the run by"}

@@ -30,7 +30,7 @@ TINY = [
     "--ffn-size", "64", "--seq-len", "32", "--max-positions", "128", "--source-len", "64",
     "--target-len", "16", "--batch-size", "8", "--warmup", "2", "--steps", "3",
     "--seq2seq-warmup", "2", "--seq2seq-steps", "3", "--new-tokens", "6", "--gen-batch", "3",
-    "--beams", "2", "--gen-repeats", "1", "--matmul-size", "128", "--device", "cpu",
+    "--beams", "2", "--gen-repeats", "1", "--gen-rounds", "1", "--matmul-size", "128", "--device", "cpu",
     "--precision", "fp32", "--quality-seconds", "1", "--quality-blocks", "5",
 ]  # fmt: skip
 
@@ -167,9 +167,9 @@ def test_generation_runs_of_one_side_are_pooled():
     failed = {"error": "exit status 1"}
     assert compare.merge_runs(first, failed) is failed
     assert compare.merge_runs(failed, second) is failed
-    assert compare.tasks_for(["generate"]) == [
-        "generate_hf", "generate_ours", "generate_ours", "generate_hf",
-    ]  # fmt: skip
+    abba = ["generate_hf", "generate_ours", "generate_ours", "generate_hf"]
+    assert compare.tasks_for(["generate"]) == abba
+    assert compare.tasks_for(["generate"], gen_rounds=2) == abba * 2
 
 
 def test_flags_that_cannot_work_are_refused():
