@@ -152,9 +152,10 @@ def test_rows_compute_ratios_from_results():
     assert "FAILED" in table and "2.50x" in table and "3.00x" in table
 
 
-def test_generation_runs_of_one_side_are_pooled():
+def test_repeated_runs_of_a_task_are_joined():
     """Generation runs A B B A; each side's two runs pool their timed calls, and a failed run
-    shows as failed rather than being hidden by the other."""
+    shows as failed rather than being hidden by the other. The ceiling, read before and after
+    masked LM, keeps the faster reading."""
     first = {"modes": {"greedy": {"times": [0.3, 0.1, 0.2], "seconds_per_batch": 0.2}},
              "peak_mem_mib": 50.0}  # fmt: skip
     second = {"modes": {"greedy": {"times": [0.4, 0.5, 0.6], "seconds_per_batch": 0.5}},
@@ -167,6 +168,11 @@ def test_generation_runs_of_one_side_are_pooled():
     failed = {"error": "exit status 1"}
     assert compare.merge_runs(first, failed) is failed
     assert compare.merge_runs(failed, second) is failed
+    ceiling = {"flops_per_s": 1e12, "dtype": "bfloat16"}
+    faster = compare.merge_runs(ceiling, {"flops_per_s": 2e12, "dtype": "bfloat16"})
+    assert faster["flops_per_s"] == 2e12 and faster["readings"] == [1e12, 2e12]
+    assert compare.merge_runs(faster, ceiling)["flops_per_s"] == 2e12
+    assert compare.tasks_for(["mlm", "ceiling"]) == ["ceiling", "mlm_hf", "mlm_ours", "ceiling"]
     abba = ["generate_hf", "generate_ours", "generate_ours", "generate_hf"]
     assert compare.tasks_for(["generate"]) == abba
     assert compare.tasks_for(["generate"], gen_rounds=2) == abba * 2
