@@ -103,6 +103,15 @@ def test_mask_helper_returns_none_when_nothing_is_masked():
     )
 
 
+def test_a_row_of_padding_alone_gives_no_nan():
+    """Every query attends somewhere, even in a row that is all padding."""
+    padding = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])
+    x = torch.randint(6, 100, (2, 4))
+    model = small_model()
+    for prefix in (None, torch.tensor([2, 2])):
+        assert torch.isfinite(model(x, attention_mask=padding, prefix_lengths=prefix).logits).all()
+
+
 def test_loss_only_on_labelled_positions():
     model = small_model()
     x = torch.randint(6, 100, (2, 10))
