@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import KVCache, MiniTuringModel, never_predicted
+from model.transformer import KVCache, MiniTuringModel, autocast_dtype, never_predicted
 
 
 @dataclass
@@ -75,10 +75,8 @@ class Decoder:
         self.eos = conf.eos_token_id
         self.pad = conf.pad_token_id
         self.device = next(model.parameters()).device
-        kind = self.device.type
         # The cache holds keys and values as the layers make them: in the autocast dtype if on.
-        autocast = torch.is_autocast_enabled(kind)
-        self.dtype = torch.get_autocast_dtype(kind) if autocast else next(model.parameters()).dtype
+        self.dtype = autocast_dtype(self.device.type, next(model.parameters()).dtype)
         self.ids, self.mask = _left_pad(sources, self.pad, self.device)
         # Sources of one length need no mask at all: attention then takes its unmasked kernel.
         self.padded = not bool(self.mask.all())

@@ -28,6 +28,19 @@ from .config import MiniTuringConfig
 IGNORE_INDEX = -100
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of ``multiple``. Sizes that vary from batch to batch are
+    rounded so that CPU matrix kernels, prepared per shape, see few distinct shapes."""
+    return -(-n // multiple) * multiple
+
+
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's, if it is on, else ``default``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
 # ---------------------------------------------------------------------------- KV cache
 
 
@@ -401,7 +414,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, dtype):
         rows = len(h)
         x, w = h.to(dtype), weight.to(dtype)
-        x = F.pad(x, (0, 0, 0, -rows % _CE_ROW_MULTIPLE))  # zero rows: no loss, no gradient
+        # Zero rows up to the multiple: no loss, no gradient.
+        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
         z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
         z[rows:] = 0
         chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
@@ -443,7 +457,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     training step on a CPU.
     """
     kind = h.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+    dtype = autocast_dtype(kind, h.dtype)
     with torch.autocast(kind, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, dtype)
 
@@ -458,9 +472,7 @@ def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, tor
     ``labels[selected]`` equals ``labels.gather(1, wanted)[valid]``.
     """
     counts = selected.sum(1)
-    # Rounded up to a multiple of 8, so the last block sees few distinct shapes (CPU matrix
-    # kernels are prepared per shape).
-    q = -(-max(int(counts.max()) if selected.numel() else 0, 1) // 8) * 8
+    q = round_up(max(int(counts.max()) if selected.numel() else 0, 1), 8)
     if q >= selected.shape[1]:
         return None, selected
     # A stable sort puts each row's labelled positions first, in their order.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.transformer import IGNORE_INDEX
+from model.transformer import IGNORE_INDEX, round_up
 
 
 def build_example(
@@ -50,7 +50,7 @@ def collate(
     shape, and a batch of a never-seen length trains ~30% slower.
     """
     longest = max(len(e[0]) for e in examples)
-    length = -(-longest // multiple) * multiple
+    length = round_up(longest, multiple)
     if limit is not None:
         length = max(min(length, limit), longest)
     b = len(examples)
