@@ -381,7 +381,7 @@ def _quality_part(spec: dict, side: str) -> dict:
     return {
         "warmup": log_every,  # our_flags logs every ``warmup`` steps
         "steps": steps - log_every,
-        "lr_warmup": max(steps // 10, 1),
+        "lr_warmup": log_every,
         "batch_size": q["batch_size"],
     }
 

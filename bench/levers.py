@@ -39,6 +39,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -64,6 +65,17 @@ VARIANTS = (
     "default adamw",
 )
 OPT_IN = ("compiled",)
+# Variants that swap one function of model/transformer.py for the plain way.
+UNDONE_IN_MODEL = {
+    "sdpa attention": ("_math_attention_is_faster", lambda q, k: False),
+    "every position": ("labelled_positions", lambda selected: (None, selected)),
+    "whole logits": (
+        "linear_cross_entropy",
+        lambda h, weight, targets: F.cross_entropy(
+            F.linear(h, weight).float(), targets, reduction="sum"
+        ),
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,28 +164,14 @@ class Contestant:
     @contextlib.contextmanager
     def switched(self):
         """Undo this contestant's lever for the duration of its steps."""
-        saved = (
-            transformer._math_attention_is_faster,
-            transformer.labelled_positions,
-            transformer.linear_cross_entropy,
-        )
-        if self.variant == "sdpa attention":
-            transformer._math_attention_is_faster = lambda q, k: False
-        if self.variant == "every position":
-            transformer.labelled_positions = lambda selected: (None, selected)
-        if self.variant == "whole logits":
-            transformer.linear_cross_entropy = lambda h, weight, targets: F.cross_entropy(
-                F.linear(h, weight).float(), targets, reduction="sum"
+        with contextlib.ExitStack() as stack:
+            if self.variant in UNDONE_IN_MODEL:
+                name, replacement = UNDONE_IN_MODEL[self.variant]
+                stack.enter_context(mock.patch.object(transformer, name, replacement))
+            stack.enter_context(
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.variant != "fp32")
             )
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.variant != "fp32"):
-                yield
-        finally:
-            (
-                transformer._math_attention_is_faster,
-                transformer.labelled_positions,
-                transformer.linear_cross_entropy,
-            ) = saved
+            yield
 
     def steps(self, batches: list[dict]) -> float:
         """Seconds for these training steps."""
