@@ -517,7 +517,7 @@ def tasks_for(parts: list[str], gen_rounds: int = 1) -> list[str]:
         ("mlm", ["mlm_hf", "mlm_ours"] + (["ceiling"] if "ceiling" in parts else [])),
         ("seq2seq", ["seq2seq_hf", "seq2seq_ours"]),
         # A B B A: drift over the part falls on both sides alike (see merge_runs); a process's
-        # own speed varies too (by 20% here), so there are several.
+        # own speed varies too (here by up to half, a whole process long), so there are several.
         ("generate", ["generate_hf", "generate_ours", "generate_ours", "generate_hf"] * gen_rounds),
         ("quality", ["quality_hf", "quality_ours"]),
     ):
