@@ -89,7 +89,8 @@ class Decoder:
         self.never = never_predicted(conf, allow=self.eos, device=self.device)
 
     def encode(self, repeat: int) -> tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
-        """Run the source through the model once, then copy its cache for each beam."""
+        """Run the source through the model once; with ``repeat`` > 1 beams, the cached source
+        is shared by a document's beams (not copied) and the rest repeated for each beam."""
         b = self.ids.shape[0]
         cache = KVCache(
             self.model.config,
@@ -111,7 +112,7 @@ class Decoder:
         mask, next_pos = self.mask, positions[:, -1] + 1
         if repeat > 1:
             index = torch.arange(b, device=self.device).repeat_interleave(repeat)
-            cache.reorder(index)
+            cache.share(repeat)
             logits, mask, next_pos = logits[index], mask[index], next_pos[index]
         return logits, cache, mask, next_pos
 
@@ -134,11 +135,11 @@ class Decoder:
         logits = logits.masked_fill(self.never, float("-inf"))
         if step < self.cfg.min_new_tokens:
             logits[:, self.eos] = float("-inf")
-        for row, banned in enumerate(
-            _banned_ngram_tokens(generated, self.cfg.no_repeat_ngram_size)
-        ):
-            if banned:
-                logits[row, banned] = float("-inf")
+        banned = _banned_ngram_tokens(generated, self.cfg.no_repeat_ngram_size)
+        rows = [row for row, tokens in enumerate(banned) for _ in tokens]
+        if rows:  # one indexed write for the whole batch
+            cols = [token for tokens in banned for token in tokens]
+            logits[rows, cols] = float("-inf")
         return logits
 
 
@@ -164,20 +165,23 @@ def _greedy_or_sample(dec: Decoder, generator) -> list[list[int]]:
     logits, cache, mask, pos = dec.encode(1)
     b = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=dec.device)
+    done = [False] * b  # a finished row goes on feeding end-of-sequence, ignored
     for step in range(cfg.max_new_tokens):
         logits = dec.allowed(logits, generated, step)
         if cfg.do_sample:
             tokens = _sample(logits.log_softmax(-1), cfg.top_k, cfg.top_p, generator)
         else:
             tokens = logits.argmax(-1)
-        tokens = torch.where(done, torch.full_like(tokens, dec.eos), tokens)
-        for row, tok in enumerate(tokens.tolist()):
-            if not done[row]:
+        chosen = tokens.tolist()
+        for row, tok in enumerate(chosen):
+            if done[row]:
+                chosen[row] = dec.eos
+            else:
                 generated[row].append(tok)
-        done |= tokens == dec.eos
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                done[row] = tok == dec.eos
+        if all(done) or step == cfg.max_new_tokens - 1:
             break
+        tokens = torch.tensor(chosen, device=dec.device)
         logits, mask, pos = dec.step(tokens, cache, mask, pos)
     return [[t for t in g if t != dec.eos] for g in generated]
 
@@ -202,9 +206,10 @@ def _beam_search(dec: Decoder) -> list[list[int]]:
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
         top_scores, top_index = torch.topk(candidates, 2 * k, dim=-1)
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
-        next_scores = torch.full((b, k), float("-inf"), device=dec.device)
-        next_tokens = torch.full((b, k), dec.eos, dtype=torch.long, device=dec.device)
-        source_beam = torch.arange(b * k, device=dec.device).view(b, k).clone()
+        # The next beams, kept in lists and made tensors once (no per-element tensor writes).
+        next_scores = [[float("-inf")] * k for _ in range(b)]
+        next_tokens = [dec.eos] * (b * k)
+        source_beam = list(range(b * k))
         new_beams: list[list[int]] = [[] for _ in range(b * k)]
         for i in range(b):
             if closed[i]:
@@ -220,27 +225,28 @@ def _beam_search(dec: Decoder) -> list[list[int]]:
                 if token == dec.eos:
                     finished[i].append((normalised(score, len(history) + 1), history))
                     continue
-                next_scores[i, filled] = score
-                next_tokens[i, filled] = token
-                source_beam[i, filled] = i * k + beam
+                next_scores[i][filled] = score
+                next_tokens[i * k + filled] = token
+                source_beam[i * k + filled] = i * k + beam
                 new_beams[i * k + filled] = history + [token]
                 filled += 1
                 if filled == k:
                     break
-            best_live = next_scores[i, 0].item()
+            best_live = next_scores[i][0]
             if len(finished[i]) >= k:
                 worst_kept = sorted(s for s, _ in finished[i])[-k]
                 # Scores only fall as hypotheses grow, so a live beam cannot overtake.
                 if normalised(best_live, step + 1) <= worst_kept or best_live == float("-inf"):
                     closed[i] = True
-        beams, scores = new_beams, next_scores
+        beams, scores = new_beams, torch.tensor(next_scores, device=dec.device)
         if all(closed) or step == cfg.max_new_tokens - 1:
             break
-        index = source_beam.view(-1)
+        index = torch.tensor(source_beam, device=dec.device)
         # A beam only ever continues a beam of the same document: the source part stays.
         cache.reorder(index, start=dec.source_len)
         mask, pos = mask[index], pos[index]
-        logits, mask, pos = dec.step(next_tokens.view(-1), cache, mask, pos)
+        tokens = torch.tensor(next_tokens, device=dec.device)
+        logits, mask, pos = dec.step(tokens, cache, mask, pos)
 
     results = []
     for i in range(b):

@@ -47,8 +47,11 @@ def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
 class KVCache:
     """Pre-allocated keys and values of every layer, for incremental decoding.
 
-    The source is encoded once; each decoding step appends one position. ``reorder`` follows
-    beam search when it re-ranks hypotheses.
+    The source is encoded once; each decoding step appends one position. For beam search,
+    ``share(k)`` then makes every row's cached positions (its source) common to k beams: they
+    are stored once per source, and only the positions appended after are stored per beam, so
+    the source is neither copied k times nor read k times a step (``attend_shared``).
+    ``reorder`` follows beam search when it re-ranks hypotheses.
     """
 
     def __init__(
@@ -69,28 +72,76 @@ class KVCache:
         ]
         self.length = 0
         self.max_length = max_length
+        self.group = 1  # beams per source row, after share()
+        self.shared = 0  # positions common to a row's beams
+
+    def share(self, group: int) -> None:
+        """From now on each row's cached positions serve ``group`` beams (rows i*group ...
+        i*group + group - 1 of the calls that follow); later positions are kept per beam."""
+        if self.group != 1:
+            raise ValueError("the cache is already shared among beams")
+        self.group, self.shared = group, self.length
+        self.shared_keys = [x[:, :, : self.length] for x in self.keys]
+        self.shared_values = [x[:, :, : self.length] for x in self.values]
+        b, h, _, d = self.keys[0].shape
+        own = (b * group, h, self.max_length - self.length, d)
+        like = {"dtype": self.keys[0].dtype, "device": self.keys[0].device}
+        self.keys = [torch.empty(own, **like) for _ in self.keys]
+        self.values = [torch.empty(own, **like) for _ in self.values]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys and values; returns every cached one of this layer (after
+        ``share``, the per-beam part only: ``attend_shared`` adds the source)."""
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions, asked for {end}")
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
+        start, end = self.length - self.shared, end - self.shared
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor, start: int = 0) -> None:
-        """Rows follow ``index`` for positions ``start:length``. Beam search passes the source
-        length as ``start``: the k beams of a document share its source, so only the generated
-        positions (a few dozen) move instead of the whole cache."""
-        end = self.length
+        """Rows follow ``index`` for positions ``start:length``. With ``start`` at the source
+        length (beam search) only the generated positions, a few dozen, move."""
+        if start < self.shared:
+            raise ValueError("positions shared among beams cannot be reordered")
+        begin, end = start - self.shared, self.length - self.shared
         for cache in (self.keys, self.values):
             for i in range(len(cache)):
-                if start == 0:  # may also change the batch size (one source -> k beams)
+                if begin == 0 and self.group == 1:  # may also change the batch size
                     cache[i] = cache[i].index_select(0, index)
                 else:
-                    cache[i][:, :, start:end] = cache[i][:, :, start:end].index_select(0, index)
+                    cache[i][:, :, begin:end] = cache[i][:, :, begin:end].index_select(0, index)
+
+    def attend_shared(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
+    ) -> torch.Tensor:
+        """Attention of (rows, heads, queries, dim) queries, after ``share``: each source's
+        keys are multiplied by the queries of all its beams at once, (sources, heads, beams x
+        queries, source length), and the beams' own positions row by row; one softmax over
+        both. ``mask`` is the model's (rows, 1, queries, keys) or None."""
+        own_k, own_v = self.update(layer, k, v)
+        src_k, src_v = self.shared_keys[layer], self.shared_values[layer]
+        rows, h, nq, d = q.shape
+        b, g = rows // self.group, self.group
+        scale = d**-0.5
+        # (rows, h, q, d) -> (sources, h, beams * q, d): a source's beams side by side.
+        grouped = q.view(b, g, h, nq, d).transpose(1, 2).reshape(b, h, g * nq, d)
+        scores_src = torch.matmul(grouped * scale, src_k.transpose(-1, -2))
+        scores_own = torch.matmul(q * scale, own_k.transpose(-1, -2))  # (rows, h, q, own)
+        scores_own = scores_own.view(b, g, h, nq, -1).transpose(1, 2).reshape(b, h, g * nq, -1)
+        scores = torch.cat([scores_src, scores_own], dim=-1)
+        if mask is not None:
+            allowed = mask.view(b, g, 1, nq, -1).transpose(1, 2).reshape(b, 1, g * nq, -1)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        source_len = src_k.shape[2]
+        out_src = torch.matmul(probs[..., :source_len], src_v)  # (sources, h, beams * q, d)
+        probs_own = probs[..., source_len:].reshape(b, h, g, nq, -1).transpose(1, 2)
+        out_own = torch.matmul(probs_own.reshape(rows, h, nq, -1), own_v)
+        return out_src.view(b, h, g, nq, d).transpose(1, 2).reshape(rows, h, nq, d) + out_own
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -124,13 +175,16 @@ class SelfAttention(nn.Module):
             k, v = F.linear(x, w[d:], bias[d:]).view(b, t, 2, h, d // h).unbind(2)
             q = F.linear(_take(x, wanted), w[:d], bias[:d]).view(b, wanted.shape[1], h, d // h)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if _math_attention_is_faster(q, k):
-            y = _bf16_attention(q, k, v, mask, dropout)
+        if cache is not None and cache.group > 1:
+            y = cache.attend_shared(layer, q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            if _math_attention_is_faster(q, k):
+                y = _bf16_attention(q, k, v, mask, dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
 
 

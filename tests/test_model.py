@@ -354,6 +354,60 @@ def test_beam_search_is_batch_independent():
     assert together == alone
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_source_shared_by_beams_gives_the_logits_of_copied_sources(autocast):
+    """Beam search keeps each document's cached source once for its beams; the next-token
+    logits equal those of a cache with the source copied to every beam (padded sources too),
+    over steps that re-rank the beams."""
+    from model.generate import Decoder
+
+    model = small_model(7, initializer_range=0.3)  # weights large enough for attention to tell
+    sources = [[2, 10, 11, 12, 13, 3], [2, 20, 3], [2, 30, 31, 32, 3]]
+    k, steps = 3, 4
+    tokens = torch.randint(
+        6, 100, (steps, len(sources) * k), generator=torch.Generator().manual_seed(0)
+    )
+    # Each step, every document's beams continue its beams in a new order.
+    order = torch.tensor([[2, 0, 0], [1, 2, 0], [0, 0, 1], [2, 1, 1]])
+    outputs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for shared in (True, False):
+            dec = Decoder(model, sources, DecodingConfig(max_new_tokens=steps + 1, num_beams=k))
+            if shared:
+                logits, cache, mask, pos = dec.encode(k)
+            else:  # the source copied for each beam
+                logits, cache, mask, pos = dec.encode(1)
+                index = torch.arange(len(sources)).repeat_interleave(k)
+                cache.reorder(index)
+                logits, mask, pos = logits[index], mask[index], pos[index]
+            seen = [logits]
+            for step in range(steps):
+                index = (torch.arange(len(sources)).unsqueeze(1) * k + order[step]).view(-1)
+                cache.reorder(index, start=dec.source_len)
+                mask, pos = mask[index], pos[index]
+                logits, mask, pos = dec.step(tokens[step], cache, mask, pos)
+                seen.append(logits)
+            outputs.append(torch.stack(seen))
+    assert cache.group == 1 and outputs[0].shape == outputs[1].shape
+    # bf16 rounds differently in the two layouts: 0.09 at most here, where logits spread 1.7.
+    tol = 0.2 if autocast else 1e-4
+    torch.testing.assert_close(outputs[0], outputs[1], atol=tol, rtol=0.05 if autocast else 1e-4)
+
+
+def test_shared_source_cache_refuses_what_it_cannot_do():
+    from model.transformer import KVCache
+
+    model = small_model()
+    cache = KVCache(model.config, 2, 10, dtype=torch.float32, device=torch.device("cpu"))
+    cache.length = 4
+    cache.share(3)
+    assert cache.keys[0].shape[0] == 6 and cache.shared_keys[0].shape[:3] == (2, 4, 4)
+    with pytest.raises(ValueError, match="already shared"):
+        cache.share(2)
+    with pytest.raises(ValueError, match="cannot be reordered"):
+        cache.reorder(torch.arange(6), start=2)
+
+
 def test_no_repeat_ngram_blocks_repeats():
     model = small_model(0)
     out = generate(
