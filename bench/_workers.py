@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -92,6 +93,14 @@ def our_flags(spec: dict, part: dict, out: Path) -> list[str]:
         "--output-dir", str(out),
     ]  # fmt: skip
     return flags + spec["data_flags"]
+
+
+def fresh_folder(spec: dict, name: str) -> Path:
+    """The run folder of a training task, emptied: a part runs each side more than once, and
+    train.py would resume the earlier run found there instead of training."""
+    out = Path(spec["tmp"]) / name
+    shutil.rmtree(out, ignore_errors=True)
+    return out
 
 
 def train_ours(spec: dict, flags: list[str]) -> dict:
@@ -289,7 +298,7 @@ def ceiling(spec: dict) -> dict:
 
 def mlm_ours(spec: dict) -> dict:
     part = spec["mlm"]
-    out = Path(spec["tmp"]) / "ours-mlm"
+    out = fresh_folder(spec, "ours-mlm")
     flags = our_flags(spec, part, out) + [
         "--objectives", "masked_lm=1",
         "--seq-len", str(part["seq_len"]),
@@ -345,7 +354,7 @@ def mlm_hf(spec: dict) -> dict:
         tokenizer, mlm=True, mlm_probability=part["mask_rate"]
     )
     autocast = watch_autocast(model, spec["device"])
-    out = Path(spec["tmp"]) / "hf-mlm"
+    out = fresh_folder(spec, "hf-mlm")
     args, shown = training_arguments(spec, part, out)
     warmup, total = part["warmup"], part["warmup"] + part["steps"]
     timer = step_timer(spec["device"], warmup, total)
@@ -469,7 +478,7 @@ def quality_hf(spec: dict) -> dict:
 
 def seq2seq_ours(spec: dict) -> dict:
     part = spec["seq2seq"]
-    out = Path(spec["tmp"]) / "ours-seq2seq"
+    out = fresh_folder(spec, "ours-seq2seq")
     flags = our_flags(spec, part, out) + ["--objectives", "summarize=1"]
     memory = train_ours(spec, flags)
     warmup, total = part["warmup"], part["warmup"] + part["steps"]
@@ -573,7 +582,7 @@ def seq2seq_hf(spec: dict) -> dict:
 
     model.register_forward_pre_hook(count, with_kwargs=True)
     autocast = watch_autocast(model, spec["device"])
-    out = Path(spec["tmp"]) / "hf-seq2seq"
+    out = fresh_folder(spec, "hf-seq2seq")
     args, shown = training_arguments(spec, part, out, **_sampler(part["hf_group_by_length"]))
     warmup, total = part["warmup"], part["warmup"] + part["steps"]
     timer = step_timer(spec["device"], warmup, total)

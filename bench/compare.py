@@ -26,9 +26,10 @@ Parts (``--parts``):
 
 The parent prepares the data once (tokenizer, blocks, pairs) in a temporary folder, then starts
 each contestant in its own process (``bench/_workers.py``) one after another, so each has the
-machine to itself and its peak memory is its own. Generation, a few seconds a process, runs in
-the order HF, ours, ours, HF, ``--gen-rounds`` times, each side's timed calls pooled: a machine
-whose speed drifts over the part, or differs from one process to the next, weighs on both sides
+machine to itself and its peak memory is its own. Each part runs its sides in the order HF,
+ours, ours, HF (training ``--train-rounds`` runs a side, tokens and seconds pooled; generation,
+a few seconds a process, ``--gen-rounds`` times that, every timed call pooled): a machine whose
+speed drifts over the part, or differs from one process to the next, weighs on both sides
 alike. The table comes last.
 """
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seq2seq-steps", type=int, default=None, help="timed steps (CPU 12, GPU 50)")
     p.add_argument("--seq2seq-warmup", type=int, default=None, help="untimed steps (CPU 3, GPU 10)")
+    p.add_argument(
+        "--train-rounds",
+        type=int,
+        default=2,
+        help="training runs a side, masked LM and summarization, in the order HF, ours, ours, "
+        "HF, ...; tokens and seconds of all runs pooled",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="training batch, both parts")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, both sides")
     p.add_argument("--seed", type=int, default=0)
@@ -198,8 +206,8 @@ def resolve(args: argparse.Namespace) -> dict:
         ),
         (args.gen_batch >= 1 and args.new_tokens >= 1, "--gen-batch, --new-tokens must be >= 1"),
         (
-            min(args.beams, args.gen_repeats, args.gen_rounds) >= 1,
-            "--beams, --gen-repeats, --gen-rounds must be >= 1",
+            min(args.beams, args.gen_repeats, args.gen_rounds, args.train_rounds) >= 1,
+            "--beams, --gen-repeats, --gen-rounds, --train-rounds must be >= 1",
         ),
         (args.quality_seconds > 0, "--quality-seconds must be > 0"),
         (args.quality_blocks >= 1, "--quality-blocks must be >= 1"),
@@ -234,6 +242,7 @@ def resolve(args: argparse.Namespace) -> dict:
     return {
         "parts": parts,
         "gen_rounds": args.gen_rounds,
+        "train_rounds": args.train_rounds,
         "device": device,
         "gpu": gpu,
         "precision": precision,
@@ -508,28 +517,37 @@ def run_worker(task: str, spec_file: Path, tmp: Path, timeout: float) -> dict:
     return {"error": why, "log": str(log_file)}
 
 
-def tasks_for(parts: list[str], gen_rounds: int = 1) -> list[str]:
+def _abba(part: str, rounds: int) -> list[str]:
+    """HF, ours, then ours, HF, and so on for ``rounds`` runs a side: drift over the part falls
+    on both sides alike (see merge_runs). One round is HF then ours."""
+    pairs = [[f"{part}_hf", f"{part}_ours"], [f"{part}_ours", f"{part}_hf"]]
+    return [task for i in range(rounds) for task in pairs[i % 2]]
+
+
+def tasks_for(parts: list[str], gen_rounds: int = 1, train_rounds: int = 1) -> list[str]:
     order = []
     if "ceiling" in parts:
         order.append("ceiling")
-    for part, pair in (
+    for part, tasks in (
         # The ceiling again after masked LM: the better reading of the two (see merge_runs).
-        ("mlm", ["mlm_hf", "mlm_ours"] + (["ceiling"] if "ceiling" in parts else [])),
-        ("seq2seq", ["seq2seq_hf", "seq2seq_ours"]),
-        # A B B A: drift over the part falls on both sides alike (see merge_runs); a process's
-        # own speed varies too (here by up to half, a whole process long), so there are several.
-        ("generate", ["generate_hf", "generate_ours", "generate_ours", "generate_hf"] * gen_rounds),
+        ("mlm", _abba("mlm", train_rounds) + (["ceiling"] if "ceiling" in parts else [])),
+        ("seq2seq", _abba("seq2seq", train_rounds)),
+        # A process's own speed varies too (here by up to half, a whole process long), so
+        # generation, a few seconds a process, has several.
+        ("generate", _abba("generate", 2 * gen_rounds)),
         ("quality", ["quality_hf", "quality_ours"]),
     ):
         if part in parts:
-            order += pair
+            order += tasks
     return order
 
 
 def merge_runs(first: dict | None, second: dict) -> dict:
-    """A task's second run joined to its first. Generation: every timed call pooled and their
-    median reported, the higher peak memory kept. Ceiling: the faster reading, since a machine
-    only ever runs below its ceiling. A failed run stands for both."""
+    """A task's second run joined to its first. Training: tokens and seconds summed, so the
+    speed is that of all timed steps together (each run's speed kept in ``runs``), data wait
+    and padding weighted by time and tokens. Generation: every timed call pooled and their
+    median reported. Both keep the higher peak memory. Ceiling: the faster reading, since a
+    machine only ever runs below its ceiling. A failed run stands for both."""
     if first is None or not _ok(second):
         return second
     if not _ok(first):
@@ -538,14 +556,28 @@ def merge_runs(first: dict | None, second: dict) -> dict:
         best = max(first, second, key=lambda r: r["flops_per_s"])
         readings = first.get("readings", [first["flops_per_s"]]) + [second["flops_per_s"]]
         return {**best, "readings": readings}
-    merged = {**second, "modes": {}}
-    for mode, a in first["modes"].items():
-        times = a["times"] + second["modes"][mode]["times"]
-        merged["modes"][mode] = {
-            **a,
-            "times": times,
-            "seconds_per_batch": statistics.median(times),
+    if "tokens_per_s" in first:
+        seconds, tokens = first["seconds"] + second["seconds"], first["tokens"] + second["tokens"]
+        merged = {
+            **first,
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "runs": first.get("runs", [first["tokens_per_s"]]) + [second["tokens_per_s"]],
         }
+        for key, weight in (("data_wait", "seconds"), ("padding_share", "tokens")):
+            if key in first and key in second:
+                total = first[weight] + second[weight]
+                merged[key] = (first[key] * first[weight] + second[key] * second[weight]) / total
+    else:
+        merged = {**second, "modes": {}}
+        for mode, a in first["modes"].items():
+            times = a["times"] + second["modes"][mode]["times"]
+            merged["modes"][mode] = {
+                **a,
+                "times": times,
+                "seconds_per_batch": statistics.median(times),
+            }
     for key in ("peak_mem_mib", "peak_mem_mib_process"):
         if key in first and key in second:
             merged[key] = max(first[key], second[key])
@@ -634,6 +666,8 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
                 r["ratio"] = ratio
             if _ok(result) and "padding_share" in result:
                 r["padding_share"] = result["padding_share"]
+            if _ok(result) and "runs" in result:
+                r["runs"] = result["runs"]
         if part == "mlm" and peak:
             per_token = model_flops_per_token(spec)
             for name, tps in (("HF", hf_tps), ("ours", ours_tps)):
@@ -715,6 +749,8 @@ def format_table(rows: list[dict]) -> str:
                 f"{r['steps']} steps, {r['train_tokens'] / 1e6:.2f}M tokens "
                 f"in {r['train_seconds']:.0f}s"
             )
+        if r.get("runs"):
+            note.append("runs " + " / ".join(f"{x:,.0f}" for x in r["runs"]))
         if r.get("fraction_of_ceiling") is not None:
             note.append(f"{100 * r['fraction_of_ceiling']:.1f}% of ceiling")
         ratio = r.get("ratio")
@@ -775,6 +811,11 @@ def describe(spec: dict, settings: dict, results: dict) -> str:
             f"mlm: sequence {m['seq_len']}, batch {m['batch_size']}, {m['warmup']} warm-up + "
             f"{m['steps']} timed steps; tokens/s = sequences x {m['seq_len']} / wall seconds "
             "from the end of the warm-up step to the end of the last step"
+        )
+    if settings["train_rounds"] > 1:
+        lines.append(
+            f"training: {settings['train_rounds']} runs a side, order HF, ours, ours, HF, ...; "
+            "speed = all runs' tokens / all runs' timed seconds (each run's in the note)"
         )
     if "source_len" in spec["seq2seq"]:
         q = spec["seq2seq"]
@@ -839,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         where = "in this process" if args.in_process else "one process each"
         print(f"prepared in {spec['prepare_seconds']:.0f}s; contestants, {where}:")
         results = {}
-        for task in tasks_for(settings["parts"], settings["gen_rounds"]):
+        for task in tasks_for(settings["parts"], settings["gen_rounds"], settings["train_rounds"]):
             if task.startswith("quality"):
                 if not equal_time_steps(spec, results):
                     results[task] = {"error": "the mlm part failed: no speed to size the run by"}

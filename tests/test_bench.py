@@ -176,6 +176,26 @@ def test_repeated_runs_of_a_task_are_joined():
     abba = ["generate_hf", "generate_ours", "generate_ours", "generate_hf"]
     assert compare.tasks_for(["generate"]) == abba
     assert compare.tasks_for(["generate"], gen_rounds=2) == abba * 2
+    assert compare.tasks_for(["seq2seq"], train_rounds=3) == [
+        "seq2seq_hf", "seq2seq_ours", "seq2seq_ours", "seq2seq_hf", "seq2seq_hf", "seq2seq_ours"
+    ]  # fmt: skip
+
+
+def test_repeated_training_runs_pool_tokens_and_seconds():
+    """Two training runs of a side count as one of all their timed steps: 3,000 tokens in 2 s
+    and 1,000 in 2 s are 1,000 tok/s, not the mean of 1,500 and 500 tok/s."""
+    first = {"seconds": 2.0, "tokens": 3000, "tokens_per_s": 1500.0, "data_wait": 0.01,
+             "padding_share": 0.1, "peak_mem_mib": 90.0}  # fmt: skip
+    second = {"seconds": 2.0, "tokens": 1000, "tokens_per_s": 500.0, "data_wait": 0.03,
+              "padding_share": 0.2, "peak_mem_mib": 80.0}  # fmt: skip
+    merged = compare.merge_runs(first, second)
+    assert merged["tokens_per_s"] == pytest.approx(1000.0)
+    assert merged["runs"] == [1500.0, 500.0]
+    assert merged["data_wait"] == pytest.approx(0.02)
+    assert merged["padding_share"] == pytest.approx(0.125)
+    assert merged["peak_mem_mib"] == 90.0
+    third = compare.merge_runs(merged, {**second, "tokens_per_s": 700.0})
+    assert third["runs"] == [1500.0, 500.0, 700.0] and third["seconds"] == 6.0
 
 
 def test_flags_that_cannot_work_are_refused():
@@ -241,8 +261,11 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
         r = results[task]
         assert r["seconds"] > 0 and r["tokens"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
-    # Masked LM: 3 timed steps of 8 blocks of 32 tokens, on each side.
-    assert results["mlm_hf"]["tokens"] == results["mlm_ours"]["tokens"] == 3 * 8 * 32
+    # Masked LM: 3 timed steps of 8 blocks of 32 tokens, twice on each side (--train-rounds 2,
+    # the second run in a fresh folder, not resuming the first).
+    assert results["mlm_hf"]["tokens"] == results["mlm_ours"]["tokens"] == 2 * 3 * 8 * 32
+    for task in ("mlm_hf", "mlm_ours", "seq2seq_hf", "seq2seq_ours"):
+        assert len(results[task]["runs"]) == 2
     for part in ("mlm", "seq2seq"):
         ours = next(r for r in rows if r["part"] == part and r["contestant"].startswith("ours"))
         expected = results[f"{part}_ours"]["tokens_per_s"] / results[f"{part}_hf"]["tokens_per_s"]
