@@ -244,6 +244,32 @@ def watch_autocast(model: torch.nn.Module, device: str) -> dict:
     return seen
 
 
+def counted_flops_per_token(step, tokens: int) -> float:
+    """FLOPs of one training forward and backward, ``step()``, as torch's FlopCounterMode counts
+    its matrix products and attention, per token: what the model really computes (ours skips
+    work no loss reads), where a formula would count what the architecture implies."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # Attention in its plain form (matmuls, softmax): the counter has no formula for every
+    # fused kernel (not for the CPU's), and would leave attention out.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step().backward()
+    return counter.get_total_flops() / tokens
+
+
+def _full_length_pairs(spec: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the summarization shape with no padding: (batch, source_len) framed sources
+    and (batch, target_len) targets, random ids past the special tokens."""
+    part, vocab = spec["seq2seq"], spec["shape"]["vocab_size"]
+    gen = torch.Generator().manual_seed(seed)
+    shape = (part["batch_size"],)
+    return (
+        torch.randint(8, vocab, (*shape, part["source_len"]), generator=gen),
+        torch.randint(8, vocab, (*shape, part["target_len"]), generator=gen),
+    )
+
+
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are listed once
 
@@ -497,15 +523,34 @@ def seq2seq_ours(spec: dict) -> dict:
             f"differ from what the trainer logged ({seen}); the token count would be wrong"
         )
     tokens = sum(replay["real"][warmup:total])
+    from data.objectives.summarize import build_example, collate
     from model.config import MiniTuringConfig
+    from model.transformer import MiniTuringModel
 
     config = MiniTuringConfig.from_pretrained(out)
+    # FLOPs per token on a full-length batch, framed and padded as the trainer's are.
+    sources, targets = _full_length_pairs(spec, spec["seed"])
+    lengths = {"source_len": part["source_len"], "target_len": part["target_len"]}
+    examples = [
+        build_example(src[:-2].numpy(), tgt[:-1].numpy(), cls_id=config.bos_token_id,
+                      sep_id=config.eos_token_id, **lengths)
+        for src, tgt in zip(sources, targets, strict=True)
+    ]  # fmt: skip
+    batch = {
+        k: torch.from_numpy(v).to(spec["device"])
+        for k, v in collate(examples, config.pad_token_id).items()
+    }
+    model = MiniTuringModel(config).to(spec["device"]).train()
+    per_token = counted_flops_per_token(
+        lambda: model(**batch).loss, int(batch["attention_mask"].sum())
+    )
     return {
         **window,
         "tokens": tokens,
         "tokens_per_s": tokens / window["seconds"],
         "padding_share": 1 - sum(replay["nonpad"][warmup:total]) / window["padded_tokens"],
         "params": config.num_parameters(),
+        "flops_per_token": per_token,
         "flags": flags,
         **memory,
     }
@@ -594,12 +639,21 @@ def seq2seq_hf(spec: dict) -> dict:
     if len(counts) != total:
         raise RuntimeError(f"expected {total} training forward passes, counted {len(counts)}")
     tokens = int(torch.stack(counts[warmup:total]).sum())
+    # FLOPs per token on the full-length batch ours is counted on: no padding on either side.
+    sources, targets = (x.to(model.device) for x in _full_length_pairs(spec, spec["seed"]))
+    per_token = counted_flops_per_token(
+        lambda: (
+            model(input_ids=sources, attention_mask=torch.ones_like(sources), labels=targets).loss
+        ),
+        sources.numel() + targets.numel(),
+    )
     return {
         "seconds": seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "padding_share": 1 - tokens / sum(positions[warmup:total]),
         "params": _n_params(model),
+        "flops_per_token": per_token,
         "hf_config": {
             "model": f"BartForConditionalGeneration ({part['bart_layers'][0]} encoder + "
             f"{part['bart_layers'][1]} decoder layers)",

@@ -14,10 +14,12 @@ Parts (``--parts``):
   each trainer's model FLOP/s as a fraction of it.
 * ``seq2seq``: summarization training. HF ``BartForConditionalGeneration`` (about our parameter
   count) + ``Trainer`` + ``DataCollatorForSeq2Seq`` against ``train.py --objectives summarize=1``
-  on the same document/summary pairs.
+  on the same document/summary pairs. The two architectures differ, so each side's FLOPs per
+  token are counted (``torch.utils.flop_counter``, one full-length batch) and its FLOP/s shown
+  as a fraction of the ceiling.
 * ``generate``: a batch of summaries, exactly N new tokens each (min = max new tokens), greedy
   and beam search, ours against HF BART's ``generate``; both randomly initialised.
-* ``ceiling``: the matrix-product ceiling alone (always run with ``mlm``).
+* ``ceiling``: the matrix-product ceiling alone (always run with ``mlm`` and ``seq2seq``).
 * ``quality``: quality at equal wall-clock time. Each masked-LM trainer gets the number of steps
   its measured speed (the ``mlm`` part, always run with it) fits into ``--quality-seconds``, with
   its schedule stretched over them, from a fresh start; then both models are scored on the same
@@ -167,7 +169,7 @@ def resolve(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --parts: unknown {unknown}; choose from {', '.join(PARTS)}")
     if "quality" in parts and "mlm" not in parts:  # the step counts come from its speeds
         parts.insert(parts.index("quality"), "mlm")
-    if "mlm" in parts and "ceiling" not in parts:
+    if ("mlm" in parts or "seq2seq" in parts) and "ceiling" not in parts:
         parts.append("ceiling")
     device = args.device
     if device == "auto":
@@ -668,19 +670,23 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
                 r["padding_share"] = result["padding_share"]
             if _ok(result) and "runs" in result:
                 r["runs"] = result["runs"]
-        if part == "mlm" and peak:
-            per_token = model_flops_per_token(spec)
-            for name, tps in (("HF", hf_tps), ("ours", ours_tps)):
-                if tps:
-                    achieved = per_token * tps
-                    row(
-                        part,
-                        f"{name} model FLOP/s",
-                        achieved,
-                        "FLOP/s",
-                        fraction_of_ceiling=achieved / peak,
-                        flops_per_token=per_token,
-                    )
+        if not peak:
+            continue
+        for name, tps, result in (("HF", hf_tps, hf), ("ours", ours_tps, ours)):
+            if not tps:
+                continue
+            # Masked LM: one shape, one formula for both. Summarization: two architectures, so
+            # each side's FLOPs as counted on a full-length batch (see counted_flops_per_token).
+            per_token = model_flops_per_token(spec) if part == "mlm" else result["flops_per_token"]
+            achieved = per_token * tps
+            row(
+                part,
+                f"{name} model FLOP/s" if part == "mlm" else f"{name} counted FLOP/s",
+                achieved,
+                "FLOP/s",
+                fraction_of_ceiling=achieved / peak,
+                flops_per_token=per_token,
+            )
     for side, name in (("hf", "HF BertForMaskedLM + Trainer"), ("ours", "ours train.py masked_lm")):
         result = results.get(f"quality_{side}")
         if result is None:
@@ -752,7 +758,10 @@ def format_table(rows: list[dict]) -> str:
         if r.get("runs"):
             note.append("runs " + " / ".join(f"{x:,.0f}" for x in r["runs"]))
         if r.get("fraction_of_ceiling") is not None:
-            note.append(f"{100 * r['fraction_of_ceiling']:.1f}% of ceiling")
+            note.append(
+                f"{100 * r['fraction_of_ceiling']:.1f}% of ceiling, "
+                f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token"
+            )
         ratio = r.get("ratio")
         lines.append(
             (
@@ -822,7 +831,9 @@ def describe(spec: dict, settings: dict, results: dict) -> str:
         lines.append(
             f"seq2seq: source {q['source_len']}, target {q['target_len']}, batch "
             f"{q['batch_size']}, {q['warmup']} + {q['steps']} steps; tokens = source tokens "
-            "with their [CLS]/[SEP] + target tokens with the closing [SEP], no padding"
+            "with their [CLS]/[SEP] + target tokens with the closing [SEP], no padding; counted "
+            "FLOP/s = tokens/s x the FLOPs per token torch.utils.flop_counter counts in one "
+            "forward and backward of a full-length batch (attention as plain matmuls)"
         )
     if "steps" in spec.get("quality", {}):
         q = spec["quality"]

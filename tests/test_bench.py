@@ -133,7 +133,12 @@ def test_rows_compute_ratios_from_results():
         "mlm_hf": {"tokens_per_s": 400.0, "params": 1, "peak_mem_mib": 10.0},
         "mlm_ours": {"tokens_per_s": 1000.0, "params": 1, "data_wait": 0.01},
         "seq2seq_hf": {"error": "exit status 1"},
-        "seq2seq_ours": {"tokens_per_s": 300.0, "params": 1, "data_wait": 0.0},
+        "seq2seq_ours": {
+            "tokens_per_s": 300.0,
+            "params": 1,
+            "data_wait": 0.0,
+            "flops_per_token": 2e6,
+        },
         "generate_hf": {"modes": {"greedy": {"seconds_per_batch": 0.3}}},
         "generate_ours": {"modes": {"greedy": {"seconds_per_batch": 0.1}}},
     }
@@ -147,6 +152,9 @@ def test_rows_compute_ratios_from_results():
     # A failed contestant shows as failed and leaves no ratio behind.
     assert by[("seq2seq", "HF BART + Trainer")]["value"] is None
     assert by[("seq2seq", "ours train.py summarize")]["ratio"] is None
+    # Summarization FLOP/s from the side's own counted FLOPs; none for the failed side.
+    assert by[("seq2seq", "ours counted FLOP/s")]["value"] == pytest.approx(2e6 * 300.0)
+    assert ("seq2seq", "HF counted FLOP/s") not in by
     assert by[("generate greedy", "ours model.generate")]["ratio"] == pytest.approx(3.0)
     table = compare.format_table(rows)
     assert "FAILED" in table and "2.50x" in table and "3.00x" in table
@@ -271,6 +279,12 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
         expected = results[f"{part}_ours"]["tokens_per_s"] / results[f"{part}_hf"]["tokens_per_s"]
         assert ours["ratio"] == pytest.approx(expected)
         assert 0 <= ours["data_wait"] < 1
+    # Summarization FLOP/s: each side's counted FLOPs per token times its speed.
+    for side, name in (("hf", "HF"), ("ours", "ours")):
+        result = results[f"seq2seq_{side}"]
+        r = next(r for r in rows if r["contestant"] == f"{name} counted FLOP/s")
+        assert r["flops_per_token"] == result["flops_per_token"] > 0
+        assert r["value"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"])
     for mode in ("greedy", "beam 2"):
         hf, ours = results["generate_hf"]["modes"][mode], results["generate_ours"]["modes"][mode]
         assert hf["new_tokens"] == ours["new_tokens"] == [6, 6, 6]  # equal work on both sides
