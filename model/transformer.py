@@ -74,6 +74,8 @@ class KVCache:
         self.max_length = max_length
         self.group = 1  # beams per source row, after share()
         self.shared = 0  # positions common to a row's beams
+        self.shared_keys: list[torch.Tensor] = []  # their keys and values, after share()
+        self.shared_values: list[torch.Tensor] = []
 
     def share(self, group: int) -> None:
         """From now on each row's cached positions serve ``group`` beams (rows i*group ...
@@ -121,7 +123,8 @@ class KVCache:
         """Attention of (rows, heads, queries, dim) queries, after ``share``: each source's
         keys are multiplied by the queries of all its beams at once, (sources, heads, beams x
         queries, source length), and the beams' own positions row by row; one softmax over
-        both. ``mask`` is the model's (rows, 1, queries, keys) or None."""
+        both. ``mask`` is the model's (rows, 1, queries, keys) or None. Decoding only: no
+        dropout."""
         own_k, own_v = self.update(layer, k, v)
         src_k, src_v = self.shared_keys[layer], self.shared_values[layer]
         rows, h, nq, d = q.shape
