@@ -50,6 +50,10 @@ def _left_pad(sources: list[list[int]], pad_id: int, device: torch.device):
     return ids.to(device), mask.to(device)
 
 
+def _rows(mask: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else mask[index]
+
+
 def _banned_ngram_tokens(generated: list[list[int]], n: int) -> list[list[int]]:
     """For each row, the tokens that would repeat an n-gram already in that row."""
     banned = []
@@ -101,26 +105,30 @@ class Decoder:
         )
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         # The source sees itself both ways: no prefix-LM mask is needed while it is alone.
+        mask = self.mask if self.padded else None  # None: no padding anywhere, ever
         out = self.model(
             self.ids,
-            attention_mask=self.mask if self.padded else None,
+            attention_mask=mask,
             position_ids=positions,
             cache=cache,
             last_token_only=True,
         )
         logits = out.logits.float()
-        mask, next_pos = self.mask, positions[:, -1] + 1
+        next_pos = positions[:, -1] + 1
         if repeat > 1:
             index = torch.arange(b, device=self.device).repeat_interleave(repeat)
             cache.share(repeat)
-            logits, mask, next_pos = logits[index], mask[index], next_pos[index]
+            logits, mask, next_pos = logits[index], _rows(mask, index), next_pos[index]
         return logits, cache, mask, next_pos
 
-    def step(self, tokens: torch.Tensor, cache: KVCache, mask: torch.Tensor, pos: torch.Tensor):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    def step(self, tokens: torch.Tensor, cache: KVCache, mask, pos: torch.Tensor):
+        """One new token a row; ``mask`` (rows, keys so far) marks real positions, or is None
+        when no source was padded."""
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = self.model(
             tokens.view(-1, 1),
-            attention_mask=mask if self.padded else None,
+            attention_mask=mask,
             position_ids=pos.view(-1, 1),
             cache=cache,
             last_token_only=True,
@@ -244,7 +252,7 @@ def _beam_search(dec: Decoder) -> list[list[int]]:
         index = torch.tensor(source_beam, device=dec.device)
         # A beam only ever continues a beam of the same document: the source part stays.
         cache.reorder(index, start=dec.source_len)
-        mask, pos = mask[index], pos[index]
+        mask, pos = _rows(mask, index), pos[index]
         tokens = torch.tensor(next_tokens, device=dec.device)
         logits, mask, pos = dec.step(tokens, cache, mask, pos)
 
