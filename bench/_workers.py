@@ -259,8 +259,9 @@ def counted_flops_per_token(step, tokens: int) -> float:
 
 
 def _full_length_pairs(spec: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of the summarization shape with no padding: (batch, source_len) framed sources
-    and (batch, target_len) targets, random ids past the special tokens."""
+    """A batch of the summarization shape with no padding: (batch, source_len) sources and
+    (batch, target_len) targets, random ids past the special tokens (ours frames them with
+    build_example, which keeps those lengths)."""
     part, vocab = spec["seq2seq"], spec["shape"]["vocab_size"]
     gen = torch.Generator().manual_seed(seed)
     shape = (part["batch_size"],)
@@ -532,7 +533,7 @@ def seq2seq_ours(spec: dict) -> dict:
     sources, targets = _full_length_pairs(spec, spec["seed"])
     lengths = {"source_len": part["source_len"], "target_len": part["target_len"]}
     examples = [
-        build_example(src[:-2].numpy(), tgt[:-1].numpy(), cls_id=config.bos_token_id,
+        build_example(src.numpy(), tgt.numpy(), cls_id=config.bos_token_id,
                       sep_id=config.eos_token_id, **lengths)
         for src, tgt in zip(sources, targets, strict=True)
     ]  # fmt: skip

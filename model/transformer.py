@@ -111,11 +111,8 @@ class KVCache:
             raise ValueError("positions shared among beams cannot be reordered")
         begin, end = start - self.shared, self.length - self.shared
         for cache in (self.keys, self.values):
-            for i in range(len(cache)):
-                if begin == 0 and self.group == 1:  # may also change the batch size
-                    cache[i] = cache[i].index_select(0, index)
-                else:
-                    cache[i][:, :, begin:end] = cache[i][:, :, begin:end].index_select(0, index)
+            for x in cache:
+                x[:, :, begin:end] = x[:, :, begin:end].index_select(0, index)
 
     def attend_shared(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask

@@ -378,7 +378,8 @@ def test_source_shared_by_beams_gives_the_logits_of_copied_sources(autocast):
             else:  # the source copied for each beam
                 logits, cache, mask, pos = dec.encode(1)
                 index = torch.arange(len(sources)).repeat_interleave(k)
-                cache.reorder(index)
+                cache.keys = [x.index_select(0, index) for x in cache.keys]
+                cache.values = [x.index_select(0, index) for x in cache.values]
                 logits, mask, pos = logits[index], mask[index], pos[index]
             seen = [logits]
             for step in range(steps):
