@@ -111,21 +111,22 @@ def train_ours(spec: dict, flags: list[str]) -> dict:
     the peak is read right before it, else at the end of the process.
     """
     import train
+    from trainer import loop
 
     at_end: dict = {}
-    original = getattr(train, "write_training_curves", None)
+    original = getattr(loop, "write_training_curves", None)
     if original is not None:
 
         def curves_after_peak(*args, **kwargs):
             at_end.update(peak_memory(spec["device"]))
             return original(*args, **kwargs)
 
-        train.write_training_curves = curves_after_peak
+        loop.write_training_curves = curves_after_peak
     try:
         train.train(train.config_from_args(flags))
     finally:
         if original is not None:
-            train.write_training_curves = original
+            loop.write_training_curves = original
     if at_end:
         at_end["mem_kind"] += ", up to the end of training"
     return at_end
@@ -693,17 +694,21 @@ def _gen_autocast(spec: dict):
 def _our_model_config(spec: dict, tokenizer):
     """The config train.py's build_model_config makes for this shape and tokenizer, built here
     so that generation does not import the trainer (whose imports would count as its memory)."""
-    from data.tokenizer import model_config
+    from model.config import MiniTuringConfig
+    from model.tokenizer import tokenizer_fields
 
     shape = spec["shape"]
-    return model_config(
-        tokenizer,
+    return MiniTuringConfig.from_preset(
+        spec["preset"],
         hidden_size=shape["hidden_size"],
         num_layers=shape["num_layers"],
         num_heads=shape["num_heads"],
         ffn_size=shape["ffn_size"],
+        seq_len=shape.get("seq_len"),
+        source_len=spec.get("source_len", 256),
+        target_len=spec.get("target_len", 48),
         max_position_embeddings=shape["max_positions"],
-        preset=spec["preset"],
+        **tokenizer_fields(tokenizer),
     )
 
 

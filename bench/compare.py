@@ -238,7 +238,7 @@ def resolve(args: argparse.Namespace) -> dict:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         else:
             # The very test train.py's --precision auto runs, decided once for both sides.
-            from train import _bf16_faster_on_cpu
+            from trainer.distributed import _bf16_faster_on_cpu
 
             precision = "bf16" if _bf16_faster_on_cpu() else "fp32"
     return {
@@ -385,7 +385,7 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     )
     spec["shape"].update(vocab_size=vocab, tokenizer_size=len(tokenizer))
     # build_streams also warms the on-disk tokenization cache our trainer then reads.
-    streams = build_streams(raw, tokenizer, cfg, objectives, shape["seq_len"], vocab)
+    streams = build_streams(raw, tokenizer, cfg, objectives, shape["seq_len"])
 
     def schedule(part: str) -> dict:
         warmup, steps = settings["steps"][part]

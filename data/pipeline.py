@@ -22,7 +22,7 @@ from data.batching import MaskedLMStream, Seq2SeqStream
 from data.objectives import OBJECTIVES
 from data.objectives.gap_summary import gap_sentences
 from data.objectives.masked_lm import MaskingConfig
-from data.tokenizer import SpecialIds, special_ids, word_start_table
+from data.tokenizer import special_ids, word_start_table
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,6 @@ def make_gap_pairs(
 class Streams:
     train: dict
     eval: dict
-    special: SpecialIds
 
     def describe(self) -> str:
         parts = []
@@ -285,7 +284,6 @@ def build_streams(
     cfg: DataConfig,
     objectives: list[str],
     seq_len: int,
-    vocab_size: int,
 ) -> Streams:
     """Tokenize what the chosen objectives need and wrap each in its stream."""
     disable_progress_bar()
@@ -323,4 +321,4 @@ def build_streams(
         ):
             src, tgt = tokenize_pairs(pairs, tokenizer, f"pairs-{split}", tok_key)
             out["summarize"] = Seq2SeqStream("summarize", src, tgt, ids, **lengths)
-    return Streams(train, evals, ids)
+    return Streams(train, evals)

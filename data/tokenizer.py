@@ -1,85 +1,31 @@
-"""Train a tokenizer on the user's corpus (HF ``tokenizers``) or load one, and check it
-against the model.
-
-Every tokenizer we use carries the same special tokens, which the objectives rely on:
-
-    pad  [PAD]        padding
-    unk  [UNK]        unknown
-    cls  [CLS]        start of every sequence (also bos)
-    sep  [SEP]        end of a segment / sequence (also eos)
-    mask [MASK]       a hidden word (masked LM); absorbs the space before it
-    sentence_mask [MASK_SENT]  a hidden sentence (gap-sentence generation)
-
-A loaded tokenizer that lacks some of them (say a RoBERTa one with ``<mask>``) keeps its own
-names where a common alias exists and gains the missing ones as added special tokens.
+"""Train a tokenizer on the user's corpus with HF ``tokenizers`` (loading one, its special tokens
+and the check against the model are ``model.tokenizer``, which a trained model needs alone).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import (
-    AddedToken,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from model.config import MiniTuringConfig, round_vocab
+from model.tokenizer import (  # noqa: F401  (re-exported: the tokenizer's whole interface)
+    ALIASES,
+    SPECIAL_TOKENS,
+    SpecialIds,
+    TokenizerError,
+    added_token,
+    check_compatible,
+    load_tokenizer,
+    model_config,
+    special_ids,
+    wrap,
+)
 
-SPECIAL_TOKENS = {
-    "pad": "[PAD]",
-    "unk": "[UNK]",
-    "cls": "[CLS]",
-    "sep": "[SEP]",
-    "mask": "[MASK]",
-    "sentence_mask": "[MASK_SENT]",
-}
-# Other spellings of the same roles, so an existing BERT/RoBERTa tokenizer.json can be used.
-ALIASES = {
-    "pad": ["[PAD]", "<pad>"],
-    "unk": ["[UNK]", "<unk>"],
-    "cls": ["[CLS]", "<s>", "<cls>", "<|startoftext|>"],
-    "sep": ["[SEP]", "</s>", "<sep>", "<|endoftext|>"],
-    "mask": ["[MASK]", "<mask>"],
-    "sentence_mask": ["[MASK_SENT]", "<mask_1>", "<mask_sent>"],
-}
 KINDS = ("bpe", "wordpiece", "unigram")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot serve the model or the objectives."""
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    pad: int
-    unk: int
-    cls: int
-    sep: int
-    mask: int
-    sentence_mask: int
-
-    def as_list(self) -> list[int]:
-        return [self.pad, self.unk, self.cls, self.sep, self.mask, self.sentence_mask]
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def _added(role: str, content: str) -> AddedToken:
-    # The mask swallows the space to its left, so "the [MASK] value" tokenizes like a real
-    # word in that slot (byte-level words carry their leading space).
-    return AddedToken(content, special=True, normalized=False, lstrip=role == "mask")
 
 
 def train_tokenizer(
@@ -93,7 +39,7 @@ def train_tokenizer(
     """Train a byte-level BPE (default), WordPiece or Unigram tokenizer on ``texts``."""
     if kind not in KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
-    specials = [_added(role, tok) for role, tok in SPECIAL_TOKENS.items()]
+    specials = [added_token(role, tok) for role, tok in SPECIAL_TOKENS.items()]
     if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
         floor = len(specials) + (256 if kind == "bpe" else 0)
         raise TokenizerError(
@@ -135,71 +81,12 @@ def train_tokenizer(
             show_progress=False,
         )
     tok.train_from_iterator(texts, trainer, length=length)
-    return _wrap(tok)
-
-
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    """Give a raw ``tokenizers`` object our special tokens and the transformers interface."""
-    vocab = tok.get_vocab(with_added_tokens=True)
-    names = {}
-    for role, aliases in ALIASES.items():
-        found = next((a for a in aliases if a in vocab), None)
-        if found is None:
-            found = SPECIAL_TOKENS[role]
-            tok.add_special_tokens([_added(role, found)])
-        names[role] = found
-    cls_id, sep_id = tok.token_to_id(names["cls"]), tok.token_to_id(names["sep"])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{names['cls']} $A {names['sep']}",
-        pair=f"{names['cls']} $A {names['sep']} $B:1 {names['sep']}:1",
-        special_tokens=[(names["cls"], cls_id), (names["sep"], sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=names["pad"],
-        unk_token=names["unk"],
-        cls_token=names["cls"],
-        sep_token=names["sep"],
-        bos_token=names["cls"],
-        eos_token=names["sep"],
-        mask_token=names["mask"],
-        extra_special_tokens={"sentence_mask_token": names["sentence_mask"]},
-        model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a ``tokenizer.json`` file, or a folder that holds one (a run folder, say)."""
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise TokenizerError(
-            f"no tokenizer at {path}: expected a tokenizer.json file or a folder holding one"
-        )
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as err:  # the Rust side raises plain Exceptions
-        raise TokenizerError(f"{file} is not a valid tokenizer.json: {err}") from None
-    return _wrap(tok)
+    return wrap(tok)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
     """Write tokenizer.json and tokenizer_config.json so AutoTokenizer loads the folder."""
     tokenizer.save_pretrained(str(folder))
-
-
-def special_ids(tokenizer: PreTrainedTokenizerFast) -> SpecialIds:
-    return SpecialIds(
-        pad=tokenizer.pad_token_id,
-        unk=tokenizer.unk_token_id,
-        cls=tokenizer.cls_token_id,
-        sep=tokenizer.sep_token_id,
-        mask=tokenizer.mask_token_id,
-        sentence_mask=tokenizer.convert_tokens_to_ids(tokenizer.sentence_mask_token),
-    )
 
 
 def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
@@ -224,51 +111,3 @@ def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
             table[index] = token[:1] in ("Ġ", "Ċ") or not token[:1].isalnum()
     table[special_ids(tokenizer).as_list()] = True
     return table
-
-
-def model_config(tokenizer: PreTrainedTokenizerFast, **shape) -> MiniTuringConfig:
-    """A model config sized for ``tokenizer`` (embedding rows rounded up to a multiple of 64)
-    with its special-token ids; ``shape`` holds the other MiniTuringConfig fields."""
-    ids = special_ids(tokenizer)
-    return MiniTuringConfig(
-        vocab_size=round_vocab(len(tokenizer)),
-        tokenizer_size=len(tokenizer),
-        pad_token_id=ids.pad,
-        unk_token_id=ids.unk,
-        bos_token_id=ids.cls,
-        eos_token_id=ids.sep,
-        mask_token_id=ids.mask,
-        sentence_mask_token_id=ids.sentence_mask,
-        **shape,
-    )
-
-
-def check_compatible(tokenizer: PreTrainedTokenizerFast, config, where: str = "") -> None:
-    """Refuse a model config and tokenizer that disagree, naming the mismatch."""
-    place = f" in {where}" if where else ""
-    n = len(tokenizer)
-    problems = []
-    if n > config.vocab_size:
-        problems.append(
-            f"the tokenizer has {n} entries but the model's embedding has only {config.vocab_size} rows"
-        )
-    if config.tokenizer_size is not None and config.tokenizer_size != n:
-        problems.append(
-            f"config says the tokenizer has {config.tokenizer_size} entries, it has {n}"
-        )
-    ids = special_ids(tokenizer)
-    expected = {
-        "pad_token_id": ids.pad,
-        "unk_token_id": ids.unk,
-        "bos_token_id": ids.cls,
-        "eos_token_id": ids.sep,
-        "mask_token_id": ids.mask,
-        "sentence_mask_token_id": ids.sentence_mask,
-    }
-    for name, value in expected.items():
-        if getattr(config, name, None) != value:
-            problems.append(
-                f"config {name}={getattr(config, name, None)} but the tokenizer's is {value}"
-            )
-    if problems:
-        raise TokenizerError(f"tokenizer and model config disagree{place}: " + "; ".join(problems))

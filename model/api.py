@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from model.config import MiniTuringConfig
 from model.generate import DecodingConfig, generate
+from model.tokenizer import TokenizerError, check_compatible, load_tokenizer
 from model.transformer import MiniTuringModel, never_predicted
 
 MASK_LITERAL = "[MASK]"
@@ -23,8 +24,6 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MiniTuringModel, object]:
     """The model and tokenizer of a run folder, checked against each other."""
-    from data.tokenizer import TokenizerError, check_compatible, load_tokenizer
-
     folder = Path(path)
     if not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder: expected a run folder (e.g. runs/default)")
@@ -63,39 +62,8 @@ def load_model(
             f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
             + "; ".join(problems[:5])
         )
-    _check_training_options(config, folder)
     model.load_state_dict(weights)
     return model.to(device).eval(), tokenizer
-
-
-def _check_training_options(config: MiniTuringConfig, folder: Path) -> None:
-    """config.json also records the options the model was trained with: the shape they give
-    (the preset, then any override) must be the config's own, preset included."""
-    from model.config import PRESETS
-
-    options = (getattr(config, "training", None) or {}).get("model") or {}
-    preset = options.get("preset")
-    if preset is None:
-        return  # a config written by other tools: nothing to compare
-    if preset not in PRESETS:
-        raise RunFolderError(f"{folder / 'config.json'}: unknown training preset {preset!r}")
-    implied = {**PRESETS[preset](), "preset": preset}
-    implied.pop("seq_len")
-    for key in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
-        if options.get(key) is not None:
-            implied[key] = options[key]
-    if options.get("max_positions") is not None:
-        implied["max_position_embeddings"] = options["max_positions"]
-    problems = [
-        f"{key} is {getattr(config, key, None)!r} but the training options give {value!r}"
-        for key, value in implied.items()
-        if getattr(config, key, None) != value
-    ]
-    if problems:
-        raise RunFolderError(
-            f"{folder / 'config.json'} disagrees with its own training options: "
-            + "; ".join(problems)
-        )
 
 
 class LM:
@@ -104,8 +72,7 @@ class LM:
     def __init__(self, model: MiniTuringModel, tokenizer, source_len: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
-        training = getattr(self.config, "training", None) or {}
-        self.source_len = source_len or training.get("data", {}).get("source_len", 256)
+        self.source_len = source_len or self.config.length("source_len")
 
     @property
     def device(self) -> torch.device:

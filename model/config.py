@@ -41,6 +41,9 @@ class MiniTuringConfig(PretrainedConfig):
         sentence_mask_token_id: int = 5,
         tokenizer_size: int | None = None,
         preset: str | None = None,
+        seq_len: int | None = None,
+        source_len: int | None = None,
+        target_len: int | None = None,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -61,6 +64,12 @@ class MiniTuringConfig(PretrainedConfig):
         # multiple of 64 so the embedding matmul stays aligned.
         self.tokenizer_size = tokenizer_size
         self.preset = preset
+        # The lengths the model was trained at, which inference needs: the masked-LM block,
+        # and the longest summarization source and target. None in folders written before
+        # they were recorded (or by other tools): readers fall back to DEFAULT_LENGTHS.
+        self.seq_len = seq_len
+        self.source_len = source_len
+        self.target_len = target_len
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -74,6 +83,19 @@ class MiniTuringConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
             )
+
+    @classmethod
+    def from_preset(cls, preset: str = "tiny", **fields) -> MiniTuringConfig:
+        """The config of a preset, with any shape field overridden (None: the preset's): the
+        one place where "preset plus overrides" becomes a model shape."""
+        shape = resolve_shape(preset, **{k: fields.pop(k) for k in SHAPE_FIELDS if k in fields})
+        return cls(**shape, preset=preset, **fields)
+
+    def length(self, name: str) -> int:
+        """``seq_len``, ``source_len`` or ``target_len``, with the default for folders that
+        did not record it."""
+        value = getattr(self, name, None)
+        return value if value is not None else DEFAULT_LENGTHS[name]
 
     @property
     def head_dim(self) -> int:
@@ -121,3 +143,15 @@ def base() -> dict:
 
 
 PRESETS = {"tiny": tiny, "small": small, "base": base}
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "seq_len")
+DEFAULT_LENGTHS = {"seq_len": 128, "source_len": 256, "target_len": 48}
+
+
+def resolve_shape(preset: str, **overrides: int | None) -> dict:
+    """A preset's shape (``SHAPE_FIELDS``) with the overrides that are not None."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(SHAPE_FIELDS)
+    if unknown:
+        raise TypeError(f"not shape fields: {', '.join(sorted(unknown))}")
+    return {**PRESETS[preset](), **{k: v for k, v in overrides.items() if v is not None}}

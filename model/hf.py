@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from model import config as config_module
 from model import transformer as transformer_module
 from model.config import MODEL_TYPE, MiniTuringConfig
+from model.files import atomic_path, atomic_write_text
 from model.transformer import MiniTuringForMaskedLM, MiniTuringModel
 
 # Module files copied verbatim into a run folder; their names are the modules auto_map names.
@@ -82,15 +83,12 @@ def save_remote_code(folder: str | os.PathLike) -> list[Path]:
     for source in REMOTE_CODE_FILES:
         _check_self_contained(source)
         target = folder / source.name
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
         written.append(target)
     data = json.loads(config_file.read_text())
     data["auto_map"] = {**data.get("auto_map", {}), **AUTO_MAP}
-    tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
+    atomic_write_text(config_file, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return written
 
 

@@ -2,7 +2,7 @@
 
 Four panels against the optimizer step: the loss of each objective (training solid, held-out
 dashed, one colour per objective), held-out accuracy, held-out ROUGE, and the learning rate
-with the throughput. matplotlib is an optional extra (``pip install -e ".[plot]"``).
+with the throughput, drawn with matplotlib (a dependency of the package).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from model.files import atomic_path
+
 PLOT_FILE = "training_curves.png"
-PLOT_EXTRA = 'pip install -e ".[plot]"'
+PLOT_EXTRA = "pip install matplotlib"
 OBJECTIVE_ORDER = ("masked_lm", "gap_summary", "summarize")
 
 
@@ -136,9 +138,8 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
     if title:
         fig.suptitle(title)
     output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
     return output
 
 

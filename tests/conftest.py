@@ -33,10 +33,10 @@ def _isolated_cache(tmp_path_factory):
 def without_plot():
     """Leave out the end-of-run plot: most of a tiny run's time, and not what most tests
     check (the plot has its own tests)."""
-    import train
+    from trainer import loop
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "write_training_curves", lambda folder: None)
+        patch.setattr(loop, "write_training_curves", lambda folder: None)
         yield
 
 

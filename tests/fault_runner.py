@@ -44,11 +44,19 @@ def _truncate_half(path: str | Path) -> None:
         f.truncate(size // 2)
 
 
+def _patch(module, name: str, value) -> None:
+    """Replace ``module.name``, which must exist: a rename in the trainer fails the test loudly
+    instead of leaving the fault uninstalled."""
+    if not hasattr(module, name):
+        raise SystemExit(f"fault_runner: {module.__name__}.{name} does not exist")
+    setattr(module, name, value)
+
+
 def install(point: str, n: int, ready: Path) -> None:
-    """Patch ``train`` so that the n-th arrival at ``point`` freezes the process."""
+    """Patch the trainer so that the n-th arrival at ``point`` freezes the process."""
     import torch
 
-    import train
+    from trainer import checkpoint
 
     if point not in POINTS:
         raise SystemExit(f"fault_runner: unknown point {point!r}; expected one of {POINTS}")
@@ -60,7 +68,7 @@ def install(point: str, n: int, ready: Path) -> None:
 
     in_checkpoint = lambda path: Path(path).parent.name.startswith(".step-")  # noqa: E731
 
-    real_save_file = train.save_file
+    real_save_file = checkpoint.save_file
 
     def save_file(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -70,7 +78,7 @@ def install(point: str, n: int, ready: Path) -> None:
                 _truncate_half(filename)
                 _freeze(ready)
 
-    train.save_file = save_file
+    _patch(checkpoint, "save_file", save_file)
 
     real_torch_save = torch.save
 
@@ -89,29 +97,29 @@ def install(point: str, n: int, ready: Path) -> None:
             _freeze(ready)
         return real_replace(src, dst, *args, **kwargs)
 
-    train.os.replace = replace
+    _patch(os, "replace", replace)
 
-    real_write = train._atomic_write_text
+    real_write = checkpoint.atomic_write_text
 
     def atomic_write_text(path: Path, text: str) -> None:
         if point == "pointer" and Path(path).name == "latest" and arrive():
             _freeze(ready)
         real_write(path, text)
 
-    train._atomic_write_text = atomic_write_text
+    _patch(checkpoint, "atomic_write_text", atomic_write_text)
 
 
 def slow_down(seconds: float) -> None:
     """Every training step takes at least ``seconds`` (the learning rate is set once a step)."""
-    import train
+    from trainer import loop
 
-    real_lr_at = train.lr_at
+    real_lr_at = loop.lr_at
 
     def lr_at(*args, **kwargs):
         time.sleep(seconds)
         return real_lr_at(*args, **kwargs)
 
-    train.lr_at = lr_at
+    _patch(loop, "lr_at", lr_at)
 
 
 def run(argv: list[str]) -> None:

@@ -88,10 +88,11 @@ def test_both_sides_count_the_same_tokens(tokenizer):
 
 def test_generation_model_is_the_one_train_py_builds(tokenizer):
     import train
+    from trainer.config import build_model_config
 
     shape = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_size": 64}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()] + ["--max-positions=96"]
-    expected = train.build_model_config(train.config_from_args(flags), tokenizer)
+    expected = build_model_config(train.config_from_args(flags), tokenizer)
     spec = {"shape": {**shape, "max_positions": 96}, "preset": "tiny"}
     assert workers._our_model_config(spec, tokenizer).to_dict() == expected.to_dict()
 

@@ -15,7 +15,7 @@ from test_interop import assert_png
 
 import model
 from data.pipeline import DataConfig, load_raw
-from model.cli import build_parser, main
+from trainer.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
@@ -212,7 +212,7 @@ def test_every_command_has_help(command, options, capsys):
 def test_console_scripts_point_at_real_functions():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"minituring-train": "train:main", "minituring": "model.cli:main"}
+    assert scripts == {"minituring-train": "train:main", "minituring": "trainer.cli:main"}
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(import_module(module), name))

@@ -21,6 +21,9 @@ from conftest import TINY_FLAGS
 from safetensors.torch import load_file
 
 import train
+from model.transformer import MiniTuringModel
+from trainer import distributed
+from trainer.errors import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "tests" / "distributed_runner.py"
@@ -227,21 +230,21 @@ def test_sharded_checkpoint_reshards_for_fsdp_on_one_process(runs, tmp_path):
 
 
 def test_unknown_strategy_is_a_clear_error(tmp_path, corpus_files):
-    with pytest.raises(SystemExit, match="--strategy must be auto, ddp or fsdp"):
+    with pytest.raises(TrainingError, match="--strategy must be auto, ddp or fsdp"):
         train.train(train.config_from_args(flags(corpus_files, tmp_path, "--strategy", "zero3")))
 
 
 def test_activation_checkpointing_keeps_only_block_inputs(tiny_config):
     """With recomputation, the forward pass saves far fewer tensors for backward, and the
     gradients are the same."""
-    env = train.Env(torch.device("cpu"), None)
+    env = distributed.Env(torch.device("cpu"), None)
     ids = torch.randint(6, tiny_config.vocab_size, (2, 16))
     labels = torch.where(torch.rand(2, 16) < 0.5, ids, -100)
 
     def run(recompute: bool) -> tuple[int, list[torch.Tensor]]:
         torch.manual_seed(0)
-        model = train.wrap_model(
-            train.MiniTuringModel(tiny_config), env, activation_checkpointing=recompute
+        model = distributed.wrap_model(
+            MiniTuringModel(tiny_config), env, activation_checkpointing=recompute
         )
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

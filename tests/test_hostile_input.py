@@ -216,11 +216,11 @@ def test_long_documents_are_split_and_long_pairs_truncated(tmp_path, texts, monk
             seen.append((name, tuple(batch["input_ids"].shape), int(real.max())))
             return name, batch
 
-    monkeypatch.setattr(train, "MixtureLoader", Watching)
     out = tmp_path / "run"
     flags = run_flags(tmp_path, "--train-text", str(text_file), "--train-pairs", pair_file)
     # (gap_summary left out: see test_text_without_any_two_sentence_document)
-    train.main(flags + ["--max-steps", "12", "--objectives", "masked_lm=1,summarize=1"])
+    objectives = ["--objectives", "masked_lm=1,summarize=1"]
+    train.main(flags + ["--max-steps", "12", *objectives], make_loader=Watching)
     config = json.loads((out / "config.json").read_text())["training"]["data"]
     assert {name for name, _, _ in seen} == {"masked_lm", "summarize"}
     for name, (_, length), _ in seen:

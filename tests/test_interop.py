@@ -29,6 +29,8 @@ import train
 from data.tokenizer import load_tokenizer
 from model.hf import AUTO_MAP, REMOTE_CODE_FILES, _check_self_contained, save_remote_code
 from model.plot import PLOT_FILE
+from trainer import metrics
+from trainer.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
@@ -280,11 +282,11 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, corpus_files, capsys
 
 
 def test_report_to_errors_name_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="--report-to must be one of none, tensorboard"):
-        train.check_report_to("wandb")
+    with pytest.raises(TrainingError, match="--report-to must be one of none, tensorboard"):
+        metrics.check_report_to("wandb")
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
     flags = TINY_FLAGS + ["--output-dir", str(tmp_path / "x"), "--report-to", "tensorboard"]
-    with pytest.raises(SystemExit, match=r'pip install -e "\.\[tensorboard\]"'):
+    with pytest.raises(TrainingError, match=r'pip install -e "\.\[tensorboard\]"'):
         train.train(train.config_from_args(flags))
     assert not (tmp_path / "x").exists()  # refused before any work
 
@@ -295,13 +297,13 @@ def test_missing_matplotlib_costs_one_line_not_the_run(tiny_run, tmp_path, monke
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_bytes((tiny_run / "metrics.jsonl").read_bytes())
-    train.write_training_curves(run)
+    metrics.write_training_curves(run)
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and 'pip install -e ".[plot]"' in printed[0]
+    assert len(printed) == 1 and "pip install matplotlib" in printed[0]
     assert f"python -m model plot {run}" in printed[0]
     assert not (run / PLOT_FILE).exists()
 
 
 def test_eta_line():
-    line = train.eta_line(20, 10.0, 20, 1220)
+    line = metrics.eta_line(20, 10.0, 20, 1220)
     assert line.startswith("speed: 0.5 s/step over 20 steps; about 10m 00s to finish 1,220 steps")

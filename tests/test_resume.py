@@ -20,6 +20,7 @@ from fault_runner import assert_same_run, latest_step, metrics
 
 import train
 from data.batching import MixtureLoader
+from trainer.loop import Stopped
 
 STEPS = 12
 
@@ -35,20 +36,18 @@ def flags(out, corpus_files, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_to_end(argv: list[str]) -> None:
-    train.train(train.config_from_args(argv))
+def run_to_end(argv: list[str], **seams) -> None:
+    train.train(train.config_from_args(argv), **seams)
 
 
-def run_until_signal(monkeypatch, argv: list[str], stop_at: int, sig=signal.SIGTERM) -> int:
+def run_until_signal(argv: list[str], stop_at: int, sig=signal.SIGTERM) -> int:
     """Train, sending ``sig`` to this process while step ``stop_at`` (1-based) is being computed;
-    returns the exit status the trainer asked for."""
+    returns the exit status the trainer asks for (``train.main``'s)."""
     cfg = train.config_from_args(argv)
-    with monkeypatch.context() as patch:
-        patch.setattr(train, "MixtureLoader", interrupting(train.MixtureLoader, stop_at, cfg, sig))
-        try:
-            train.train(cfg)
-        except SystemExit as stop:
-            return stop.code
+    try:
+        train.train(cfg, make_loader=interrupting(MixtureLoader, stop_at, cfg, sig))
+    except Stopped as stop:
+        return 128 + stop.signum
     return 0
 
 
@@ -65,8 +64,8 @@ def interrupting(base: type, stop_at: int, cfg, sig=signal.SIGTERM) -> type:
     return Interrupting
 
 
-def resume(out, *extra: str) -> None:
-    run_to_end(["--resume", str(out), *extra])
+def resume(out, *extra: str, **seams) -> None:
+    run_to_end(["--resume", str(out), *extra], **seams)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +99,11 @@ CASES = {
      ("summarize", 7), ("accumulation", 5)],
 )  # fmt: skip
 def test_stopped_and_resumed_equals_uninterrupted(
-    tmp_path, monkeypatch, corpus_files, straight_runs, case, stop_at
+    tmp_path, corpus_files, straight_runs, case, stop_at
 ):
     straight = straight_runs(case, *CASES[case])
     out = tmp_path / "stopped"
-    status = run_until_signal(monkeypatch, flags(out, corpus_files, *CASES[case]), stop_at)
+    status = run_until_signal(flags(out, corpus_files, *CASES[case]), stop_at)
     assert status == 128 + signal.SIGTERM
     assert latest_step(out) == stop_at
     assert [m["step"] for m in metrics(out) if "lr" in m] == list(range(1, stop_at + 1))
@@ -123,12 +122,12 @@ def test_dropout_is_active_in_the_resume_test(straight_runs):
     assert a[0] != pytest.approx(b[0], rel=1e-4)
 
 
-def test_resume_reads_only_the_data_it_trains_on(tmp_path, monkeypatch, corpus_files):
+def test_resume_reads_only_the_data_it_trains_on(tmp_path, corpus_files):
     """The data position is a few integers: resuming at step k draws exactly the remaining
     micro-batches, never the k consumed ones again (no "skip N batches")."""
     out = tmp_path / "run"
     argv = flags(out, corpus_files, "--grad-accum", "2")
-    run_until_signal(monkeypatch, argv, stop_at=8)
+    run_until_signal(argv, stop_at=8)
     built = []
 
     class Counting(MixtureLoader):
@@ -145,8 +144,7 @@ def test_resume_reads_only_the_data_it_trains_on(tmp_path, monkeypatch, corpus_f
 
                 stream.batch = batch
 
-    monkeypatch.setattr(train, "MixtureLoader", Counting)
-    resume(out)
+    resume(out, make_loader=Counting)
     (loader,) = built
     micro_batches = (STEPS - 8) * 2
     assert loader.position.batches == STEPS * 2
@@ -188,12 +186,10 @@ class _BatchClock:
     def perf_counter(self) -> float:
         return float(self.loader.position.batches) if self.loader is not None else 0.0
 
-    def __getattr__(self, name):
-        return getattr(time, name)
 
-
-def clocked(patch, stop_at: int | None = None, cfg=None) -> None:
-    """Drive ``train``'s clock by the data position; optionally SIGTERM at step ``stop_at``."""
+def clocked(stop_at: int | None = None, cfg=None) -> dict:
+    """The seams that drive a run's clock by its data position; optionally SIGTERM at step
+    ``stop_at``."""
     clock = _BatchClock()
     base = interrupting(MixtureLoader, stop_at, cfg) if stop_at else MixtureLoader
 
@@ -202,31 +198,22 @@ def clocked(patch, stop_at: int | None = None, cfg=None) -> None:
             super().__init__(*args, **kwargs)
             clock.loader = self
 
-    patch.setattr(train, "MixtureLoader", Registered)
-    patch.setattr(train, "time", clock)
+    return {"clock": clock.perf_counter, "make_loader": Registered}
 
 
 @pytest.mark.parametrize("stop_at", [10, 24])
-def test_time_budgeted_run_resumes_with_the_same_schedule(
-    tmp_path, monkeypatch, corpus_files, stop_at
-):
+def test_time_budgeted_run_resumes_with_the_same_schedule(tmp_path, corpus_files, stop_at):
     """The budget fixes the schedule's length after 20 steps; a run resumed after that keeps
     the planned length (saved in the checkpoint) instead of planning anew."""
     budget = ["--max-steps", "1000", "--time-budget", "30", "--warmup-steps", "3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        clocked(patch)
-        run_to_end(flags(straight, corpus_files, *budget))
+    run_to_end(flags(straight, corpus_files, *budget), **clocked())
     assert latest_step(straight) == 30  # 30 "seconds" at one second per step
 
     cfg = train.config_from_args(flags(stopped, corpus_files, *budget))
-    with monkeypatch.context() as patch:
-        clocked(patch, stop_at, cfg)
-        with pytest.raises(SystemExit):
-            train.train(cfg)
+    with pytest.raises(Stopped):
+        train.train(cfg, **clocked(stop_at, cfg))
     assert latest_step(stopped) == stop_at
-    with monkeypatch.context() as patch:
-        clocked(patch)
-        resume(stopped)
+    resume(stopped, **clocked())
     assert latest_step(stopped) == 30
     assert_same_run(straight, stopped)

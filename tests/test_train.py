@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import train
+from trainer.errors import TrainingError
 
 
 def run(tmp_path: Path, corpus_files, *extra: str, name: str = "run") -> Path:
@@ -133,7 +134,7 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
 
 
 def test_existing_run_is_not_overwritten(tiny_run, corpus_files):
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(TrainingError, match="already holds a run"):
         train.train(train.config_from_args(TINY_FLAGS + ["--output-dir", str(tiny_run)]))
 
 
@@ -154,7 +155,7 @@ def test_existing_run_is_not_overwritten(tiny_run, corpus_files):
 def test_bad_flags_are_clear_errors(tmp_path, corpus_files, flags, message):
     text_file, pairs = corpus_files
     base = TINY_FLAGS + ["--train-text", str(text_file), "--output-dir", str(tmp_path / "x")]
-    with pytest.raises((SystemExit, ValueError), match=message):
+    with pytest.raises((TrainingError, ValueError), match=message):
         train.train(train.config_from_args(base + flags))
 
 

@@ -1,12 +1,13 @@
-"""The command line for using a trained run: ``python -m model`` or ``minituring``.
+"""The command line for using a trained run: ``minituring`` (or ``python -m model``).
 
     minituring fill-mask RUN "Return the [MASK] value of a number."
     minituring summarize RUN docs.txt --num-beams 4 --json
     minituring evaluate RUN --pairs test.jsonl --text test.txt --output metrics.json
     minituring plot RUN
 
-Evaluation runs ``model.evaluate.evaluate`` on streams built by ``data.pipeline`` with the
-run's own tokenizer and training lengths: the numbers are the trainer's held-out numbers.
+It sits above ``model/`` and ``data/``: evaluation runs the trainer's own evaluator
+(``trainer.evaluate``) on streams built by ``data.pipeline`` with the run's tokenizer and
+training lengths, so the numbers are the trainer's held-out numbers.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.pipeline import DataConfig, RawData, build_streams, read_pairs, read_texts
+from data.sources import read_texts as read_source_texts
 from model.api import LM, RunFolderError, load
-from model.config import PRESETS
+from model.config import PRESETS, resolve_shape
 from model.generate import DecodingConfig
+from model.plot import plot_run
+from trainer.evaluate import evaluate
 
 SPLITS = ("line", "block", "file")
 FILL_MASK_BATCH = 32
@@ -72,9 +77,7 @@ def _read_documents(source: str, split: str, text_column: str) -> list[str]:
         if not docs:
             raise CLIError("no documents on standard input")
         return docs
-    from data.sources import read_texts
-
-    return read_texts(_existing(source, "FILE"), text_column=text_column, split=split)
+    return read_source_texts(_existing(source, "FILE"), text_column=text_column, split=split)
 
 
 def _add_decoding(
@@ -220,21 +223,21 @@ class _Counting:
 
 
 def _training_settings(lm: LM) -> tuple[dict, int, int]:
-    """The run's data config (as a dict), block length and batch size."""
+    """The run's data config (as a dict, from the training options config.json records),
+    block length and batch size."""
     training = getattr(lm.config, "training", None) or {}
     data = dict(training.get("data", {}))
-    model_opts = training.get("model", {})
-    preset = PRESETS.get(model_opts.get("preset") or "tiny", PRESETS["tiny"])
-    seq_len = model_opts.get("seq_len") or preset()["seq_len"]
+    seq_len = lm.config.seq_len
+    if seq_len is None:  # a folder from before the model recorded its lengths
+        options = training.get("model", {})
+        preset = options.get("preset") if options.get("preset") in PRESETS else "tiny"
+        seq_len = resolve_shape(preset, seq_len=options.get("seq_len"))["seq_len"]
     seq_len = min(seq_len, lm.config.max_position_embeddings)
     batch_size = training.get("optim", {}).get("batch_size", 32)
     return data, seq_len, batch_size
 
 
 def evaluate_command(args) -> dict:
-    from data.pipeline import DataConfig, RawData, build_streams, read_pairs, read_texts
-    from model.evaluate import evaluate
-
     if not args.pairs and not args.text:
         raise CLIError("nothing to evaluate: give --pairs FILE and/or --text FILE")
     if args.batch_size is not None and args.batch_size < 1:
@@ -256,7 +259,7 @@ def evaluate_command(args) -> dict:
     pairs = read_pairs([_existing(args.pairs, "--pairs")], cfg) if args.pairs else []
     objectives = (["masked_lm", "gap_summary"] if texts else []) + (["summarize"] if pairs else [])
     raw = RawData([], texts, [], pairs, "evaluation files")
-    streams = build_streams(raw, lm.tokenizer, cfg, objectives, seq_len, lm.config.vocab_size).eval
+    streams = build_streams(raw, lm.tokenizer, cfg, objectives, seq_len).eval
     if texts and len(streams["masked_lm"]) == 0:
         raise CLIError(
             f"--text {args.text} is too short: masked-token metrics need at least {seq_len} tokens"
@@ -352,8 +355,6 @@ def format_table(report: dict) -> str:
 
 
 def plot_command(args) -> None:
-    from model.plot import plot_run
-
     run = Path(args.run)
     if not run.is_dir():
         raise RunFolderError(f"{run} is not a folder: expected a run folder (e.g. runs/default)")

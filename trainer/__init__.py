@@ -1,0 +1,15 @@
+"""The parts of training, one module per concern, over ``model/`` and ``data/``:
+
+    config.py       the run's configuration dataclasses, their checks, the model they build
+    distributed.py  device, precision, process group, DDP/FSDP2 wrapping, collectives
+    setup.py        everything before the first step: folder, data, tokenizer, model, loader
+    loop.py         ``train(cfg)``: the training loop and its side jobs
+    optim.py        optimizer and learning-rate schedule
+    checkpoint.py   atomic run-folder checkpoints (plain and sharded), safe loading
+    metrics.py      metrics.jsonl, TensorBoard, progress, curves, summary.json
+    evaluate.py     the one held-out evaluator, rank-aware
+    cli.py          the ``minituring`` command for trained runs
+    errors.py       ``TrainingError``
+
+``train.py`` beside this package is the user's command: flags -> ``TrainConfig`` -> ``train``.
+"""

@@ -1,0 +1,255 @@
+"""The run's configuration: one small dataclass per concern, nested in ``TrainConfig``. Every
+field is a flag of train.py (its docstring is the --help), and config.json records them all, so
+training again from it reproduces the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from data.objectives import OBJECTIVES
+from data.pipeline import DataConfig
+from model.config import PRESETS, MiniTuringConfig, resolve_shape
+from model.tokenizer import tokenizer_fields
+from trainer.errors import TrainingError
+
+
+@dataclass
+class ModelOptions:
+    preset: str = "tiny"
+    """Model size: tiny (laptop, minutes), small, or base (about BERT-base)."""
+    hidden_size: int | None = None
+    """Override the preset's hidden size."""
+    num_layers: int | None = None
+    """Override the preset's number of transformer blocks."""
+    num_heads: int | None = None
+    """Override the preset's number of attention heads."""
+    ffn_size: int | None = None
+    """Override the preset's feed-forward width."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual branches."""
+    seq_len: int | None = None
+    """Masked-LM block length in tokens (default: the preset's)."""
+    max_positions: int = 512
+    """Longest sequence the model supports (position embeddings)."""
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 32
+    """Micro-batch size per process, in sequences."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradients summed; no sync until the last)."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    clip_grad: float = 1.0
+    """Clip the gradient's global norm to this (0: off)."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run folder: config, tokenizer, weights, checkpoints, metrics."""
+    resume: str | None = None
+    """Continue the run in this folder from its last complete checkpoint."""
+    seed: int = 0
+    """Seed for initialization, data order, masking and dropout."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    precision: str = "auto"
+    """auto, fp32 or bf16 (autocast). auto: bf16 on GPU, and on CPU when it measures faster."""
+    strategy: str = "auto"
+    """Data parallelism: auto (ddp when launched with several processes, else none), ddp, or
+    fsdp (FSDP2: parameters, gradients and optimizer state sharded across processes)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations during the backward pass: less memory, more compute."""
+    compile: bool = False
+    """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
+    max_steps: int = 1200
+    """Optimizer steps to train for."""
+    time_budget: float | None = None
+    """Stop after this many seconds of training; the schedule is fitted to the steps that fit."""
+    objectives: str = "auto"
+    """Mixture, e.g. masked_lm=1,gap_summary=0.5,summarize=1. auto: every objective with data."""
+    log_every: int = 20
+    """Steps between metrics.jsonl lines."""
+    eval_every: int = 400
+    """Steps between evaluations on held-out data (0: only at the end)."""
+    eval_batches: int = 8
+    """Held-out batches per objective for loss/accuracy."""
+    rouge_samples: int = 32
+    """Held-out documents summarized (greedy) for ROUGE at each evaluation."""
+    save_every: int = 400
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in the run folder."""
+    progress: bool = True
+    """Show a progress bar."""
+    report_to: str = "none"
+    """Also log metrics to: none or tensorboard (event files in RUN/tensorboard; needs
+    pip install -e ".[tensorboard]"). metrics.jsonl is always written."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory()
+            known = {x.name for x in dataclasses.fields(sub)}
+            values = {k: v for k, v in d.get(f.name, {}).items() if k in known}
+            parts[f.name] = dataclasses.replace(sub, **values)
+        return cls(**parts)
+
+
+def parse_objectives(spec: str, available: list[str]) -> dict[str, float]:
+    """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> weight 1 for each available one."""
+    if spec.strip() == "auto":
+        if not available:
+            raise ValueError(
+                "no training data left: every document was held out for evaluation "
+                "(use more data, a smaller --eval-fraction, or --eval-text / --eval-pairs)"
+            )
+        return {name: 1.0 for name in available}
+    weights = {}
+    for part in spec.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {name!r} in --objectives; expected {', '.join(OBJECTIVES)}"
+            )
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(
+                f"--objectives: weight of {name} must be a number, got {value!r}"
+            ) from None
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
+            raise ValueError(
+                f"--objectives: weight of {name} must be a finite number >= 0, got {value!r}"
+            )
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"--objectives {spec!r}: at least one objective needs a weight > 0")
+    missing = [n for n, w in weights.items() if w > 0 and n not in available]
+    if missing:
+        need = {"summarize": "document/summary pairs (--train-pairs)"}
+        raise ValueError(
+            "; ".join(f"objective {n} needs {need.get(n, 'text (--train-text)')}" for n in missing)
+        )
+    return weights
+
+
+def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
+    """The model these options build for ``tokenizer``, with the lengths it trains at recorded
+    in it (inference needs them, and must not read the training options)."""
+    m = cfg.model
+    return MiniTuringConfig.from_preset(
+        m.preset,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        ffn_size=m.ffn_size,
+        seq_len=m.seq_len,
+        source_len=cfg.data.source_len,
+        target_len=cfg.data.target_len,
+        max_position_embeddings=m.max_positions,
+        dropout=m.dropout,
+        **tokenizer_fields(tokenizer),
+    )
+
+
+def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """Numbers outside their meaningful range, which would otherwise crash deep inside
+    (a modulo by zero), train a degenerate model, or be silently replaced."""
+    m, o, r, d = cfg.model, cfg.optim, cfg.run, cfg.data
+    checks = [
+        (r.log_every >= 1, f"--log-every must be >= 1, got {r.log_every}"),
+        (r.save_every >= 0, f"--save-every must be >= 0 (0: only at the end), got {r.save_every}"),
+        (r.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {r.eval_every}"),
+        (r.eval_batches >= 0, f"--eval-batches must be >= 0, got {r.eval_batches}"),
+        (r.rouge_samples >= 0, f"--rouge-samples must be >= 0, got {r.rouge_samples}"),
+        (r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}"),
+        (o.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {o.max_bad_steps}"),
+        (o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}"),
+        (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}"),
+        (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
+        (o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {o.clip_grad}"),
+        (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (math.isfinite(o.lr), f"--lr must be a finite number, got {o.lr}"),
+        (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
+        (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
+    ]
+    for flag in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
+        value = getattr(m, flag)
+        checks.append(
+            (value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        )
+    return checks
+
+
+def validate(cfg: TrainConfig) -> int:
+    """Contradictory or impossible settings fail before any work; returns the block length."""
+    if cfg.model.preset not in PRESETS:
+        raise TrainingError(
+            f"unknown --preset {cfg.model.preset!r}; expected one of {', '.join(PRESETS)}"
+        )
+    seq_len = resolve_shape(cfg.model.preset, seq_len=cfg.model.seq_len)["seq_len"]
+    checks = [
+        (cfg.optim.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.optim.batch_size}"),
+        (cfg.optim.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.optim.grad_accum}"),
+        (cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.run.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.run.max_steps}"),
+        (
+            cfg.run.time_budget is None or cfg.run.time_budget > 0,
+            "--time-budget must be > 0 seconds",
+        ),
+        (seq_len >= 8, f"--seq-len must be >= 8, got {seq_len}"),
+        (
+            seq_len <= cfg.model.max_positions,
+            f"--seq-len {seq_len} is larger than the model supports (--max-positions {cfg.model.max_positions})",
+        ),
+        (
+            cfg.data.source_len + cfg.data.target_len <= cfg.model.max_positions,
+            f"--source-len {cfg.data.source_len} + --target-len {cfg.data.target_len} exceeds "
+            f"--max-positions {cfg.model.max_positions}",
+        ),
+        (
+            cfg.data.source_len >= 4 and cfg.data.target_len >= 2,
+            "--source-len must be >= 4 and --target-len >= 2",
+        ),
+        (0 < cfg.data.mask_rate < 1, f"--mask-rate must be in (0, 1), got {cfg.data.mask_rate}"),
+        (0 < cfg.data.gap_ratio < 1, f"--gap-ratio must be in (0, 1), got {cfg.data.gap_ratio}"),
+        (
+            cfg.data.text_split in ("line", "block", "file"),
+            "--text-split must be line, block or file",
+        ),
+        (
+            not (cfg.data.tokenizer and cfg.run.resume),
+            "--tokenizer and --resume contradict: a resumed run keeps its own tokenizer",
+        ),
+    ]
+    checks += _range_checks(cfg)
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(f"{message}")
+    return seq_len

@@ -1,0 +1,160 @@
+"""Held-out evaluation, one evaluator for the trainer's periodic evaluation and for
+``minituring evaluate``: masked-token accuracy and perplexity, teacher-forced loss of the
+sequence-to-sequence objectives, and ROUGE-1/2/L of generated summaries against the lead
+baseline.
+
+It is rank-aware, and one process is the ordinary case of N: rank r takes the held-out batches
+r, r + N, ... (the same batches and masks one process would use) and token-weighted sums are
+all-reduced, so the numbers do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+
+from model.generate import DecodingConfig, generate
+from model.transformer import IGNORE_INDEX, MiniTuringModel
+from trainer.distributed import Env, autocast, full_state_dict, is_fsdp
+
+EVAL_SEED = 1234
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+_SCORER = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+
+
+def rouge_scores(prediction: str, reference: str) -> list[float]:
+    """ROUGE-1/2/L F1 (x100) of one prediction, with the rouge-score package (Porter stemming)."""
+    scores = _SCORER.score(reference, prediction)
+    return [100 * scores[key].fmeasure for key in ROUGE_KEYS]
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (x100)."""
+    rows = [rouge_scores(p, r) for p, r in zip(predictions, references, strict=True)]
+    means = np.mean(rows, axis=0) if rows else np.zeros(len(ROUGE_KEYS))
+    return dict(zip(ROUGE_KEYS, means.tolist(), strict=True))
+
+
+def _one_process(model: torch.nn.Module) -> Env:
+    return Env(next(model.parameters()).device, None)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MiniTuringModel,
+    tokenizer,
+    streams: dict,
+    *,
+    batch_size: int = 32,
+    max_batches: int = 8,
+    rouge_samples: int = 32,
+    decoding: DecodingConfig | None = None,
+    env: Env | None = None,
+) -> dict[str, float]:
+    """Metrics per objective, named ``objective/metric``. Every rank calls it; every rank gets
+    the same numbers. ``max_batches`` counts global batches (batch size x processes), as one
+    process with the global batch would evaluate them."""
+    env = env or _one_process(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(env):
+            results = _stream_metrics(model, streams, batch_size, max_batches, env)
+            summaries = streams.get("summarize")
+            if summaries is not None and rouge_samples > 0 and len(summaries):
+                count = min(rouge_samples, len(summaries))
+                results.update(
+                    _rouge(model, tokenizer, summaries, count, batch_size, decoding, env)
+                )
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _stream_metrics(model, streams: dict, batch_size: int, max_batches: int, env: Env) -> dict:
+    """Token-weighted loss and accuracy at the labelled positions, with the fixed masks of
+    ``EVAL_SEED``. Under FSDP each forward gathers weights collectively, so every rank runs the
+    same number of them: a rank short of batches repeats its first one and ignores the result."""
+    names = [n for n, s in streams.items() if len(s)]
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)  # loss x tokens, tokens, correct
+    for j, name in enumerate(names):
+        stream = streams[name]
+        n = len(stream)
+        num_batches = min(max_batches * env.world_size, math.ceil(n / batch_size))
+        mine: list[int | None] = list(range(env.rank, num_batches, env.world_size))
+        if is_fsdp(model):
+            mine += [None] * (math.ceil(num_batches / env.world_size) - len(mine))
+        for b in mine:
+            start = (b or 0) * batch_size
+            indices = np.arange(start, min(start + batch_size, n))
+            arrays = stream.batch(indices, indices, EVAL_SEED)
+            batch = {k: torch.from_numpy(v).to(env.device) for k, v in arrays.items()}
+            out = model(**batch)
+            if b is None:
+                continue
+            labels = batch["labels"]
+            correct = (out.logits.argmax(-1) == labels[labels != IGNORE_INDEX]).sum()
+            count = int(out.num_label_tokens)
+            sums[j] += torch.tensor([float(out.loss) * count, count, int(correct)])
+    if env.distributed:
+        sums = sums.to(env.device)
+        torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+    results: dict[str, float] = {}
+    for j, name in enumerate(names):
+        loss_sum, tokens, correct = sums[j].tolist()
+        if tokens == 0:
+            continue
+        loss = loss_sum / tokens
+        accuracy = "accuracy" if name == "masked_lm" else "token_accuracy"
+        results[f"{name}/loss"] = loss
+        results[f"{name}/perplexity"] = math.exp(min(loss, 50))
+        results[f"{name}/{accuracy}"] = correct / tokens
+    return results
+
+
+def _rouge(model, tokenizer, summaries, count, batch_size, decoding, env: Env) -> dict:
+    """ROUGE of summaries of the first ``count`` held-out documents, and of the lead baseline
+    (the document's first words, as many as the reference has).
+
+    DDP (or one process): each rank summarizes every N-th document with its own replica, and
+    per-document scores are gathered. FSDP: decoding runs a data-dependent number of forward
+    passes, which sharded weights cannot follow rank by rank, so the full weights are gathered
+    onto rank 0's CPU and rank 0 decodes alone.
+    """
+    fsdp = is_fsdp(model)
+    if fsdp:
+        weights = full_state_dict(model)  # collective
+        if not env.main:
+            return {}
+        with torch.device("meta"):
+            replica = MiniTuringModel(model.config)
+        replica.load_state_dict(weights, assign=True)
+        model, mine = replica.to(env.device).eval(), list(range(count))
+    else:
+        mine = list(range(env.rank, count, env.world_size))
+    cfg = decoding or DecodingConfig(max_new_tokens=summaries.target_len, num_beams=1)
+    sources = []
+    for i in mine:
+        ids, _, prefix = summaries.example(i)
+        sources.append(ids[:prefix].tolist())
+    predictions = []
+    for start in range(0, len(sources), batch_size):
+        outs = generate(model, sources[start : start + batch_size], cfg)
+        predictions += tokenizer.batch_decode(outs, skip_special_tokens=True)
+    rows = []
+    for source, prediction, i in zip(sources, predictions, mine, strict=True):
+        reference = tokenizer.decode(summaries.targets[i], skip_special_tokens=True).strip()
+        words = tokenizer.decode(source[1:-1], skip_special_tokens=True).split()
+        lead = " ".join(words[: len(reference.split())])
+        rows.append(rouge_scores(prediction.strip(), reference) + rouge_scores(lead, reference))
+    if env.distributed and not fsdp:
+        gathered: list = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    means = np.mean(rows, axis=0).tolist()
+    keys = [f"summarize/{k}" for k in ROUGE_KEYS] + [f"summarize/lead_{k}" for k in ROUGE_KEYS]
+    return dict(zip(keys, means, strict=True))

@@ -1,0 +1,239 @@
+"""Everything a run needs before its first step, in order: the run folder, the data and the
+tokenizer, the model (wrapped for the device and the processes), the optimizer and the data
+loader, restored from the last checkpoint when resuming. ``prepare`` returns them as a ``Run``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.batching import MixtureLoader
+from data.objectives import OBJECTIVES
+from data.pipeline import RawData, Streams, build_streams, load_raw
+from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from model.config import MiniTuringConfig
+from model.hf import save_remote_code
+from model.tokenizer import check_compatible
+from model.transformer import MiniTuringModel
+from trainer.checkpoint import Checkpointer, check_resumed_model
+from trainer.config import TrainConfig, build_model_config, parse_objectives, validate
+from trainer.distributed import Env, from_rank0, local_main_first, setup_env, wrap_model
+from trainer.errors import TrainingError
+from trainer.metrics import Metrics, check_report_to
+from trainer.optim import make_optimizer
+
+log = logging.getLogger("minituring")
+
+
+@dataclass
+class TrainState:
+    """What the loop changes as it trains, saved in every checkpoint's state.json."""
+
+    step: int = 0
+    tokens: int = 0
+    planned_steps: int | None = None
+    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
+    skipped_steps: int = 0
+    elapsed: float = 0.0  # training seconds before this process started
+    global_batch: int | None = None
+    data: dict = field(default_factory=dict)  # the loader's position
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Run:
+    """The parts of a run, made by ``prepare`` and used by the loop."""
+
+    cfg: TrainConfig
+    env: Env
+    folder: Path
+    raw: RawData
+    streams: Streams
+    tokenizer: object
+    model: MiniTuringModel  # the plain model (under FSDP: with sharded parameters)
+    wrapped: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    loader: MixtureLoader
+    weights: dict[str, float]  # the mixture
+    checkpointer: Checkpointer
+    metrics: Metrics
+    state: TrainState
+    data_seconds: float
+
+    @property
+    def resumed(self) -> bool:
+        return self.cfg.run.resume is not None
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.optim.batch_size * self.cfg.optim.grad_accum * self.env.world_size
+
+
+def prepare(cfg: TrainConfig, make_loader: Callable[..., MixtureLoader] = MixtureLoader) -> Run:
+    """Check the configuration, then build every part of the run (see the module's doc)."""
+    seq_len = validate(cfg)
+    check_report_to(cfg.run.report_to)
+    env = setup_env(cfg.run)
+    folder = Path(cfg.run.output_dir)
+    resuming = cfg.run.resume is not None
+    if env.main:
+        _check_folder(folder, resuming)
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+
+    t0 = time.perf_counter()
+    raw, tokenizer, streams, weights = _data(cfg, env, folder, seq_len)
+    data_seconds = time.perf_counter() - t0
+
+    model_config = build_model_config(cfg, tokenizer)
+    model = MiniTuringModel(model_config)
+    if resuming:
+        saved = MiniTuringConfig.from_pretrained(folder)
+        check_compatible(tokenizer, saved, where=str(folder))
+        check_resumed_model(saved, model_config, folder)
+    wrapped = wrap_model(
+        model,
+        env,
+        activation_checkpointing=cfg.run.activation_checkpointing,
+        compile=cfg.run.compile,
+    )
+    optimizer = make_optimizer(model, cfg.optim)
+    loader = make_loader(
+        streams.train,
+        weights,
+        cfg.optim.batch_size,
+        cfg.run.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    checkpointer = Checkpointer(folder, cfg.run.keep_checkpoints, main=env.main)
+    state = TrainState()
+    if resuming:
+        latest = checkpointer.latest()
+        if latest is None:
+            raise TrainingError(
+                f"--resume {folder}: no complete checkpoint in {folder / 'checkpoints'} (the "
+                "run stopped before its first save); start it again without --resume"
+            )
+        state = TrainState.from_dict(checkpointer.load(latest, model, optimizer))
+        loader.load_state_dict(state.data)
+    elif env.main:
+        model_config.training = cfg.to_dict()
+        model_config.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
+        save_remote_code(folder)  # AutoModel*.from_pretrained(folder, trust_remote_code=True)
+    metrics = Metrics(
+        folder / "metrics.jsonl",
+        env.main,
+        state.step if resuming else None,
+        report_to=cfg.run.report_to,
+    )
+    run = Run(
+        cfg, env, folder, raw, streams, tokenizer, model, wrapped, optimizer, loader, weights,
+        checkpointer, metrics, state, data_seconds,
+    )  # fmt: skip
+    if env.main:
+        print(describe(run, seq_len), flush=True)
+    _check_global_batch(run)
+    return run
+
+
+def _check_folder(folder: Path, resuming: bool) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"cannot write to output folder {folder}: {err.strerror}") from None
+    if not resuming and (folder / "checkpoints" / "latest").exists():
+        raise TrainingError(
+            f"{folder} already holds a run; continue it with --resume {folder} "
+            "or choose another --output-dir"
+        )
+
+
+def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
+    """Raw data, tokenizer, the objectives' streams and the mixture's weights. With several
+    processes, each machine's first one builds the corpus and tokenization caches while the
+    others wait and then read them, and the tokenizer is trained once, by rank 0, and sent to
+    the others."""
+    with local_main_first(env):
+        raw = load_raw(cfg.data)
+    if cfg.run.resume is not None:
+        tokenizer = load_tokenizer(folder)
+    elif cfg.data.tokenizer:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tokenizer = from_rank0(
+            env,
+            lambda: train_tokenizer(
+                raw.train_texts + [d for d, _ in raw.train_pairs],
+                kind=cfg.data.tokenizer_kind,
+                vocab_size=cfg.data.vocab_size,
+            ),
+        )
+    available = [n for n in OBJECTIVES if raw.has(n)]
+    weights = parse_objectives(cfg.run.objectives, available)
+    objectives = [n for n, w in weights.items() if w > 0]
+    with local_main_first(env):
+        streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len)
+    if cfg.run.objectives.strip() == "auto":
+        # "Every objective with data": one whose examples all fell away (no document with two
+        # sentences for gap_summary, say) is left out rather than failing the run.
+        for name in [n for n in objectives if len(streams.train[n]) == 0]:
+            if env.main:
+                log.warning("objective %s has no training examples; left out of the mixture", name)
+            weights.pop(name)
+            objectives.remove(name)
+            streams.train.pop(name)
+            streams.eval.pop(name, None)
+        if not objectives:
+            raise TrainingError("no objective has training examples in the given data")
+    return raw, tokenizer, streams, weights
+
+
+def _check_global_batch(run: Run) -> None:
+    """The learning rate and schedule are per optimizer step of the global batch; a run resumed
+    on another number of processes continues the same recipe only with the same global batch."""
+    saved = run.state.global_batch or run.global_batch
+    if saved != run.global_batch and run.env.main:
+        print(
+            f"warning: the checkpoint was trained with a global batch of {saved} sequences, this "
+            f"run's is {run.global_batch}; to continue the same recipe on {run.env.world_size} "
+            "process(es), choose --batch-size and --grad-accum so that batch x accumulation x "
+            f"processes = {saved}",
+            flush=True,
+        )
+    run.state.global_batch = run.global_batch
+
+
+def describe(run: Run, seq_len: int) -> str:
+    cfg, env = run.cfg, run.env
+    n_params = sum(p.numel() for p in run.model.parameters())
+    precision = "bf16 autocast" if env.dtype else "fp32"
+    strategy = "" if env.strategy == "none" else " " + env.strategy.upper()
+    weights = ", ".join(f"{n}={w:g}" for n, w in run.weights.items())
+    lines = [
+        f"model: {cfg.model.preset}, {n_params / 1e6:.1f}M parameters | device {env.device} "
+        f"x{env.world_size}{strategy}, {precision}",
+        f"data: {run.raw.description} (prepared in {run.data_seconds:.0f}s)",
+        f"objectives: {weights} | {run.streams.describe()}",
+        f"global batch {run.global_batch} sequences = {cfg.optim.batch_size} x "
+        f"{cfg.optim.grad_accum} accumulation x {env.world_size} processes; block {seq_len} tokens",
+    ]
+    if run.resumed:
+        lines.append(f"resuming from step {run.state.step}")
+    return "\n".join(lines)
