@@ -28,6 +28,19 @@ from model.tokenizer import (  # noqa: F401  (re-exported: the tokenizer's whole
 KINDS = ("bpe", "wordpiece", "unigram")
 
 
+def check_tokenizer_options(kind: str, vocab_size: int) -> None:
+    """Refuse a tokenizer kind or size that cannot be trained, before any data is read."""
+    if kind not in KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+    floor = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 0)
+    if vocab_size <= floor:
+        raise TokenizerError(
+            f"vocabulary size {vocab_size} is too small: {kind} needs more than {floor} entries "
+            f"({len(SPECIAL_TOKENS)} special tokens"
+            + (" + 256 byte symbols)" if kind == "bpe" else ")")
+        )
+
+
 def train_tokenizer(
     texts: Iterable[str],
     *,
@@ -37,15 +50,8 @@ def train_tokenizer(
     length: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (default), WordPiece or Unigram tokenizer on ``texts``."""
-    if kind not in KINDS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+    check_tokenizer_options(kind, vocab_size)
     specials = [added_token(role, tok) for role, tok in SPECIAL_TOKENS.items()]
-    if vocab_size <= len(specials) + (256 if kind == "bpe" else 0):
-        floor = len(specials) + (256 if kind == "bpe" else 0)
-        raise TokenizerError(
-            f"vocabulary size {vocab_size} is too small: {kind} needs more than {floor} entries "
-            f"({len(specials)} special tokens" + (" + 256 byte symbols)" if kind == "bpe" else ")")
-        )
     if kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
         # A prefix space makes a sentence-initial word the same token as it is mid-sentence.

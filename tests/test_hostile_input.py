@@ -18,6 +18,7 @@ from conftest import TINY_FLAGS
 import model as api
 import train
 from data.batching import MixtureLoader
+from trainer import setup
 
 pytestmark = pytest.mark.usefixtures("without_plot")
 
@@ -302,11 +303,20 @@ FLAG_CASES = [
 ]
 
 
+# Cases that only the data can decide: refused after reading it, before training a tokenizer.
+NEEDS_THE_DATA = {"objective summarize needs document/summary pairs"}
+
+
 @pytest.mark.parametrize("flags, pattern", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
-def test_impossible_or_contradictory_flags(tmp_path, corpus_files, flags, pattern):
+def test_impossible_or_contradictory_flags(tmp_path, corpus_files, monkeypatch, flags, pattern):
     text, _ = corpus_files
+    work = []
+    real_load_raw = setup.load_raw
+    monkeypatch.setattr(setup, "load_raw", lambda cfg: work.append("read") or real_load_raw(cfg))
+    monkeypatch.setattr(setup, "train_tokenizer", lambda *a, **k: work.append("tokenizer"))
     message = main_error(run_flags(tmp_path, "--train-text", str(text)) + flags)
     assert re.search(pattern, message), message
+    assert work == (["read"] if pattern in NEEDS_THE_DATA else []), work
 
 
 def test_tokenizer_and_resume_contradict(tmp_path, tiny_run):

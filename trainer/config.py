@@ -4,12 +4,14 @@ training again from it reproduces the run."""
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from data.objectives import OBJECTIVES
 from data.pipeline import DataConfig
+from data.tokenizer import check_tokenizer_options
 from model.config import PRESETS, MiniTuringConfig, resolve_shape
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
@@ -76,10 +78,12 @@ class RunConfig:
     """Recompute each block's activations during the backward pass: less memory, more compute."""
     compile: bool = False
     """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
-    max_steps: int = 1200
-    """Optimizer steps to train for."""
+    max_steps: int | None = None
+    """Optimizer steps to train for (default: 1200; with --time-budget, as many as fit)."""
     time_budget: float | None = None
-    """Stop after this many seconds of training; the schedule is fitted to the steps that fit."""
+    """Seconds the whole run takes, data preparation, evaluations and checkpoints included;
+    the learning-rate schedule is fitted to the steps that fit, and refitted as the speed is
+    measured (with --max-steps as a cap, when given)."""
     objectives: str = "auto"
     """Mixture, e.g. masked_lm=1,gap_summary=0.5,summarize=1. auto: every objective with data."""
     log_every: int = 20
@@ -122,9 +126,12 @@ class TrainConfig:
         return cls(**parts)
 
 
-def parse_objectives(spec: str, available: list[str]) -> dict[str, float]:
-    """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> weight 1 for each available one."""
+def parse_objectives(spec: str, available: list[str] | None) -> dict[str, float]:
+    """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> weight 1 for each available one.
+    With ``available`` None (before the data is read) only the spelling is checked."""
     if spec.strip() == "auto":
+        if available is None:
+            return {}
         if not available:
             raise ValueError(
                 "no training data left: every document was held out for evaluation "
@@ -150,6 +157,8 @@ def parse_objectives(spec: str, available: list[str]) -> dict[str, float]:
             )
     if not any(w > 0 for w in weights.values()):
         raise ValueError(f"--objectives {spec!r}: at least one objective needs a weight > 0")
+    if available is None:
+        return weights
     missing = [n for n, w in weights.items() if w > 0 and n not in available]
     if missing:
         need = {"summarize": "document/summary pairs (--train-pairs)"}
@@ -213,12 +222,19 @@ def validate(cfg: TrainConfig) -> int:
         raise TrainingError(
             f"unknown --preset {cfg.model.preset!r}; expected one of {', '.join(PRESETS)}"
         )
-    seq_len = resolve_shape(cfg.model.preset, seq_len=cfg.model.seq_len)["seq_len"]
+    m = cfg.model
+    shape = resolve_shape(
+        m.preset, hidden_size=m.hidden_size, num_heads=m.num_heads, seq_len=m.seq_len
+    )
+    seq_len = shape["seq_len"]
     checks = [
         (cfg.optim.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.optim.batch_size}"),
         (cfg.optim.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.optim.grad_accum}"),
         (cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
-        (cfg.run.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.run.max_steps}"),
+        (
+            cfg.run.max_steps is None or cfg.run.max_steps >= 1,
+            f"--max-steps must be >= 1, got {cfg.run.max_steps}",
+        ),
         (
             cfg.run.time_budget is None or cfg.run.time_budget > 0,
             "--time-budget must be > 0 seconds",
@@ -249,7 +265,22 @@ def validate(cfg: TrainConfig) -> int:
         ),
     ]
     checks += _range_checks(cfg)
+    heads = shape["num_heads"]
+    if heads >= 1 and shape["hidden_size"] >= 1:
+        checks.append(
+            (
+                shape["hidden_size"] % heads == 0,
+                f"hidden_size ({shape['hidden_size']}) must be divisible by num_heads ({heads})",
+            )
+        )
     for ok, message in checks:
         if not ok:
-            raise TrainingError(f"{message}")
+            raise TrainingError(message)
+    try:
+        codecs.lookup(cfg.data.encoding)
+    except LookupError:
+        raise TrainingError(f"unknown encoding {cfg.data.encoding!r}") from None
+    parse_objectives(cfg.run.objectives, available=None)
+    if not cfg.data.tokenizer and not cfg.run.resume:
+        check_tokenizer_options(cfg.data.tokenizer_kind, cfg.data.vocab_size)
     return seq_len

@@ -172,6 +172,9 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     the others."""
     with local_main_first(env):
         raw = load_raw(cfg.data)
+    available = [n for n in OBJECTIVES if raw.has(n)]
+    weights = parse_objectives(cfg.run.objectives, available)
+    objectives = [n for n, w in weights.items() if w > 0]
     if cfg.run.resume is not None:
         tokenizer = load_tokenizer(folder)
     elif cfg.data.tokenizer:
@@ -185,9 +188,6 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
                 vocab_size=cfg.data.vocab_size,
             ),
         )
-    available = [n for n in OBJECTIVES if raw.has(n)]
-    weights = parse_objectives(cfg.run.objectives, available)
-    objectives = [n for n, w in weights.items() if w > 0]
     with local_main_first(env):
         streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len)
     if cfg.run.objectives.strip() == "auto":
