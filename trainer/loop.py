@@ -28,6 +28,7 @@ from trainer.metrics import (
     write_training_curves,
 )
 from trainer.optim import lr_at
+from trainer.schedule import Plan
 from trainer.setup import Run, prepare
 
 
@@ -83,10 +84,11 @@ def train(
 
     ``clock`` (seconds) times the steps and the budget, and ``make_loader`` builds the data
     loader, for tests that drive a run by a fake clock or watch its batches."""
+    started = clock()
     run = prepare(cfg, make_loader=make_loader)
     stop = StopSignal()
     try:
-        reason = loop(run, stop, clock)
+        reason = loop(run, stop, clock, started)
     except Stopped as stopped:
         # Pre-empted: the grace period is short, so no plot or samples.
         if run.env.main:
@@ -117,26 +119,30 @@ class Window:
         self.data += other.data
 
 
-def loop(run: Run, stop: StopSignal, clock: Callable[[], float]) -> str:
+def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float) -> str:
+    """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
-    total = state.planned_steps or cfg.run.max_steps
+    plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
     start_step, elapsed_before = state.step, state.elapsed
-    progress = Progress(total, start_step, enabled=env.main and cfg.run.progress)
-    window, start, reason = Window(), clock(), "done"
-    warm = Window()  # every log window but the first: the speed after warm-up
+    progress = Progress(plan.total, start_step, enabled=env.main and cfg.run.progress)
+    window, warm, reason = Window(), Window(), "done"  # warm: every log window but the first
     # The time estimate waits until the speed is known, sooner on a short run.
-    eta_at = start_step + min(ETA_AFTER_STEPS, max((total - start_step) // 2, 1))
+    eta_at = start_step + min(ETA_AFTER_STEPS, max((plan.total - start_step) // 2, 1))
 
     def elapsed() -> float:
-        return elapsed_before + clock() - start
+        return elapsed_before + clock() - started
 
-    while state.step < total:
+    def timed(job, *args) -> float:
+        t = clock()
+        job(*args)
+        return agreed(clock() - t, env)
+
+    while state.step < plan.total:
         t_step = clock()
         batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
         window.data += clock() - t_step
-        losses, grad_norm, applied = train_step(
-            run, batches, lr_at(state.step, total, cfg.optim), window
-        )
+        lr = lr_at(state.step, plan.total, cfg.optim)
+        losses, grad_norm, applied = train_step(run, batches, lr, window)
         if not applied:
             skip_step(run, progress)
         state.step += 1
@@ -144,22 +150,24 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float]) -> str:
         for name, value in losses.items():
             window.losses.setdefault(name, []).append(value)
         window.time += clock() - t_step
+        plan.step_seconds.append(clock() - t_step)
 
-        if cfg.run.time_budget and state.planned_steps is None and state.step == min(20, total):
-            total = plan_steps(run, (clock() - start) / (state.step - start_step))
-            progress.set_total(total)
-        if env.main and state.step == eta_at and state.step < total:
-            seconds = clock() - start
-            progress.write(eta_line(state.step - start_step, seconds, state.step, total))
+        if plan.due(state.step):
+            fitted = plan.fit(state.step, elapsed(), cfg.run.eval_every, cfg.run.save_every)
+            state.planned_steps = plan.total = int(agreed(fitted, env))
+            progress.set_total(plan.total)
+        if env.main and state.step == eta_at and state.step < plan.total:
+            seconds = sum(plan.step_seconds)
+            progress.write(eta_line(state.step - start_step, seconds, state.step, plan.total))
         progress.update(state.step)
-        last = state.step == total
+        last = state.step == plan.total
         if state.step % cfg.run.log_every == 0 or last:
             log_record(run, progress, window, grad_norm, elapsed())
             if state.step > start_step + cfg.run.log_every:
                 warm.add(window)
             window = Window()
         if cfg.run.eval_every and state.step % cfg.run.eval_every == 0 and not last:
-            run_evaluation(run, progress)
+            plan.eval_seconds = timed(run_evaluation, run, progress)
         if stop.requested(env):
             save(run, elapsed())
             progress.close()
@@ -169,10 +177,10 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float]) -> str:
                 stop.received,
             )
         if cfg.run.save_every and state.step % cfg.run.save_every == 0 and not last:
-            save(run, elapsed())
-        if cfg.run.time_budget and not last and agreed(elapsed() >= cfg.run.time_budget, env):
-            total = state.step
-            reason = f"time budget of {cfg.run.time_budget:g}s reached at step {total}"
+            plan.save_seconds = timed(save, run, elapsed())
+        if not last and agreed(plan.out_of_time(elapsed()), env):
+            state.planned_steps = plan.total = state.step
+            reason = f"time budget of {cfg.run.time_budget:g}s reached at step {state.step}"
     progress.close()
     run_evaluation(run, progress)
     if state.step > start_step:
@@ -180,7 +188,9 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float]) -> str:
         # again would replace the latest complete checkpoint in place.)
         save(run, elapsed())
     if env.main:
-        write_summary(run.folder, summary(run, warm, total, elapsed()))
+        write_summary(run.folder, summary(run, warm, plan, elapsed()))
+    if cfg.run.time_budget:
+        reason += f" ({elapsed():.0f}s of the {cfg.run.time_budget:g}s budget)"
     if state.skipped_steps:
         plural = "s" if state.skipped_steps > 1 else ""
         reason += f" ({state.skipped_steps} step{plural} skipped: non-finite loss or gradient)"
@@ -258,15 +268,6 @@ def skip_step(run: Run, progress: Progress) -> None:
         )
 
 
-def plan_steps(run: Run, seconds_per_step: float) -> int:
-    """A time budget fixes the schedule's length once the speed is known (saved, so a resumed
-    run keeps the same schedule)."""
-    per_step = agreed(seconds_per_step, run.env)
-    budget, state = run.cfg.run.time_budget, run.state
-    state.planned_steps = max(state.step, min(run.cfg.run.max_steps, int(budget / per_step)))
-    return state.planned_steps
-
-
 def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, elapsed: float):
     state = run.state
     record = {
@@ -285,14 +286,15 @@ def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, e
     progress.log(record)
 
 
-def summary(run: Run, warm: Window, planned: int, elapsed: float) -> dict:
+def summary(run: Run, warm: Window, plan: Plan, elapsed: float) -> dict:
     """The numbers ``summary.json`` holds for this process's part of the run. Model FLOPs are
     the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length."""
     tokens_per_s = warm.tokens / warm.time if warm.time else None
     flops = run.model.config.flops_per_token(run.model.config.length("seq_len"))
     return {
         "steps": run.state.step,
-        "planned_steps": planned,
+        "planned_steps": plan.total,
+        "time_budget": plan.budget,
         "tokens": run.state.tokens,
         "elapsed": elapsed,
         "data_seconds": run.data_seconds,

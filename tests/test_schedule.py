@@ -1,0 +1,68 @@
+"""The time-budget plan: the whole run fits the budget, the schedule ends with it, and it is
+refitted when the speed changes. Driven by a simulated timeline, so nothing waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import OptimConfig
+from trainer.optim import lr_at
+from trainer.schedule import DEFAULT_STEPS, FIRST_PLAN_AT, Plan
+
+
+def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0, save_cost=0.0):
+    """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans)."""
+    plan = Plan(budget, None, None)
+    step, now, plans = 0, 0.0, []
+    while step < plan.total:
+        cost = seconds_per_step(step)
+        now += cost
+        step += 1
+        plan.step_seconds.append(cost)
+        if plan.due(step):
+            plan.total = plan.fit(step, now, eval_every, save_every)
+            plans.append((step, plan.total))
+        last = step == plan.total
+        if eval_every and step % eval_every == 0 and not last:
+            now += eval_cost
+            plan.eval_seconds = eval_cost
+        if save_every and step % save_every == 0 and not last:
+            now += save_cost
+            plan.save_seconds = save_cost
+        if not last and plan.out_of_time(now):
+            plan.total = step
+    now += eval_cost + save_cost  # the final evaluation and checkpoint
+    return step, now, plans
+
+
+def test_without_a_budget_the_plan_is_max_steps():
+    assert Plan(None, None, None).total == DEFAULT_STEPS
+    assert Plan(None, 77, None).total == 77
+    assert Plan(100.0, 77, 50).total == 50  # a resumed run keeps its saved plan
+    assert not Plan(None, None, None).due(FIRST_PLAN_AT)
+
+
+def test_the_whole_run_fits_the_budget_and_uses_it():
+    steps, seconds, _ = simulate(
+        600.0, lambda s: 0.2, eval_every=400, eval_cost=8.0, save_every=400, save_cost=2.0
+    )
+    assert seconds <= 600.0
+    # Nearly all of it: at most a few steps' worth and the unmeasured guesses left over.
+    assert seconds >= 600.0 - 0.03 * 600 * 2 - 1.0
+    assert 2500 < steps < 3000
+
+
+def test_a_slowdown_is_refitted_and_the_run_still_ends_in_time():
+    speed = lambda s: 0.1 if s < 500 else 0.3  # noqa: E731
+    steps, seconds, plans = simulate(300.0, speed, eval_every=200, eval_cost=3.0)
+    assert seconds <= 300.0
+    assert plans[0][1] > plans[-1][1]  # planned long at first, then shortened
+    assert steps == plans[-1][1]  # and the schedule still ends with the run
+
+
+def test_the_learning_rate_ends_with_the_budget():
+    cfg = OptimConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10)
+    steps, _, plans = simulate(100.0, lambda s: 0.05)
+    final = plans[-1][1]
+    assert steps == final
+    assert lr_at(final - 1, final, cfg) == pytest.approx(1e-4, rel=0.02)

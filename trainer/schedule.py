@@ -1,0 +1,82 @@
+"""How long a run trains: the plan the learning-rate schedule is drawn over.
+
+Without a time budget the plan is ``--max-steps`` (default ``DEFAULT_STEPS``). With one, the
+whole run (data preparation, steps, evaluations and checkpoints) must end within it, and the
+schedule must end with it: the plan is fitted once the speed is known (step ``FIRST_PLAN_AT``)
+and refitted every ``REPLAN_EVERY`` steps from the measured cost of a step, of an evaluation and
+of a checkpoint, keeping back what the final evaluation and checkpoint will take. The plan is
+saved with every checkpoint (``planned_steps``), so a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+import math
+
+DEFAULT_STEPS = 1200
+FIRST_PLAN_AT = 20
+REPLAN_EVERY = 50
+# Until an evaluation and a checkpoint have been timed, the final ones are assumed to take this
+# share of the budget.
+UNMEASURED_FINAL_SHARE = 0.03
+
+
+class Plan:
+    def __init__(self, budget: float | None, cap: int | None, planned: int | None) -> None:
+        self.budget, self.cap = budget, cap
+        self.total = planned or cap or DEFAULT_STEPS
+        self.step_seconds: list[float] = []  # of this process's steps
+        self.eval_seconds: float | None = None
+        self.save_seconds: float | None = None
+
+    def final_cost(self) -> float:
+        """Seconds kept back for the final evaluation and checkpoint."""
+        if self.eval_seconds is None or self.save_seconds is None:
+            guess = UNMEASURED_FINAL_SHARE * self.budget
+            return (self.eval_seconds or guess) + (self.save_seconds or guess)
+        return self.eval_seconds + self.save_seconds
+
+    def due(self, step: int) -> bool:
+        """Whether to (re)fit the plan after ``step``."""
+        if not self.budget:
+            return False
+        measured = len(self.step_seconds) >= min(FIRST_PLAN_AT, 10)
+        return step == FIRST_PLAN_AT or (measured and step % REPLAN_EVERY == 0)
+
+    def fit(self, step: int, elapsed: float, eval_every: int, save_every: int) -> int:
+        """The most steps whose time, with the evaluations and checkpoints due on the way and
+        the final ones, fits what is left of the budget (at least ``step``: none left)."""
+        # The speed now: the latest steps, without this process's first few (warm-up).
+        measured = self.step_seconds[3:] if len(self.step_seconds) > 6 else self.step_seconds
+        recent = measured[-REPLAN_EVERY:]
+        per_step = sum(recent) / max(len(recent), 1)
+        left = self.budget - elapsed - self.final_cost()
+
+        def cost(n: int) -> float:
+            """Seconds of ``n`` more steps, with the periodic jobs due at steps ``step`` (this
+            one's are still to come) to ``step + n - 1`` (the last step has the final ones)."""
+            total = n * per_step
+            for every, seconds in (
+                (eval_every, self.eval_seconds),
+                (save_every, self.save_seconds),
+            ):
+                if every and seconds and n > 0:
+                    total += ((step + n - 1) // every - (step - 1) // every) * seconds
+            return total
+
+        if per_step <= 0 or left <= 0:
+            return step
+        amortized = per_step + sum(
+            seconds / every
+            for every, seconds in ((eval_every, self.eval_seconds), (save_every, self.save_seconds))
+            if every and seconds
+        )
+        n = max(0, math.floor(left / amortized))  # close; then exact
+        while cost(n + 1) <= left:
+            n += 1
+        while n > 0 and cost(n) > left:
+            n -= 1
+        total = step + n
+        return min(total, self.cap) if self.cap else total
+
+    def out_of_time(self, elapsed: float) -> bool:
+        return bool(self.budget) and elapsed + self.final_cost() >= self.budget
