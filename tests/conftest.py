@@ -20,6 +20,25 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
+def train_flags(out: Path, corpus_files, *extra: str) -> list[str]:
+    """A tiny run on the test corpus (its text and its pairs) into ``out``."""
+    text_file, pairs = corpus_files
+    data = ["--train-text", str(text_file), "--train-pairs", str(pairs)]
+    return TINY_FLAGS + data + ["--output-dir", str(out), *extra]
+
+
+def metrics(folder: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    path = Path(folder) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_step(folder: Path) -> int:
+    """The step of a run's latest complete checkpoint."""
+    name = (Path(folder) / "checkpoints" / "latest").read_text().strip()
+    return json.loads((Path(folder) / "checkpoints" / name / "state.json").read_text())["step"]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Never write into the user's cache from tests."""

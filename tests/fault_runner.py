@@ -23,7 +23,6 @@ The hooks wrap the functions ``train`` calls, from outside: the trainer has no t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -148,11 +147,6 @@ def run(argv: list[str]) -> None:
 COMPARED = ("lr", "grad_norm", "tokens")
 
 
-def metrics(folder: Path) -> list[dict]:
-    path = Path(folder) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def compared(record: dict) -> dict:
     return {
         k: v
@@ -166,6 +160,7 @@ def assert_same_run(a: Path, b: Path, rel: float = 1e-5, abs_: float = 1e-6) -> 
     final weights, to floating-point tolerance."""
     import pytest
     import torch
+    from conftest import metrics
     from safetensors.torch import load_file
 
     ma, mb = [compared(m) for m in metrics(a)], [compared(m) for m in metrics(b)]
@@ -179,11 +174,6 @@ def assert_same_run(a: Path, b: Path, rel: float = 1e-5, abs_: float = 1e-6) -> 
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=rel, atol=abs_, msg=key)
-
-
-def latest_step(folder: Path) -> int:
-    name = (Path(folder) / "checkpoints" / "latest").read_text().strip()
-    return json.loads((Path(folder) / "checkpoints" / name / "state.json").read_text())["step"]
 
 
 if __name__ == "__main__":

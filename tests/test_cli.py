@@ -3,6 +3,7 @@ plot give what the Python API and the trainer give, and bad input gets one clear
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -63,13 +64,14 @@ def test_fill_mask_command_matches_the_api(tiny_run, lm):
             assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], rel=1e-5)
 
 
-def test_summarize_command_reads_stdin_and_matches_the_api(tiny_run, lm):
-    out = python_m_model(
-        "summarize", str(tiny_run), "-", "--json", "--num-beams", "2", "--max-new-tokens", "8",
-        stdin="\n".join(DOCS) + "\n\n",
+def test_summarize_command_reads_stdin_and_matches_the_api(tiny_run, lm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(DOCS) + "\n\n"))
+    code, out, err = run_main(
+        capsys, "summarize", str(tiny_run), "-", "--json", "--num-beams", "2",
+        "--max-new-tokens", "8",
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    assert code == 0, err
+    result = json.loads(out)
     expected = lm.summarize(DOCS, num_beams=2, max_new_tokens=8)
     assert result == [{"index": i, "summary": s} for i, s in enumerate(expected)]
 

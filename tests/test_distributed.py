@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import metrics, train_flags
 from safetensors.torch import load_file
 
 import train
@@ -41,9 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def flags(corpus_files, out: Path, *extra: str) -> list[str]:
-    text_file, pairs = corpus_files
-    data = ["--train-text", str(text_file), "--train-pairs", str(pairs)]
-    return TINY_FLAGS + data + STEPS + LOGS + ["--output-dir", str(out)] + list(extra)
+    return train_flags(out, corpus_files, *STEPS, *LOGS, *extra)
 
 
 def launch(runs: list[list[str]], workdir: Path, nproc: int = 2) -> None:
@@ -68,10 +66,6 @@ def launch(runs: list[list[str]], workdir: Path, nproc: int = 2) -> None:
     assert done.returncode == 0, (
         f"{nproc}-process run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     )
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(expected: Path, actual: Path) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
-from fault_runner import assert_same_run, install, latest_step, metrics, slow_down
+from conftest import latest_step, metrics, train_flags
+from fault_runner import assert_same_run, install, slow_down
 from safetensors.torch import load_file, save_file
 
 import model as api
@@ -49,12 +49,10 @@ pytestmark = pytest.mark.usefixtures("without_plot")
 
 
 def flags(out: Path, corpus_files, *extra: str) -> list[str]:
-    text, pairs = corpus_files
-    return TINY_FLAGS + [
-        "--train-text", str(text), "--train-pairs", str(pairs), "--output-dir", str(out),
-        "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+    return train_flags(
+        out, corpus_files, "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY),
         "--keep-checkpoints", str(KEEP), "--log-every", "2", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

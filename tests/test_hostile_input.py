@@ -234,6 +234,7 @@ def test_long_documents_are_split_and_long_pairs_truncated(tmp_path, texts, monk
     assert any(name == "summarize" and longest == 64 + 15 for name, _, longest in seen)
 
 
+@pytest.mark.slow
 def test_a_hundred_megabyte_single_line(tmp_path, corpus_files, tokenizer, capsys):
     """Read through the whole CLI: cut into 1M-character documents, held out by hash, no
     giant string downstream. (Only the pairs are tokenized here: tokenizing 100 MB is a few

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS
-from fault_runner import assert_same_run, latest_step, metrics
+from conftest import latest_step, metrics, train_flags
+from fault_runner import assert_same_run
 
 import train
 from data.batching import MixtureLoader
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.usefixtures("without_plot")
 
 
 def flags(out, corpus_files, *extra: str) -> list[str]:
-    text, pairs = corpus_files
-    return TINY_FLAGS + [
-        "--train-text", str(text), "--train-pairs", str(pairs), "--output-dir", str(out),
-        "--max-steps", str(STEPS), "--log-every", "1", *extra,
-    ]  # fmt: skip
+    return train_flags(out, corpus_files, "--max-steps", str(STEPS), "--log-every", "1", *extra)
 
 
 def run_to_end(argv: list[str], **seams) -> None:

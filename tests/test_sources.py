@@ -273,6 +273,7 @@ def test_long_documents_are_cut_at_whitespace(tmp_path: Path) -> None:
     assert " ".join(read_texts(str(records), max_chars=1000)) == words
 
 
+@pytest.mark.slow
 def test_hundred_megabyte_line(tmp_path: Path) -> None:
     path = tmp_path / "huge.txt"
     word = b"lorem ipsum dolor sit amet "

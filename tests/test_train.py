@@ -4,12 +4,14 @@ exact, and the CLI rejects what it cannot do."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, metrics, train_flags
+from fault_runner import assert_same_run
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -18,22 +20,9 @@ from trainer.errors import TrainingError
 
 
 def run(tmp_path: Path, corpus_files, *extra: str, name: str = "run") -> Path:
-    text_file, pairs = corpus_files
     out = tmp_path / name
-    flags = TINY_FLAGS + [
-        "--train-text",
-        str(text_file),
-        "--train-pairs",
-        str(pairs),
-        "--output-dir",
-        str(out),
-    ]
-    train.train(train.config_from_args(flags + list(extra)))
+    train.train(train.config_from_args(train_flags(out, corpus_files, *extra)))
     return out
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_for_every_objective(tmp_path, corpus_files):
@@ -76,9 +65,13 @@ def test_run_folder_is_complete_and_loadable(tiny_run):
 
 
 def test_config_json_reproduces_the_run(tmp_path, tiny_run):
+    """Training again from nothing but config.json's options gives the same run."""
     saved = json.loads((tiny_run / "config.json").read_text())["training"]
     cfg = train.TrainConfig.from_dict(saved)
     assert cfg.to_dict() == saved
+    cfg.run.output_dir = str(tmp_path / "again")
+    train.train(cfg)
+    assert_same_run(tiny_run, tmp_path / "again")
 
 
 def _losses(folder: Path) -> list[tuple]:
@@ -180,3 +173,16 @@ def test_help_describes_every_flag(capsys):
                  "--objectives", "--train-text", "--train-pairs", "--tokenizer", "--batch-size", "--lr",
                  "--precision", "--text-column", "--seq-len"):  # fmt: skip
         assert flag in text
+
+
+def test_progress_off_a_terminal_is_a_plain_line_per_log_interval(tmp_path, corpus_files, capfd):
+    """In a log file or under a scheduler there is no progress bar to redraw: one line per
+    --log-every steps, no carriage returns."""
+    run(tmp_path, corpus_files, "--max-steps", "10", "--log-every", "5", "--progress")
+    out, err = capfd.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 5/10", "step 10/10"]
+    assert all(re.search(r"\| loss (\w+=[\d.]+ ?)+ \| \d+ tokens/s \|", line) for line in lines), (
+        lines
+    )
+    assert "\r" not in out + err
