@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.batching import MixtureLoader
 from model.transformer import IGNORE_INDEX
@@ -119,88 +120,119 @@ class Window:
         self.data += other.data
 
 
+class Meter:
+    """The run's clock and what it shows: elapsed time, the log windows, the progress bar and
+    the one-off time estimate."""
+
+    def __init__(self, run: Run, plan: Plan, clock: Callable[[], float], started: float) -> None:
+        self.run, self.plan, self.clock, self.started = run, plan, clock, started
+        self.start_step, self.elapsed_before = run.state.step, run.state.elapsed
+        enabled = run.env.main and run.cfg.run.progress
+        self.progress = Progress(plan.total, self.start_step, enabled=enabled)
+        self.window, self.warm = Window(), Window()  # warm: every log window but the first
+        # The time estimate waits until the speed is known, sooner on a short run.
+        self.eta_at = self.start_step + min(
+            ETA_AFTER_STEPS, max((plan.total - self.start_step) // 2, 1)
+        )
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.clock() - self.started
+
+    def timed(self, job, *args) -> float:
+        """Run ``job``; its duration, the same on every rank."""
+        t = self.clock()
+        job(*args)
+        return agreed(self.clock() - t, self.run.env)
+
+    def step_done(self, batches: list, losses: dict, data_wait: float, seconds: float) -> None:
+        state, world = self.run.state, self.run.env.world_size
+        state.step += 1
+        state.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * world
+        for name, value in losses.items():
+            self.window.losses.setdefault(name, []).append(value)
+        self.window.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * world
+        self.window.data += data_wait
+        self.window.time += seconds
+        self.plan.step_seconds.append(seconds)
+        step, total = state.step, self.plan.total
+        if self.run.env.main and step == self.eta_at and step < total:
+            seconds = sum(self.plan.step_seconds)
+            self.progress.write(eta_line(step - self.start_step, seconds, step, total))
+        self.progress.update(step)
+
+    def maybe_log(self, grad_norm: float, last: bool) -> None:
+        step = self.run.state.step
+        if step % self.run.cfg.run.log_every == 0 or last:
+            log_record(self.run, self.progress, self.window, grad_norm, self.elapsed())
+            if step > self.start_step + self.run.cfg.run.log_every:
+                self.warm.add(self.window)
+            self.window = Window()
+
+
 def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float) -> str:
     """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
-    start_step, elapsed_before = state.step, state.elapsed
-    progress = Progress(plan.total, start_step, enabled=env.main and cfg.run.progress)
-    window, warm, reason = Window(), Window(), "done"  # warm: every log window but the first
-    # The time estimate waits until the speed is known, sooner on a short run.
-    eta_at = start_step + min(ETA_AFTER_STEPS, max((plan.total - start_step) // 2, 1))
-
-    def elapsed() -> float:
-        return elapsed_before + clock() - started
-
-    def timed(job, *args) -> float:
-        t = clock()
-        job(*args)
-        return agreed(clock() - t, env)
-
+    meter, reason = Meter(run, plan, clock, started), "done"
     while state.step < plan.total:
-        t_step = clock()
+        t = clock()
         batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
-        window.data += clock() - t_step
-        lr = lr_at(state.step, plan.total, cfg.optim)
-        losses, grad_norm, applied = train_step(run, batches, lr, window)
-        if not applied:
-            skip_step(run, progress)
-        state.step += 1
-        state.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * env.world_size
-        for name, value in losses.items():
-            window.losses.setdefault(name, []).append(value)
-        window.time += clock() - t_step
-        plan.step_seconds.append(clock() - t_step)
-
+        data_wait = clock() - t
+        losses, grad_norm = train_step(run, batches, lr_at(state.step, plan.total, cfg.optim))
+        meter.step_done(batches, losses, data_wait, clock() - t)
         if plan.due(state.step):
-            fitted = plan.fit(state.step, elapsed(), cfg.run.eval_every, cfg.run.save_every)
+            fitted = plan.fit(state.step, meter.elapsed(), cfg.run.eval_every, cfg.run.save_every)
             state.planned_steps = plan.total = int(agreed(fitted, env))
-            progress.set_total(plan.total)
-        if env.main and state.step == eta_at and state.step < plan.total:
-            seconds = sum(plan.step_seconds)
-            progress.write(eta_line(state.step - start_step, seconds, state.step, plan.total))
-        progress.update(state.step)
+            meter.progress.set_total(plan.total)
         last = state.step == plan.total
-        if state.step % cfg.run.log_every == 0 or last:
-            log_record(run, progress, window, grad_norm, elapsed())
-            if state.step > start_step + cfg.run.log_every:
-                warm.add(window)
-            window = Window()
-        if cfg.run.eval_every and state.step % cfg.run.eval_every == 0 and not last:
-            plan.eval_seconds = timed(run_evaluation, run, progress)
+        meter.maybe_log(grad_norm, last)
+        if due(state.step, cfg.run.eval_every, last):
+            plan.eval_seconds = meter.timed(run_evaluation, run, meter.progress)
         if stop.requested(env):
-            save(run, elapsed())
-            progress.close()
+            save(run, meter.elapsed())
+            meter.progress.close()
             raise Stopped(
                 f"stopped by signal {stop.received} at step {state.step}; checkpoint saved. "
                 f"Continue with: python train.py --resume {cfg.run.output_dir}",
                 stop.received,
             )
-        if cfg.run.save_every and state.step % cfg.run.save_every == 0 and not last:
-            plan.save_seconds = timed(save, run, elapsed())
-        if not last and agreed(plan.out_of_time(elapsed()), env):
+        if due(state.step, cfg.run.save_every, last):
+            plan.save_seconds = meter.timed(save, run, meter.elapsed())
+        if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {cfg.run.time_budget:g}s reached at step {state.step}"
-    progress.close()
-    run_evaluation(run, progress)
-    if state.step > start_step:
+    return finish(run, meter, reason)
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    """Whether a periodic job (every ``every`` steps, 0: never) runs after ``step``; the last
+    step has the final evaluation and checkpoint instead."""
+    return bool(every) and step % every == 0 and not last
+
+
+def finish(run: Run, meter: Meter, reason: str) -> str:
+    """The final evaluation and checkpoint, summary.json, and the closing line."""
+    state = run.state
+    meter.progress.close()
+    run_evaluation(run, meter.progress)
+    if state.step > meter.start_step:
         # (A resumed run with nothing left to train already has this checkpoint; saving it
         # again would replace the latest complete checkpoint in place.)
-        save(run, elapsed())
-    if env.main:
-        write_summary(run.folder, summary(run, warm, plan, elapsed()))
-    if cfg.run.time_budget:
-        reason += f" ({elapsed():.0f}s of the {cfg.run.time_budget:g}s budget)"
+        save(run, meter.elapsed())
+    if run.env.main:
+        write_summary(run.folder, summary(run, meter.warm, meter.plan, meter.elapsed()))
+    if run.cfg.run.time_budget:
+        reason += f" ({meter.elapsed():.0f}s of the {run.cfg.run.time_budget:g}s budget)"
     if state.skipped_steps:
         plural = "s" if state.skipped_steps > 1 else ""
         reason += f" ({state.skipped_steps} step{plural} skipped: non-finite loss or gradient)"
-    return f"{reason}: {state.step} steps, {state.tokens:,} tokens; run folder {cfg.run.output_dir}"
+    return f"{reason}: {state.step} steps, {state.tokens:,} tokens; run folder {run.cfg.run.output_dir}"
 
 
-def train_step(run: Run, batches: list, lr: float, window: Window) -> tuple[dict, float, bool]:
+def train_step(run: Run, batches: list, lr: float) -> tuple[dict, float]:
     """One optimizer step over the micro-batches. Returns each objective's mean loss over the
-    global batch, the gradient norm, and whether the step was applied: a non-finite loss or
-    gradient leaves the weights untouched."""
+    global batch and the gradient norm; a non-finite loss or gradient leaves the weights
+    untouched (``skip_step``)."""
     env, optim = run.env, run.cfg.optim
     # Normalise by the label tokens of the whole global batch, so N processes x b equal one
     # process x N*b and accumulation equals a bigger batch exactly.
@@ -220,16 +252,16 @@ def train_step(run: Run, batches: list, lr: float, window: Window) -> tuple[dict
             loss = out.loss * out.num_label_tokens / global_count * env.world_size
             loss.backward()
         loss_sums.setdefault(name, []).append(out.loss.detach().double() * out.num_label_tokens)
-        window.tokens += int(batch["input_ids"].numel()) * env.world_size
     losses = reduce_losses(loss_sums, label_counts, batches, env)
     clip = optim.clip_grad if optim.clip_grad > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
-    applied = math.isfinite(grad_norm) and all(math.isfinite(v) for v in losses.values())
-    if applied:
+    if math.isfinite(grad_norm) and all(math.isfinite(v) for v in losses.values()):
         run.optimizer.step()
         run.state.bad_steps = 0
+    else:
+        skip_step(run)
     run.optimizer.zero_grad(set_to_none=True)
-    return losses, grad_norm, applied
+    return losses, grad_norm
 
 
 def reduce_losses(
@@ -252,15 +284,14 @@ def reduce_losses(
     return {n: float(totals[i] / totals[k + i].clamp(min=1)) for i, n in enumerate(names)}
 
 
-def skip_step(run: Run, progress: Progress) -> None:
-    """A step with a non-finite loss or gradient was not applied; too many in a row stop."""
+def skip_step(run: Run) -> None:
+    """A step with a non-finite loss or gradient is not applied; too many in a row stop."""
     state, step = run.state, run.state.step + 1
     state.bad_steps += 1
     state.skipped_steps += 1
     if run.env.main:
-        progress.write(f"step {step}: non-finite loss or gradient, step skipped")
+        tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
     if state.bad_steps >= run.cfg.optim.max_bad_steps:
-        progress.close()
         raise TrainingError(
             f"stopped at step {step}: {state.bad_steps} consecutive steps with a non-finite loss "
             f"or gradient. {intact(run.checkpointer)} Try a lower --lr (or --clip-grad), or look "
