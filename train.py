@@ -49,6 +49,7 @@ from model.config import PRESETS, MiniTuringConfig
 from model.evaluate import EVAL_SEED, evaluate
 from model.hf import save_remote_code
 from model.transformer import IGNORE_INDEX, MiniTuringModel
+from trainer.lock import RunFolderLocked, hold_run_folder
 
 log = logging.getLogger("minituring")
 
@@ -1327,6 +1328,11 @@ def validate(cfg: TrainConfig) -> int:
 
 def train(cfg: TrainConfig) -> Path:
     """Run training as configured; returns the run folder."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     seq_len = validate(cfg)
     check_report_to(cfg.run.report_to)
     env = setup_env(cfg.run)
@@ -1342,6 +1348,8 @@ def train(cfg: TrainConfig) -> Path:
             raise SystemExit(
                 f"error: cannot write to output folder {out}: {err.strerror}"
             ) from None
+    held.enter_context(hold_run_folder(out, main=env.main, distributed=env.distributed))
+    if env.main:
         if not resuming and (out / "checkpoints" / "latest").exists():
             raise SystemExit(
                 f"error: {out} already holds a run; continue it with --resume {out} "
@@ -1811,7 +1819,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(argv)
     try:
         folder = train(cfg)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RunFolderLocked) as err:
         # Data and configuration errors carry their own explanation (file, record, expectation).
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:
