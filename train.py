@@ -1507,7 +1507,8 @@ def _loop(
         dynamic_ncols=True,
         unit="step",
     )
-    window = {"tokens": 0, "time": 0.0, "data": 0.0, "losses": {}}
+    # The losses of a logging window a checkpoint cut in two come back with it.
+    window = {"tokens": 0, "time": 0.0, "data": 0.0, "losses": state.pop("window_losses", {})}
     clock = time.perf_counter()
     elapsed_before = state["elapsed"]
     reason = "done"
@@ -1516,6 +1517,7 @@ def _loop(
 
     def checkpoint() -> None:
         state["data"] = loader.state_dict()
+        state["window_losses"] = window["losses"]
         state["elapsed"] = elapsed_before + time.perf_counter() - clock
         # Every rank: a sharded model saves collectively.
         save_checkpoint(ckpt, model, optimizer, state, env)
@@ -1627,10 +1629,11 @@ def _loop(
             total = state["step"]
             reason = f"time budget of {run.time_budget:g}s reached at step {total}"
     bar.close()
-    _evaluate(cfg, env, model, streams, tokenizer, metrics, state)
     if state["step"] > start_step:
-        # (A resumed run with nothing left to train already has this checkpoint; saving it
-        # again would replace the latest complete checkpoint in place.)
+        # (A resumed run with nothing left to train already has this evaluation, logged just
+        # before this checkpoint; saving it again would replace the latest complete checkpoint
+        # in place.)
+        _evaluate(cfg, env, model, streams, tokenizer, metrics, state)
         checkpoint()
     skipped = state.get("skipped_steps", 0)
     if skipped:
