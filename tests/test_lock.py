@@ -120,6 +120,33 @@ def test_a_second_lock_is_refused_and_names_the_holder(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_forked_child_outliving_the_holder_keeps_no_lock(tmp_path):
+    """The trainer forks workers (the corpus pool) while it holds the lock: killed, it must
+    leave the folder free even while such a child lives on."""
+    script = (
+        "import os, signal, sys, time; from trainer.lock import RunLock; "
+        "RunLock(sys.argv[1]).acquire(); pid = os.fork()\n"
+        "if pid == 0:\n    null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); "
+        "os.dup2(null, 2); time.sleep(60); os._exit(0)\n"
+        "print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    holder = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert holder.returncode == -signal.SIGKILL, holder.stderr
+    child = int(holder.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        RunLock(tmp_path).acquire().release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_without_file_locks_a_warning_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

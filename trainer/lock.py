@@ -29,6 +29,24 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTS
 _warned = False
 
 
+_held: set[RunLock] = set()  # locks this process holds
+
+
+def _forget_in_child() -> None:
+    """A forked child (a corpus-building worker, say) drops its copy of the lock: the lock
+    belongs to the trainer, and must go when the trainer dies, even if the child lingers."""
+    for lock in list(_held):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class RunFolderLocked(Exception):
     """Another process holds the run folder's lock."""
 
@@ -91,6 +109,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        _held.add(self)
         return self
 
     def release(self) -> None:
@@ -98,6 +117,7 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _held.discard(self)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
