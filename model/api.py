@@ -86,6 +86,7 @@ class LM:
 
         One text with one mask -> a list of {"token", "token_id", "score", "sequence"};
         with several masks -> one such list per mask; a list of texts -> one result per text.
+        A text without a mask (``""`` included) is a ``ValueError``.
         """
         if isinstance(text, str):
             return self._fill_batch([text], top_k)[0]
@@ -160,7 +161,8 @@ class LM:
     ) -> str | list[str]:
         """A summary per document. Documents longer than the model's source length (from
         training) are truncated to their beginning. ``num_beams`` defaults to 4, or to 1 when
-        sampling."""
+        sampling. An empty or whitespace-only document gets ``""``, without running the model
+        (the others in a list are summarized as usual, in order)."""
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
@@ -185,9 +187,11 @@ class LM:
                 f"max_new_tokens={max_new_tokens} leaves no room for the source in "
                 f"{self.config.max_position_embeddings} positions"
             )
+        # Nothing to summarize is summarized by nothing: the model would make text up.
+        wanted = [i for i, t in enumerate(texts) if t.strip()]
         sources = []
-        for t in texts:
-            body = tok(t, add_special_tokens=False)["input_ids"][: room - 2]
+        for i in wanted:
+            body = tok(texts[i], add_special_tokens=False)["input_ids"][: room - 2]
             sources.append([tok.cls_token_id, *body, tok.sep_token_id])
         generator = None
         if do_sample:
@@ -196,7 +200,9 @@ class LM:
         outputs = []
         for start in range(0, len(sources), batch_size):
             outputs += generate(self.model, sources[start : start + batch_size], cfg, generator)
-        summaries = [s.strip() for s in tok.batch_decode(outputs, skip_special_tokens=True)]
+        summaries = [""] * len(texts)
+        for i, s in zip(wanted, tok.batch_decode(outputs, skip_special_tokens=True), strict=True):
+            summaries[i] = s.strip()
         return summaries[0] if single else summaries
 
 

@@ -69,6 +69,33 @@ def test_summarize_str_and_list(lm):
     )
 
 
+def test_summarize_empty_documents_give_empty_summaries_without_the_model(lm, monkeypatch):
+    doc = "The list type is a mutable sequence. Lists may be constructed in several ways."
+    expected = lm.summarize([doc, "Short one."], max_new_tokens=8, num_beams=2)
+    sources = []
+    real = model.api.generate
+
+    def counting(net, batch, cfg, generator=None):
+        sources.extend(batch)
+        return real(net, batch, cfg, generator)
+
+    monkeypatch.setattr(model.api, "generate", counting)
+    assert lm.summarize("") == ""
+    assert lm.summarize(" \n\t ") == ""
+    assert lm.summarize(["", "  "]) == ["", ""]
+    assert sources == []  # the model never ran
+    mixed = ["", doc, " ", "Short one.", ""]
+    assert lm.summarize(mixed, max_new_tokens=8, num_beams=2, batch_size=1) == [
+        "", expected[0], "", expected[1], ""
+    ]  # fmt: skip
+    assert len(sources) == 2
+
+
+def test_fill_mask_without_a_mask_is_a_clear_error_in_a_list_too(lm):
+    with pytest.raises(ValueError, match="text 1 has no \\[MASK\\] to fill"):
+        lm.fill_mask(["a [MASK] b", ""])
+
+
 def test_summarize_bad_options(lm):
     with pytest.raises(ValueError, match="max_new_tokens"):
         lm.summarize("text", max_new_tokens=0)

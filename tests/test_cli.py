@@ -76,6 +76,43 @@ def test_summarize_command_reads_stdin_and_matches_the_api(tiny_run, lm, capsys,
     assert result == [{"index": i, "summary": s} for i, s in enumerate(expected)]
 
 
+def test_summarize_command_gives_an_empty_line_for_an_empty_document(tiny_run, lm):
+    """Output lines match input lines: an empty input line gets an empty summary line."""
+    options = ["--num-beams", "2", "--max-new-tokens", "8"]
+    stdin = f"\n{DOCS[0]}\n   \n{DOCS[1]}\n\n"
+    out = python_m_model("summarize", str(tiny_run), "-", *options, stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    expected = lm.summarize(DOCS, num_beams=2, max_new_tokens=8)
+    lines = out.stdout.split("\n")
+    assert lines == ["", " ".join(expected[0].split()), "", " ".join(expected[1].split()), ""]
+    whole = python_m_model("summarize", str(tiny_run), "-", "--split", "file", stdin=" \n ")
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout == "\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_run):
+    """``python -m model ... | head -n 1``: no error and no traceback once head has its line;
+    the status is 141 (128 + SIGPIPE), what ``cat`` or ``yes`` exit with in such a pipe."""
+    texts = "\n".join(f"Return the [MASK] value of number {i}." for i in range(300))
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "model", "fill-mask", str(tiny_run), "-", "--top-k", "50"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    head = subprocess.Popen(["head", "-n", "1"], stdin=writer.stdout, stdout=subprocess.PIPE)
+    writer.stdout.close()  # head alone reads it
+    writer.stdin.write(texts.encode())
+    writer.stdin.close()
+    first, _ = head.communicate(timeout=300)
+    err = writer.stderr.read().decode()
+    writer.wait(300)
+    assert first.decode().startswith("Return the [MASK] value of number 0.")
+    assert writer.returncode == 141, err
+    assert "Traceback" not in err and "error" not in err, err
+
+
 def test_summarize_file_modes_and_seeded_sampling(tiny_run, lm, tmp_path, capsys):
     file = tmp_path / "docs.txt"
     file.write_text(DOCS[0] + "\n" + DOCS[1] + "\n")

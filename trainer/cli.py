@@ -16,7 +16,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -61,13 +63,15 @@ def _existing(path: str, flag: str) -> str:
 
 
 def _split_documents(text: str, split: str) -> list[str]:
+    """Standard input's documents. An empty one stays, and gets an empty summary: a line of
+    its own (``line``; blank lines at the end are no documents) or the whole input (``file``),
+    so that the output lines match the input's. Blocks are separated by blank lines, so none
+    is empty."""
     if split == "file":
-        docs = [text]
-    elif split == "block":
-        docs = re.split(r"\n[ \t]*\n", text)
-    else:
-        docs = text.splitlines()
-    return [d.strip() for d in docs if d.strip()]
+        return [text.strip()]
+    if split == "block":
+        return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
+    return [d.strip() for d in text.rstrip().splitlines()]
 
 
 def _read_documents(source: str, split: str, text_column: str) -> list[str]:
@@ -467,10 +471,21 @@ def main(argv: list[str] | None = None, prog: str = "minituring") -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
+        sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
+    except BrokenPipeError:  # e.g. piped into head: the reader has all it wanted
+        return _broken_pipe()
     except (CLIError, RunFolderError, ValueError, OSError, ImportError) as err:
         # Input problems carry their own explanation (file, record, expectation).
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. piped into head
-        return 0
     return 0
+
+
+def _broken_pipe() -> int:
+    """Exit quietly when stdout's reader went away (the Python docs' "Note on SIGPIPE"):
+    point stdout at devnull so that the interpreter's final flush raises nothing again, and
+    exit 141 (128 + SIGPIPE), the status of ``cat``, ``yes`` and the like in the same pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

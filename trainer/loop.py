@@ -86,24 +86,25 @@ def train(
     ``clock`` (seconds) times the steps and the budget, and ``make_loader`` builds the data
     loader, for tests that drive a run by a fake clock or watch its batches."""
     started = clock()
-    run = prepare(cfg, make_loader=make_loader)
-    stop = StopSignal()
-    try:
-        reason = loop(run, stop, clock, started)
-    except Stopped as stopped:
-        # Pre-empted: the grace period is short, so no plot or samples.
+    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
+        run = prepare(cfg, held, make_loader=make_loader)
+        stop = StopSignal()
+        try:
+            reason = loop(run, stop, clock, started)
+        except Stopped as stopped:
+            # Pre-empted: the grace period is short, so no plot or samples.
+            if run.env.main:
+                print(stopped, flush=True)
+                run.metrics.close()
+            raise
+        finally:
+            stop.restore()
         if run.env.main:
-            print(stopped, flush=True)
+            print(reason, flush=True)
             run.metrics.close()
-        raise
-    finally:
-        stop.restore()
-    if run.env.main:
-        print(reason, flush=True)
-        run.metrics.close()
-        write_training_curves(run.folder)
-    if run.env.distributed:
-        torch.distributed.barrier()
+            write_training_curves(run.folder)
+        if run.env.distributed:
+            torch.distributed.barrier()
     return run
 
 
@@ -130,6 +131,7 @@ class Meter:
         enabled = run.env.main and run.cfg.run.progress
         self.progress = Progress(plan.total, self.start_step, enabled=enabled)
         self.window, self.warm = Window(), Window()  # warm: every log window but the first
+        self.window.losses = run.state.window_losses
         # The time estimate waits until the speed is known, sooner on a short run.
         self.eta_at = self.start_step + min(
             ETA_AFTER_STEPS, max((plan.total - self.start_step) // 2, 1)
@@ -189,7 +191,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         if due(state.step, cfg.run.eval_every, last):
             plan.eval_seconds = meter.timed(run_evaluation, run, meter.progress)
         if stop.requested(env):
-            save(run, meter.elapsed())
+            save(run, meter)
             meter.progress.close()
             raise Stopped(
                 f"stopped by signal {stop.received} at step {state.step}; checkpoint saved. "
@@ -197,7 +199,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
                 stop.received,
             )
         if due(state.step, cfg.run.save_every, last):
-            plan.save_seconds = meter.timed(save, run, meter.elapsed())
+            plan.save_seconds = meter.timed(save, run, meter)
         if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {cfg.run.time_budget:g}s reached at step {state.step}"
@@ -214,11 +216,12 @@ def finish(run: Run, meter: Meter, reason: str) -> str:
     """The final evaluation and checkpoint, summary.json, and the closing line."""
     state = run.state
     meter.progress.close()
-    run_evaluation(run, meter.progress)
     if state.step > meter.start_step:
-        # (A resumed run with nothing left to train already has this checkpoint; saving it
-        # again would replace the latest complete checkpoint in place.)
-        save(run, meter.elapsed())
+        # (A resumed run with nothing left to train already has this evaluation, logged just
+        # before this checkpoint; saving it again would replace the latest complete checkpoint
+        # in place.)
+        run_evaluation(run, meter.progress)
+        save(run, meter)
     if run.env.main:
         write_summary(run.folder, summary(run, meter.warm, meter.plan, meter.elapsed()))
     if run.cfg.run.time_budget:
@@ -358,10 +361,11 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
     return results
 
 
-def save(run: Run, elapsed: float) -> None:
+def save(run: Run, meter: Meter) -> None:
     """A checkpoint of the run now. Every rank calls it: a sharded model saves collectively."""
     run.state.data = run.loader.state_dict()
-    run.state.elapsed = elapsed
+    run.state.elapsed = meter.elapsed()
+    run.state.window_losses = meter.window.losses
     save_checkpoint(run.checkpointer, run.model, run.optimizer, run.state.to_dict(), run.env)
     if run.env.distributed:
         torch.distributed.barrier()

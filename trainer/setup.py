@@ -4,6 +4,7 @@ loader, restored from the last checkpoint when resuming. ``prepare`` returns the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from trainer.checkpoint import Checkpointer, check_resumed_model
 from trainer.config import TrainConfig, build_model_config, parse_objectives, validate
 from trainer.distributed import Env, from_rank0, local_main_first, setup_env, wrap_model
 from trainer.errors import TrainingError
+from trainer.lock import hold_run_folder
 from trainer.metrics import Metrics, check_report_to
 from trainer.optim import make_optimizer
 
@@ -43,6 +45,8 @@ class TrainState:
     elapsed: float = 0.0  # training seconds before this process started
     global_batch: int | None = None
     data: dict = field(default_factory=dict)  # the loader's position
+    # The losses of the log window a checkpoint cut in two, so the resumed run logs the same.
+    window_losses: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,15 +85,27 @@ class Run:
         return self.cfg.optim.batch_size * self.cfg.optim.grad_accum * self.env.world_size
 
 
-def prepare(cfg: TrainConfig, make_loader: Callable[..., MixtureLoader] = MixtureLoader) -> Run:
-    """Check the configuration, then build every part of the run (see the module's doc)."""
+def prepare(
+    cfg: TrainConfig,
+    held: contextlib.ExitStack,
+    make_loader: Callable[..., MixtureLoader] = MixtureLoader,
+) -> Run:
+    """Check the configuration, then build every part of the run (see the module's doc). The
+    run folder's lock goes on ``held``, for the caller to release when the run ends."""
     seq_len = validate(cfg)
     check_report_to(cfg.run.report_to)
     env = setup_env(cfg.run)
     folder = Path(cfg.run.output_dir)
     resuming = cfg.run.resume is not None
     if env.main:
-        _check_folder(folder, resuming)
+        _check_writable(folder)
+    # One writer per folder, before any work: a second trainer (fresh or --resume) stops here.
+    held.enter_context(hold_run_folder(folder, main=env.main, distributed=env.distributed))
+    if env.main and not resuming and (folder / "checkpoints" / "latest").exists():
+        raise TrainingError(
+            f"{folder} already holds a run; continue it with --resume {folder} "
+            "or choose another --output-dir"
+        )
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
 
@@ -150,7 +166,7 @@ def prepare(cfg: TrainConfig, make_loader: Callable[..., MixtureLoader] = Mixtur
     return run
 
 
-def _check_folder(folder: Path, resuming: bool) -> None:
+def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -158,11 +174,6 @@ def _check_folder(folder: Path, resuming: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise TrainingError(f"cannot write to output folder {folder}: {err.strerror}") from None
-    if not resuming and (folder / "checkpoints" / "latest").exists():
-        raise TrainingError(
-            f"{folder} already holds a run; continue it with --resume {folder} "
-            "or choose another --output-dir"
-        )
 
 
 def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):

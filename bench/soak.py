@@ -1,0 +1,483 @@
+"""Kill soak: a tiny run killed again and again (SIGKILL, some SIGTERM) at moments drawn from a
+seeded RNG, resumed each time, must end up the same run as one never interrupted.
+
+    python bench/soak.py --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
+
+1. Trains the reference: a tiny CPU fp32 run (one process, or two gloo processes under
+   ``torch.distributed.run``), uninterrupted, timing its phases.
+2. Trains the same run again, killing it while it prepares data, trains a step, evaluates, or
+   in every part of a checkpoint save (weights, optimizer, RNG state, state.json, the rename,
+   the ``latest`` pointer, the exported weights, pruning), each time resuming (or starting
+   afresh when no checkpoint exists yet) until it finishes; kills left over start another
+   round in a fresh folder. After each kill the folder must load with ``model.load``.
+3. Compares each finished round with the reference: the run folder's weights and the latest
+   checkpoint (weights, optimizer, state) bitwise, ``metrics.jsonl`` line by line except
+   wall-clock fields, ``samples.json``, and no temporary file left in the folder.
+4. Prints the kills, where they landed, the resumes and the verdict; exits 1 on divergence.
+
+Kills land where they were aimed: ``bench/_soak_child.py`` announces the phase the run is in
+(and, for the brief parts of a save, holds the chosen one open for a moment); the landing is
+read back at the moment of the kill, with whether a ``.step-*.tmp`` folder existed then.
+With two processes, a kill stops the whole job (every process of it), a SIGTERM reaches both
+ranks. Gloo sums two ranks' gradients in the same order each time, so the comparison stays
+bitwise there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHILD = ROOT / "bench" / "_soak_child.py"
+SAVE_PHASES = (
+    "save:weights", "save:optimizer", "save:rng", "save:state",
+    "save:rename", "save:pointer", "save:export", "save:prune",
+)  # fmt: skip
+# Wall-clock fields: the only ones a resumed run may log differently.
+TIMING = frozenset({"elapsed", "tokens_per_s", "data_wait"})
+STATE_TIMING = frozenset({"elapsed"})
+TARGETS = ("startup", "data", "step", "eval", "save", "final")
+TARGET_WEIGHTS = (1, 2, 3, 2, 4, 1)
+# Logging windows that straddle saves and evaluations, as in a real run.
+SAVE_EVERY, EVAL_EVERY, LOG_EVERY, KEEP = 4, 6, 3, 2
+PAUSE_S = 0.8  # how long a chosen part of a save is held open
+
+
+# ---------------------------------------------------------------------------- comparing
+
+
+def _timeless(record: dict, timing: frozenset = TIMING) -> dict:
+    return {k: v for k, v in record.items() if k not in timing}
+
+
+def _read_metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _same_tensors(a: dict, b: dict, what: str, tol: float | None) -> list[str]:
+    import torch
+
+    if a.keys() != b.keys():
+        return [f"{what}: different tensors ({sorted(a.keys() ^ b.keys())[:5]})"]
+    problems = []
+    for key in a:
+        x, y = a[key], b[key]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            problems.append(
+                f"{what}: {key} is {y.dtype}{list(y.shape)}, not {x.dtype}{list(x.shape)}"
+            )
+        elif tol is None and not torch.equal(x, y):
+            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else "?"
+            problems.append(f"{what}: {key} differs (max |diff| {diff})")
+        elif tol is not None and not torch.allclose(x.double(), y.double(), rtol=0, atol=tol):
+            diff = (x.double() - y.double()).abs().max().item()
+            problems.append(f"{what}: {key} differs by {diff:.3g} > {tol:g}")
+    return problems
+
+
+def _flat_tensors(obj, prefix: str = "") -> dict:
+    """The tensors of a nested structure (an optimizer state dict), by path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            out.update(_flat_tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+def _non_tensors(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return "<tensor>"
+    if isinstance(obj, dict):
+        return {k: _non_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_non_tensors(v) for v in obj]
+    return obj
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files and folders in a run folder (there must be none once a run ends)."""
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.name.endswith(".tmp") or p.name == ".write-test"
+    )
+
+
+def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[str]:
+    """What differs between two finished run folders; empty when they are the same run.
+
+    ``tol=None``: tensors bitwise equal; otherwise equal to ``tol`` (absolute)."""
+    import torch
+    from safetensors.torch import load_file
+
+    reference, run = Path(reference), Path(run)
+    problems = []
+    ma, mb = _read_metrics(reference), _read_metrics(run)
+    if len(ma) != len(mb):
+        problems.append(f"metrics.jsonl: {len(mb)} lines, the reference has {len(ma)}")
+    for n, (x, y) in enumerate(zip(ma, mb, strict=False), 1):
+        x, y = _timeless(x), _timeless(y)
+        if x != y:
+            keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
+            problems.append(f"metrics.jsonl line {n} (step {x.get('step')}): {keys} differ")
+            break
+    for name in ("model.safetensors",):
+        a, b = reference / name, run / name
+        if not b.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        problems += _same_tensors(load_file(str(a)), load_file(str(b)), name, tol)
+    pointer_a = (reference / "checkpoints" / "latest").read_text().strip()
+    pointer_b = run / "checkpoints" / "latest"
+    if not pointer_b.is_file() or pointer_b.read_text().strip() != pointer_a:
+        problems.append(f"checkpoints/latest does not name {pointer_a}")
+    else:
+        ca, cb = reference / "checkpoints" / pointer_a, run / "checkpoints" / pointer_a
+        problems += _same_tensors(
+            load_file(str(ca / "model.safetensors")),
+            load_file(str(cb / "model.safetensors")),
+            f"checkpoints/{pointer_a}/model.safetensors",
+            tol,
+        )
+        oa = torch.load(ca / "optimizer.pt", weights_only=True)
+        ob = torch.load(cb / "optimizer.pt", weights_only=True)
+        problems += _same_tensors(
+            _flat_tensors(oa), _flat_tensors(ob), f"checkpoints/{pointer_a}/optimizer.pt", tol
+        )
+        if _non_tensors(oa) != _non_tensors(ob):
+            problems.append(f"checkpoints/{pointer_a}/optimizer.pt: different settings")
+        sa = json.loads((ca / "state.json").read_text())
+        sb = json.loads((cb / "state.json").read_text())
+        if _timeless(sa, STATE_TIMING) != _timeless(sb, STATE_TIMING):
+            keys = sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k))
+            problems.append(f"checkpoints/{pointer_a}/state.json: {keys} differ")
+    ra, rb = (
+        sorted(p.name for p in (reference / "checkpoints").glob("step-*")),
+        sorted(p.name for p in (run / "checkpoints").glob("step-*")),
+    )
+    if ra != rb:
+        problems.append(f"checkpoints: {rb}, the reference kept {ra}")
+    if (reference / "samples.json").is_file():
+        if not (run / "samples.json").is_file():
+            problems.append("samples.json is missing")
+        elif json.loads((reference / "samples.json").read_text()) != json.loads(
+            (run / "samples.json").read_text()
+        ):
+            problems.append("samples.json differs")
+    left = leftovers(run)
+    if left:
+        problems.append(f"temporary files left: {left}")
+    return problems
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def write_corpus(folder: Path) -> tuple[Path, Path]:
+    """A few hundred paragraphs of the interpreter's docs, and document/summary pairs."""
+    import pydoc_data.topics
+
+    texts = []
+    for key in sorted(pydoc_data.topics.topics):
+        for p in pydoc_data.topics.topics[key].split("\n\n"):
+            p = " ".join(p.split())
+            if len(p.split()) >= 12:
+                texts.append(p)
+    texts = texts[:600]
+    folder.mkdir(parents=True, exist_ok=True)
+    text_file, pairs = folder / "docs.txt", folder / "pairs.jsonl"
+    text_file.write_text("\n".join(texts) + "\n")
+    with open(pairs, "w") as f:
+        for t in texts:
+            first, _, rest = t.partition(". ")
+            if rest and len(first.split()) >= 4:
+                f.write(json.dumps({"document": rest, "summary": first + "."}) + "\n")
+    return text_file, pairs
+
+
+def train_flags(out: Path, corpus: tuple[Path, Path], steps: int) -> list[str]:
+    text, pairs = corpus
+    return [
+        "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
+        "--seq-len", "32", "--max-positions", "128", "--source-len", "64", "--target-len", "16",
+        "--vocab-size", "400", "--batch-size", "8", "--warmup-steps", "5",
+        "--eval-every", str(EVAL_EVERY), "--eval-batches", "2", "--rouge-samples", "2",
+        "--log-every", str(LOG_EVERY), "--no-progress", "--device", "cpu", "--precision", "fp32",
+        "--train-text", str(text), "--train-pairs", str(pairs), "--output-dir", str(out),
+        "--max-steps", str(steps), "--save-every", str(SAVE_EVERY),
+        "--keep-checkpoints", str(KEEP),
+    ]  # fmt: skip
+
+
+class Job:
+    """One launch of the trainer (one process, or torch.distributed.run and its workers)."""
+
+    def __init__(self, argv: list[str], work: Path, procs: int, pause: str | None = None):
+        self.phase_file, self.pids = work / "phase", work / "pids"
+        self.phase_file.unlink(missing_ok=True)
+        self.pids.mkdir(exist_ok=True)
+        for p in self.pids.iterdir():
+            p.unlink()
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "MINITURING_CACHE": str(work / "cache"),
+            "SOAK_PHASE": str(self.phase_file),
+            "SOAK_LOG": str(work / "phases.jsonl"),
+            "SOAK_PID_DIR": str(self.pids),
+        }
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        if pause:
+            env["SOAK_PAUSE"] = f"{pause}:{PAUSE_S}"
+        launcher = [sys.executable]
+        if procs > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+        self.log = open(work / "job.log", "a")  # noqa: SIM115
+        self.log.write(f"\n$ {' '.join(argv)}\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(
+            [*launcher, str(CHILD), *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a kill reaches the launcher and every worker
+        )
+        self.started = time.monotonic()
+
+    def phase(self) -> str | None:
+        try:
+            return self.phase_file.read_text() or None
+        except OSError:
+            return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        for pid_file in self.pids.glob("rank-*.pid"):  # each rank, as a scheduler would
+            try:
+                os.kill(int(pid_file.read_text()), sig)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+            self.log.close()
+
+
+def phase_timings(log: Path) -> dict[str, list[float]]:
+    """How long each phase lasted in a run, from the child's phase log."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    out = collections.defaultdict(list)
+    for a, b in zip(lines, lines[1:], strict=False):
+        out[a["phase"].split(":")[0]].append(b["t"] - a["t"])
+    return dict(out)
+
+
+def broad(phase: str | None) -> str:
+    if phase is None:
+        return "startup"
+    return "save" if phase.startswith("save:") else phase
+
+
+def checkpoint_tmp(out: Path) -> bool:
+    return any((out / "checkpoints").glob(".step-*.tmp"))
+
+
+def loadable(out: Path) -> str | None:
+    """None when ``model.load`` takes the folder (or it holds no weights yet), else why not."""
+    if not (out / "model.safetensors").is_file():
+        return None
+    import model
+
+    try:
+        lm = model.load(out)
+        lm.model.state_dict()
+    except Exception as err:  # noqa: BLE001 - any failure is the finding
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def soak(args) -> int:
+    from trainer.checkpoint import Checkpointer
+
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="minituring-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(work / "corpus")
+    tol = None
+    print(
+        f"soak: {args.kills} kills, {args.procs} process{'es' if args.procs > 1 else ''}, "
+        f"seed {args.seed}, {args.steps} steps; work folder {work}",
+        flush=True,
+    )
+
+    # 1. The reference, timed.
+    reference = work / "reference"
+    (work / "phases.jsonl").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    job = Job(train_flags(reference, corpus, args.steps), work, args.procs)
+    if job.wait() != 0:
+        print(f"the reference run failed; see {work / 'job.log'}")
+        return 2
+    timings = phase_timings(work / "phases.jsonl")
+    print(f"reference: {time.monotonic() - t0:.1f}s", flush=True)
+
+    def span(phase: str) -> float:
+        values = timings.get(phase) or [0.05]
+        return max(values) if phase != "step" else sum(values)
+
+    # 2. The same run, killed again and again.
+    landed = collections.Counter()
+    in_save_tmp = 0
+    sub_phases = collections.Counter()
+    kills = terms = resumes = fresh = rounds = 0
+    load_failures, divergences = [], []
+    out = None
+    finished = True
+    while kills < args.kills or not finished:
+        if finished:
+            rounds += 1
+            out = work / f"round-{rounds}"
+            finished = False
+        latest = Checkpointer(out, KEEP).latest() if out.exists() else None
+        if latest is not None:
+            argv = ["--resume", str(out)]
+            resumes += 1
+        else:
+            argv = train_flags(out, corpus, args.steps)
+            fresh += 1
+        if kills >= args.kills:  # kills spent: let it finish
+            job = Job(argv, work, args.procs)
+            rc = job.wait()
+            if rc != 0:
+                print(f"round {rounds}: the final attempt failed ({rc}); see {work / 'job.log'}")
+                return 2
+            finished = True
+        else:
+            sig = signal.SIGTERM if rng.random() < 0.15 else signal.SIGKILL
+            target = "step" if sig == signal.SIGTERM else rng.choices(TARGETS, TARGET_WEIGHTS)[0]
+            pause = rng.choice(SAVE_PHASES) if target == "save" else None
+            wanted = pause or target
+            if target == "startup":
+                delay = rng.uniform(0, span("startup"))
+            elif target == "save":
+                delay = rng.uniform(0, PAUSE_S * 0.6)
+            else:
+                delay = rng.uniform(0, span(target))
+            job = Job(argv, work, args.procs, pause=pause)
+            # Wait for the aimed-at phase (from the start, for startup), then the delay.
+            while job.alive() and target != "startup" and job.phase() != wanted:
+                time.sleep(0.002)
+            deadline = time.monotonic() + delay
+            while job.alive() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if job.alive():
+                phase, tmp = job.phase(), checkpoint_tmp(out)
+                job.kill(sig)
+                rc = job.wait()
+                if rc == 0:
+                    finished = True  # a SIGTERM at the very end: the run completed
+                kills += 1
+                terms += sig == signal.SIGTERM
+                where = broad(phase)
+                landed[where] += 1
+                if where == "save":
+                    sub_phases[phase] += 1
+                in_save_tmp += tmp
+            else:
+                rc = job.wait()
+                if rc != 0:
+                    print(
+                        f"round {rounds}: an attempt failed by itself ({rc}); see {work / 'job.log'}"
+                    )
+                    return 2
+                finished = True
+        problem = loadable(out)
+        if problem:
+            load_failures.append(f"round {rounds}, after kill {kills}: {problem}")
+        if finished:
+            found = compare_runs(reference, out, tol)
+            divergences += [f"round {rounds}: {p}" for p in found]
+            print(
+                f"round {rounds}: finished after {kills} kills so far; "
+                + ("same as the reference" if not found else f"{len(found)} differences"),
+                flush=True,
+            )
+
+    # 3. The verdict.
+    print(f"kills: {kills} ({kills - terms} SIGKILL, {terms} SIGTERM) over {rounds} round(s)")
+    print(
+        "landed: "
+        + ", ".join(
+            f"{p} {landed.get(p, 0)}" for p in ("startup", "data", "step", "eval", "save", "final")
+        )
+        + f" (with a .step-*.tmp folder present: {in_save_tmp})"
+    )
+    print("in a save: " + ", ".join(f"{p[5:]} {sub_phases.get(p, 0)}" for p in SAVE_PHASES))
+    print(f"restarts: {resumes} with --resume, {fresh} fresh (first attempts included)")
+    for line in load_failures + divergences:
+        print(f"  {line}")
+    ok = not load_failures and not divergences
+    exact = "bitwise" if tol is None else f"to {tol:g}"
+    print(
+        f"verdict: {'PASS' if ok else 'FAIL'}: {rounds} round(s) compared {exact} with the "
+        f"reference; {len(load_failures)} unloadable folder states, {len(divergences)} divergences"
+    )
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=100, help="kills in all (default: 100)")
+    parser.add_argument("--procs", type=int, choices=(1, 2), default=1, help="training processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--steps", type=int, default=40, help="steps of the run (default: 40)")
+    parser.add_argument("--workdir", help="folder for the runs (default: a new temporary one)")
+    args = parser.parse_args(argv)
+    if args.kills < 0 or args.steps < 2:
+        parser.error("--kills must be >= 0 and --steps >= 2")
+    return soak(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
