@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--minutes", type=float, default=10, help="training time of each contestant")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-limit", type=int, default=None, help="test pairs and cloze texts")
+    p.add_argument(
+        "--test-limit", type=int, default=None, help="test pairs and cloze texts (default: all)"
+    )
     p.add_argument("--bart-lr", type=float, default=5e-4, help="BART's peak learning rate")
     p.add_argument("--bert-lr", type=float, default=5e-4, help="BERT's peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="both HF trainers (ours: 32)")
@@ -194,11 +196,11 @@ def our_command(args: argparse.Namespace, seconds: float, out: Path) -> list[str
     return [sys.executable, str(ROOT / "train.py"), *flags]
 
 
-def train_ours(args: argparse.Namespace, seconds: float, work: Path) -> dict:
+def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
     """train.py as a user runs it, in its own process; its output echoed as progress."""
     out = work / "ours"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = our_command(args, seconds, out)
+    cmd = our_command(args, budget, out)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -215,13 +217,23 @@ def train_ours(args: argparse.Namespace, seconds: float, work: Path) -> dict:
             f"train.py exited with status {proc.returncode}: see {work / 'ours.log'}"
         )
     total = time.perf_counter() - start
+    text = "".join(lines)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    last = [r for r in records if "tokens_per_s" in r][-1]
-    prepared = re.search(r"prepared in (\d+(?:\.\d+)?)s", "".join(lines))
+    logged = [r for r in records if "tokens_per_s" in r]
+    # The step count from train.py's last line: a run stopped by the time budget does not log
+    # its last steps (those since the last multiple of --log-every) to metrics.jsonl.
+    done = re.findall(r"(\d+) steps, [\d,]+ tokens; run folder", text)
+    steps = int(done[-1]) if done else logged[-1]["step"]
+    last = logged[-1] if logged else {"step": 0, "elapsed": 0.0}
+    seconds, estimated = last["elapsed"], last["step"] != steps
+    if estimated:  # at the mean speed of the logged steps, or the budget when none was logged
+        seconds = seconds * steps / last["step"] if last["step"] else budget
+    prepared = re.search(r"prepared in (\d+(?:\.\d+)?)s", text)
     return {
         "run": str(out),
-        "steps": last["step"],
-        "train_seconds": last["elapsed"],
+        "steps": steps,
+        "train_seconds": seconds,
+        "train_seconds_estimated": estimated,
         "prep_seconds": float(prepared.group(1)) if prepared else None,
         "total_seconds": total,
         "command": cmd,
@@ -321,7 +333,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         clock = "-"
         if r.get("train_seconds") is not None:
-            clock = f"{r['train_seconds']:.0f}s training"
+            about = "~" if r.get("train_seconds_estimated") else ""
+            clock = f"{about}{r['train_seconds']:.0f}s training"
             if r.get("prep_seconds") is not None:
                 clock += f" + {r['prep_seconds']:.0f}s data prep"
             clock += f", {r['total_seconds']:.0f}s in all"
@@ -411,8 +424,13 @@ def main(argv: list[str] | None = None) -> int:
             f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
             "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout 0, batch "
             f"{args.batch_size}); BERT token-level masking, ours whole-word (its default)",
+            "in all: ours the whole train.py process (start-up, data prep, training, its final "
+            "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
+            "set not counted; ~: train.py logged no record at its last step, its training "
+            "time is estimated from the speed of the steps it logged",
         ]
-        rows_out = [{k: v for k, v in r.items() if k not in ("model", "summaries")} for r in rows]
+        dropped = ("model", "summaries") + (("run",) if args.workdir is None else ())
+        rows_out = [{k: v for k, v in r.items() if k not in dropped} for r in rows]
         if args.json:
             report = {"command": command, "date": date, "machine": machine(), "notes": notes,
                       "shape": shape, "seconds": seconds, "rows": rows_out,

@@ -142,6 +142,7 @@ def test_our_command_is_train_py_with_its_defaults():
 # ---------------------------------------------------------------------------- the race
 
 
+@pytest.mark.slow  # about 35 s on an idle two-core machine, minutes on a busy one
 def test_race_runs_end_to_end(tmp_path, corpus_files, capsys):
     text_file, pairs = corpus_files
     out = tmp_path / "quality.json"
