@@ -1,0 +1,289 @@
+"""The Hugging Face contestants of ``bench/quality.py``: a byte-level BPE tokenizer trained with
+``tokenizers``, ``BartForConditionalGeneration`` trained with ``Seq2SeqTrainer`` and
+``BertForMaskedLM`` trained with ``Trainer`` + ``DataCollatorForLanguageModeling``, each from
+scratch for a wall-clock budget, then beam-search summaries and top-1 mask fills.
+
+Both trainers get the learning-rate schedule ``train.py --time-budget`` uses: linear warm-up
+over min(100, total // 10) steps, then cosine decay to 10% of the peak at ``total``, where
+``total`` is fixed after 20 steps from the speed so far (budget / seconds a step). Everything
+else is HF's default (AdamW betas 0.9/0.999, no weight decay, gradient clipping at 1.0), except
+dropout, which is 0 as in our trainer's defaults, and the batch size, ours (32).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+WARMUP_STEPS, MIN_LR_RATIO, PLAN_AT_STEP = 100, 0.1, 20
+IGNORE_INDEX = -100
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (a prefix space, so a sentence-initial word is the same token as mid-text),
+    with BART's special tokens; ``<mask>`` absorbs the space before it, as RoBERTa's does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import trainers as tok_trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(s, special=True, lstrip=s == "<mask>") for s in SPECIALS]
+    trainer = tok_trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        cls_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def bart_layers(num_layers: int) -> tuple[int, int]:
+    """Our layer count split between encoder and decoder (4 -> 2 + 2)."""
+    enc = max(1, num_layers // 2)
+    return enc, max(1, num_layers - enc)
+
+
+def build_bart(shape: dict, tokenizer, seed: int):
+    """BART at our width, heads and FFN, our layers split between encoder and decoder; decoder
+    layers add cross-attention, so it has somewhat more parameters than ours (see the table)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    enc, dec = bart_layers(shape["num_layers"])
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=shape["hidden_size"],
+        encoder_layers=enc,
+        decoder_layers=dec,
+        encoder_attention_heads=shape["num_heads"],
+        decoder_attention_heads=shape["num_heads"],
+        encoder_ffn_dim=shape["ffn_size"],
+        decoder_ffn_dim=shape["ffn_size"],
+        max_position_embeddings=shape["max_positions"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(config)
+
+
+def build_bert(shape: dict, tokenizer, seed: int):
+    """BERT at exactly our shape: layers, width, heads, FFN, positions."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        intermediate_size=shape["ffn_size"],
+        max_position_embeddings=shape["max_positions"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def lr_factor(step: int, total: int) -> float:
+    """train.py's schedule as a fraction of the peak: linear warm-up, cosine to 10%."""
+    warmup = min(WARMUP_STEPS, max(total // 10, 1))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _budget_callback(seconds: float, plan: dict, name: str):
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        """Fits the schedule after 20 steps; stops once ``seconds`` have passed since the
+        first step began, or at the end of the schedule."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            plan["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = time.perf_counter() - plan["start"]
+            step = state.global_step
+            if plan["total"] == plan["max_steps"] and step == PLAN_AT_STEP:
+                plan["total"] = max(step, int(seconds / (elapsed / step)))
+                print(f"  {name} | {step} steps in {elapsed:.0f}s: schedule over "
+                      f"{plan['total']} steps", flush=True)  # fmt: skip
+            # As train.py: the end of the budget or of the fitted schedule, whichever is first.
+            if elapsed >= seconds or step >= plan["total"]:
+                control.should_training_stop = True
+            plan["steps"], plan["train_seconds"] = step, elapsed
+
+        def on_train_end(self, args, state, control, **kwargs):
+            print(f"  {name} | stopped at step {plan['steps']} after {plan['train_seconds']:.0f}s",
+                  flush=True)  # fmt: skip
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                print(f"  {name} | step {state.global_step}: loss {float(logs['loss']):.3f}, "
+                      f"{time.perf_counter() - plan['start']:.0f}s", flush=True)  # fmt: skip
+
+    return Budget()
+
+
+def _train(trainer_cls, args_cls, model, data, collator, seconds, lr, seed, batch_size, name, **kw):
+    """Train ``model`` for ``seconds`` of wall clock; returns steps and seconds trained."""
+    from transformers import PrinterCallback
+
+    max_steps = 10**7  # the callback stops it; the schedule's length comes from the plan
+    plan = {"total": max_steps, "max_steps": max_steps, "steps": 0, "train_seconds": 0.0}
+    with tempfile.TemporaryDirectory(prefix="quality-hf-") as out:
+        args = args_cls(
+            output_dir=out,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            use_cpu=not torch.cuda.is_available(),
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="steps",
+            logging_steps=50,
+            report_to="none",
+            disable_tqdm=True,
+            seed=seed,
+            **kw,
+        )
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=collator,
+            callbacks=[_budget_callback(seconds, plan, name)],
+        )
+        trainer.remove_callback(PrinterCallback)  # the Budget callback prints the progress
+        # The Trainer's own AdamW (parameter groups, HF defaults), with train.py's schedule.
+        optimizer = trainer.create_optimizer()
+        trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, plan["total"])
+        )
+        trainer.train()
+    model.eval()
+    return {"steps": plan["steps"], "train_seconds": plan["train_seconds"],
+            "planned_steps": plan["total"]}  # fmt: skip
+
+
+def seq2seq_data(pairs, tokenizer, source_len: int, target_len: int):
+    """Sources as <s> document </s> (cut to source_len), labels as summary </s> (target_len)."""
+    from datasets import Dataset
+
+    sources = tokenizer([d for d, _ in pairs], truncation=True, max_length=source_len)
+    targets = tokenizer([s for _, s in pairs], add_special_tokens=False)["input_ids"]
+    labels = [t[: target_len - 1] + [tokenizer.eos_token_id] for t in targets]
+    return Dataset.from_dict({**sources, "labels": labels})
+
+
+def mlm_blocks(texts, tokenizer, seq_len: int):
+    """Every text's tokens followed by </s>, one flat stream cut into blocks of <s> + seq_len-1
+    tokens (as our masked-LM stream packs them)."""
+    from datasets import Dataset
+
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat = np.fromiter((t for x in ids for t in [*x, tokenizer.eos_token_id]), dtype=np.int64)
+    n = len(flat) // (seq_len - 1)
+    body = flat[: n * (seq_len - 1)].reshape(n, seq_len - 1)
+    blocks = np.concatenate([np.full((n, 1), tokenizer.bos_token_id), body], axis=1)
+    return Dataset.from_dict({"input_ids": blocks})
+
+
+def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size):
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
+    # Length-grouped batches, as ours buckets summarization pairs by length.
+    return _train(Seq2SeqTrainer, Seq2SeqTrainingArguments, model, data, collator, seconds,
+                  lr, seed, batch_size, "BART", train_sampling_strategy="group_by_length")  # fmt: skip
+
+
+def train_bert(model, data, tokenizer, seconds, lr, seed, batch_size, mask_rate=0.15):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    # Token-level masking, 80% <mask> / 10% random / 10% kept: the collator's defaults.
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mask_rate)
+    return _train(Trainer, TrainingArguments, model, data, collator, seconds, lr, seed,
+                  batch_size, "BERT")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@torch.inference_mode()
+def bart_summarize(model, tokenizer, docs, *, num_beams, max_new_tokens, source_len,
+                   no_repeat_ngram_size, batch_size=16) -> list[str]:  # fmt: skip
+    out = []
+    for i in range(0, len(docs), batch_size):
+        enc = tokenizer(docs[i : i + batch_size], truncation=True, max_length=source_len,
+                        padding=True, return_tensors="pt")  # fmt: skip
+        ids = model.generate(
+            **enc,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=1.0,
+            do_sample=False,
+        )
+        out += [s.strip() for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+@torch.inference_mode()
+def bert_fill(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[str]:
+    """The top-1 token for the one ``<mask>`` of each text, decoded and stripped."""
+    special = torch.tensor(tokenizer.all_special_ids)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
+        logits = model(**enc).logits
+        logits[..., special] = float("-inf")
+        rows, cols = (enc["input_ids"] == tokenizer.mask_token_id).nonzero(as_tuple=True)
+        if len(rows) != len(enc["input_ids"]):
+            raise ValueError("bert_fill expects exactly one <mask> in each text")
+        best = logits[rows, cols].argmax(-1).tolist()
+        out += [tokenizer.decode([t]).strip() for t in best]
+    return out

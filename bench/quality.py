@@ -1,0 +1,456 @@
+"""Quality at equal wall-clock time: minituring against Hugging Face models trained from scratch
+on the same data, on this machine, for the same time.
+
+    python bench/quality.py --minutes 10
+    python bench/quality.py --minutes 2 --test-limit 40 --json quality.json
+    python bench/quality.py --pairs train.jsonl --test-pairs test.jsonl --text docs.txt
+
+Contestants, run one after the other:
+
+* ours: ``python train.py --time-budget SECONDS`` with its defaults (one model, every objective
+  with data), into a fresh run folder; then ``model.load(run).summarize(docs, num_beams=4)`` and
+  ``fill_mask``.
+* HF BART (``BartForConditionalGeneration``, our width, heads and FFN, our layers split into
+  encoder + decoder) trained with ``Seq2SeqTrainer`` on the training pairs, and HF BERT
+  (``BertForMaskedLM`` at our shape) trained with ``Trainer`` + ``DataCollatorForLanguageModeling``
+  on the training text, each for the same wall-clock, with one byte-level BPE tokenizer trained
+  with ``tokenizers`` on the text ours trains its tokenizer on (see ``bench/_quality_hf.py``).
+* baselines: lead-N (the document's first N words, N the reference's word count), lead-10, and
+  the extractive oracle (the window of the document's words, of the reference's length, with the
+  best ROUGE-L against the reference).
+
+The time budget covers the training loop on every side: train.py's ``--time-budget`` counts from
+its first step, and the HF side's callback from the Trainer's first step; data preparation
+(corpus, tokenizer training, tokenization) is outside it on both sides and shown apart.
+
+Summaries: ROUGE-1/2/L F-measure (``rouge_score``, stemmer on) x100, mean over the test pairs;
+beam 4, no repeated trigram, at most ``--max-new-tokens`` tokens of each model's own tokenizer.
+Cloze: one whole word masked in each held-out text (its first ``CONTEXT_WORDS`` words): a word of
+letters only, not the first, preceded by a space, drawn by a seeded shuffle among those that are a
+single token (with their leading space) in every contestant's tokenizer, so each model predicts
+one token; top-1 exact match of the decoded token with the word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for folder in (ROOT, ROOT / "bench"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+MASK = "[MASK]"
+CONTEXT_WORDS = 40  # about 60-100 tokens: inside both models' masked-LM block (128)
+SHAPE_FLAGS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "seq_len", "vocab_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/quality.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--minutes", type=float, default=10, help="training time of each contestant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--test-limit", type=int, default=None, help="test pairs and cloze texts (default: all)"
+    )
+    p.add_argument("--bart-lr", type=float, default=5e-4, help="BART's peak learning rate")
+    p.add_argument("--bert-lr", type=float, default=5e-4, help="BERT's peak learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="both HF trainers (ours: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap, both")
+    p.add_argument("--skip-hf", action="store_true", help="no BART or BERT")
+    p.add_argument("--skip-mlm", action="store_true", help="no BERT and no cloze test")
+    p.add_argument("--skip-ours", action="store_true", help="HF side and baselines only")
+    data = p.add_argument_group("data (default: the embedded corpus and its held-out split)")
+    data.add_argument("--pairs", nargs="+", default=[], help="training document/summary pairs")
+    data.add_argument("--test-pairs", nargs="+", default=[], help="test pairs (with --pairs)")
+    data.add_argument("--text", nargs="+", default=[], help="training text (masked LM)")
+    data.add_argument("--test-text", nargs="+", default=[], help="cloze texts (with --text)")
+    shape = p.add_argument_group("shape overrides, both sides (default: our tiny preset)")
+    for name in SHAPE_FLAGS:
+        shape.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    run = p.add_argument_group("run")
+    run.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    run.add_argument("--workdir", default=None, help="keep run folders here (default: a temp dir)")
+    return p
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measure x100 (rouge_score, Porter stemmer)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for prediction, reference in zip(predictions, references, strict=True):
+        for key, score in scorer.score(reference, prediction).items():
+            totals[key] += score.fmeasure
+    return {k: 100 * v / max(len(references), 1) for k, v in totals.items()}
+
+
+def lead(document: str, n: int) -> str:
+    return " ".join(document.split()[:n])
+
+
+def oracle(document: str, reference: str, scorer=None) -> str:
+    """The contiguous window of the document's words, as many as the reference has, with the
+    highest ROUGE-L F-measure against the reference (the first such window on ties)."""
+    if scorer is None:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    words, n = document.split(), max(len(reference.split()), 1)
+    windows = [" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))]
+    return max(windows, key=lambda w: scorer.score(reference, w)["rougeL"].fmeasure)
+
+
+def baselines(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return {
+        "lead-N (N = reference words)": [lead(d, len(s.split())) for d, s in pairs],
+        "lead-10": [lead(d, 10) for d, _ in pairs],
+        "oracle window (best ROUGE-L)": [oracle(d, s, scorer) for d, s in pairs],
+    }
+
+
+def single_token(tokenizer, word: str) -> bool:
+    return len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def cloze_items(texts: list[str], fits, seed: int, limit: int | None = None) -> list:
+    """(text with one word replaced by [MASK], the word) for each text that has a candidate:
+    see the module's docstring. ``fits(word)``: the word is one token for every contestant."""
+    items = []
+    for i, text in enumerate(texts):
+        spans = list(re.finditer(r"\S+", text))[:CONTEXT_WORDS]
+        if len(spans) < 2:
+            continue
+        context = text[: spans[-1].end()]
+        candidates = [m for m in spans[1:] if m.group().isalpha() and context[m.start() - 1] == " "]
+        random.Random(f"{seed}:{i}").shuffle(candidates)
+        chosen = next((m for m in candidates if fits(m.group())), None)
+        if chosen is not None:
+            masked = context[: chosen.start()] + MASK + context[chosen.end() :]
+            items.append((masked, chosen.group()))
+            if limit and len(items) >= limit:
+                break
+    return items
+
+
+def accuracy(predicted: list[str], words: list[str]) -> float:
+    return 100 * sum(p == w for p, w in zip(predicted, words, strict=True)) / max(len(words), 1)
+
+
+# ---------------------------------------------------------------------------- contestants
+
+
+def load_data(args: argparse.Namespace):
+    """The same split train.py makes from the same flags (data.pipeline.load_raw)."""
+    from data.pipeline import DataConfig, load_raw
+
+    cfg = DataConfig(
+        train_text=list(args.text),
+        train_pairs=list(args.pairs),
+        eval_text=list(args.test_text),
+        eval_pairs=list(args.test_pairs),
+    )
+    return load_raw(cfg), cfg
+
+
+def our_command(args: argparse.Namespace, seconds: float, out: Path) -> list[str]:
+    flags = [
+        "--time-budget", f"{seconds:g}",
+        # train.py fits its schedule into min(--max-steps, the steps that fit the budget), so
+        # the default --max-steps (1200) caps a long budget. The trainer's budget fitting is
+        # being changed; until then, a cap that no budget here reaches.
+        "--max-steps", "1000000",
+        "--seed", str(args.seed),
+        "--output-dir", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    for flag, values in (("--train-text", args.text), ("--train-pairs", args.pairs),
+                         ("--eval-text", args.test_text), ("--eval-pairs", args.test_pairs)):  # fmt: skip
+        if values:
+            flags += [flag, *values]
+    for name in SHAPE_FLAGS:
+        if getattr(args, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return [sys.executable, str(ROOT / "train.py"), *flags]
+
+
+def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
+    """train.py as a user runs it, in its own process; its output echoed as progress."""
+    out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = our_command(args, budget, out)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    start, lines = time.perf_counter(), []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=ROOT, env=env) as proc:  # fmt: skip
+        for line in proc.stdout:
+            lines.append(line)
+            print("  ours | " + line.rstrip(), flush=True)
+    (work / "ours.log").write_text("".join(lines))
+    if proc.returncode:
+        raise RuntimeError(
+            f"train.py exited with status {proc.returncode}: see {work / 'ours.log'}"
+        )
+    total = time.perf_counter() - start
+    text = "".join(lines)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    logged = [r for r in records if "tokens_per_s" in r]
+    # The step count from train.py's last line: a run stopped by the time budget does not log
+    # its last steps (those since the last multiple of --log-every) to metrics.jsonl.
+    done = re.findall(r"(\d+) steps, [\d,]+ tokens; run folder", text)
+    steps = int(done[-1]) if done else logged[-1]["step"]
+    last = logged[-1] if logged else {"step": 0, "elapsed": 0.0}
+    seconds, estimated = last["elapsed"], last["step"] != steps
+    if estimated:  # at the mean speed of the logged steps, or the budget when none was logged
+        seconds = seconds * steps / last["step"] if last["step"] else budget
+    prepared = re.search(r"prepared in (\d+(?:\.\d+)?)s", text)
+    return {
+        "run": str(out),
+        "steps": steps,
+        "train_seconds": seconds,
+        "train_seconds_estimated": estimated,
+        "prep_seconds": float(prepared.group(1)) if prepared else None,
+        "total_seconds": total,
+        "command": cmd,
+    }
+
+
+def run_ours(args, seconds, work, test_pairs) -> tuple[dict, object]:
+    import model
+
+    info = train_ours(args, seconds, work)
+    lm = model.load(info["run"])
+    info["params"] = sum(p.numel() for p in lm.model.parameters())
+    if test_pairs:
+        print(f"[quality] ours: summarizing {len(test_pairs)} test documents", flush=True)
+        summaries = lm.summarize([d for d, _ in test_pairs], num_beams=4,
+                                 max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=3)  # fmt: skip
+        info.update(rouge(summaries, [s for _, s in test_pairs]), summaries=summaries)
+    return info, lm
+
+
+def our_fill(lm, texts: list[str], batch_size: int = 32) -> list[str]:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        out += [r[0]["token"].strip() for r in lm.fill_mask(texts[i : i + batch_size], top_k=1)]
+    return out
+
+
+def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
+    import _quality_hf as hf
+
+    results: dict = {}
+    start = time.perf_counter()
+    tokenizer = hf.train_tokenizer(raw.train_texts + [d for d, _ in raw.train_pairs],
+                                   shape["vocab_size"])  # fmt: skip
+    tok_seconds = time.perf_counter() - start
+    print(f"[quality] HF tokenizer: {len(tokenizer)} entries in {tok_seconds:.0f}s", flush=True)
+    results["tokenizer"] = tokenizer
+    if raw.train_pairs:
+        start = time.perf_counter()
+        data = hf.seq2seq_data(raw.train_pairs, tokenizer, cfg.source_len, cfg.target_len)
+        prep = tok_seconds + time.perf_counter() - start
+        bart = hf.build_bart(shape, tokenizer, args.seed)
+        print(f"[quality] BART {hf.bart_layers(shape['num_layers'])}: {hf.n_params(bart) / 1e6:.2f}M"
+              f" params, {len(data)} pairs, lr {args.bart_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
+        info = hf.train_bart(bart, data, tokenizer, seconds, args.bart_lr, args.seed,
+                             args.batch_size)  # fmt: skip
+        info.update(params=hf.n_params(bart), prep_seconds=prep, lr=args.bart_lr)
+        info["total_seconds"] = prep + info["train_seconds"]
+        if test_pairs:
+            print(f"[quality] BART: summarizing {len(test_pairs)} test documents", flush=True)
+            summaries = hf.bart_summarize(
+                bart, tokenizer, [d for d, _ in test_pairs], num_beams=4,
+                max_new_tokens=args.max_new_tokens, source_len=cfg.source_len,
+                no_repeat_ngram_size=3,
+            )  # fmt: skip
+            info.update(rouge(summaries, [s for _, s in test_pairs]), summaries=summaries)
+        results["bart"] = info
+        del bart
+    if raw.train_texts and not args.skip_mlm:
+        start = time.perf_counter()
+        data = hf.mlm_blocks(raw.train_texts, tokenizer, shape["seq_len"])
+        prep = tok_seconds + time.perf_counter() - start
+        bert = hf.build_bert(shape, tokenizer, args.seed)
+        print(f"[quality] BERT: {hf.n_params(bert) / 1e6:.2f}M params, {len(data)} blocks of "
+              f"{shape['seq_len']}, lr {args.bert_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
+        info = hf.train_bert(bert, data, tokenizer, seconds, args.bert_lr, args.seed,
+                             args.batch_size)  # fmt: skip
+        info.update(params=hf.n_params(bert), prep_seconds=prep, lr=args.bert_lr, model=bert)
+        info["total_seconds"] = prep + info["train_seconds"]
+        results["bert"] = info
+    return results
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text()
+                   .splitlines() if x.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"nproc {os.cpu_count()}, {cpu}, load average {load:.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    def num(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = ["| contestant | ROUGE-1 | ROUGE-2 | ROUGE-L | cloze accuracy | steps | wall-clock used |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | FAILED: {r['error'][:60]} | | | | | |")
+            continue
+        clock = "-"
+        if r.get("train_seconds") is not None:
+            about = "~" if r.get("train_seconds_estimated") else ""
+            clock = f"{about}{r['train_seconds']:.0f}s training"
+            if r.get("prep_seconds") is not None:
+                clock += f" + {r['prep_seconds']:.0f}s data prep"
+            clock += f", {r['total_seconds']:.0f}s in all"
+        cloze = None if r.get("cloze") is None else r["cloze"]
+        lines.append(
+            f"| {r['name']} | {num(r.get('rouge1'))} | {num(r.get('rouge2'))} | "
+            f"{num(r.get('rougeL'))} | {num(cloze, '{:.1f}%')} | {num(r.get('steps'), '{}')} | "
+            f"{clock} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.test_pairs and not args.pairs) or (args.test_text and not args.text):
+        raise SystemExit("error: --test-pairs needs --pairs, --test-text needs --text")
+    if args.minutes <= 0:
+        raise SystemExit("error: --minutes must be > 0")
+    from model.config import PRESETS
+
+    seconds = 60 * args.minutes
+    shape = {**PRESETS["tiny"](), "vocab_size": 8192, "max_positions": 512}
+    shape.update({k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None})
+    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="minituring-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print("[quality] loading data", flush=True)
+        raw, cfg = load_data(args)
+        test_pairs = raw.eval_pairs[: args.test_limit]
+        print(f"[quality] {raw.description}; {len(test_pairs)} test pairs", flush=True)
+        rows: list[dict] = []
+        for name, predictions in baselines(test_pairs).items() if test_pairs else ():
+            rows.append({"name": name, **rouge(predictions, [s for _, s in test_pairs])})
+        lm = ours = hf = None
+        if not args.skip_ours:
+            print(f"[quality] ours: train.py for {seconds:g}s of training", flush=True)
+            try:
+                ours, lm = run_ours(args, seconds, work, test_pairs)
+                rows.append({"name": f"ours train.py ({ours['params'] / 1e6:.2f}M params)", **ours})
+            except Exception as err:  # one failing contestant must not hide the others
+                rows.append({"name": "ours train.py", "error": f"{type(err).__name__}: {err}"})
+        if not args.skip_hf:
+            try:
+                hf = run_hf(args, seconds, raw, cfg, shape, test_pairs)
+            except Exception as err:
+                rows.append({"name": "HF", "error": f"{type(err).__name__}: {err}"})
+                hf = None
+        for key, label in (
+            ("bart", "HF BART {}M + Seq2SeqTrainer"),
+            ("bert", "HF BERT {}M + Trainer"),
+        ):
+            if hf and key in hf:
+                rows.append({"name": label.format(f"{hf[key]['params'] / 1e6:.2f}"), **hf[key]})
+        # The cloze test, over words that are one token for every model that takes it.
+        fill = {}
+        if lm is not None and raw.train_texts and not args.skip_mlm:
+            fill["ours"] = (lm.tokenizer, lambda texts: our_fill(lm, texts))
+        if hf and "bert" in hf:
+            import _quality_hf
+
+            tok, bert = hf["tokenizer"], hf["bert"]["model"]
+            fill["bert"] = (tok, lambda texts: _quality_hf.bert_fill(
+                bert, tok, [t.replace(MASK, tok.mask_token) for t in texts]))  # fmt: skip
+        cloze_n = 0
+        if fill and raw.eval_texts:
+
+            def fits(word):
+                return all(single_token(t, word) for t, _ in fill.values())
+
+            items = cloze_items(raw.eval_texts, fits, args.seed, args.test_limit)
+            cloze_n = len(items)
+            print(f"[quality] cloze: {cloze_n} held-out texts, one word masked each", flush=True)
+            for key, (_, predict) in fill.items():
+                row = next(
+                    r for r in rows if r["name"].startswith("ours" if key == "ours" else "HF BERT")
+                )
+                row["cloze"] = accuracy(predict([t for t, _ in items]), [w for _, w in items])
+        notes = [
+            f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} "
+            f"heads, FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block "
+            f"{shape['seq_len']}: ours and BERT; BART the same width with the layers split "
+            "between encoder and decoder (its decoder layers add cross-attention)",
+            f"test: {len(test_pairs)} held-out pairs; cloze: {cloze_n} held-out texts "
+            f"(first {CONTEXT_WORDS} words, one single-token letters-only word masked, top-1 "
+            "exact match); ROUGE F x100 (rouge_score, stemmer), beam 4, no repeated trigram, at "
+            f"most {args.max_new_tokens} new tokens",
+            f"budget {seconds:g}s of training loop on each side (data prep outside it, shown "
+            "apart); ours trains one model on every objective in it, HF one model per task, each "
+            f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
+            "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout 0, batch "
+            f"{args.batch_size}); BERT token-level masking, ours whole-word (its default)",
+            "in all: ours the whole train.py process (start-up, data prep, training, its final "
+            "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
+            "set not counted; ~: train.py logged no record at its last step, its training "
+            "time is estimated from the speed of the steps it logged",
+        ]
+        dropped = ("model", "summaries") + (("run",) if args.workdir is None else ())
+        rows_out = [{k: v for k, v in r.items() if k not in dropped} for r in rows]
+        if args.json:
+            report = {"command": command, "date": date, "machine": machine(), "notes": notes,
+                      "shape": shape, "seconds": seconds, "rows": rows_out,
+                      "examples": [{"document": d[:500], "reference": s,
+                                    **{r["name"]: r["summaries"][i] for r in rows if "summaries" in r}}
+                                   for i, (d, s) in enumerate(test_pairs[:10])]}  # fmt: skip
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        print()
+        print("\n".join(notes))
+        print(f"{date} | {machine()} | {command}")
+        print(format_table(rows))
+        return 1 if any(r.get("error") for r in rows) else 0
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""bench/quality.py: the scores and baselines, the cloze items, the HF contestants' shapes and
+schedule, and the whole race at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+hf = _load("_quality_hf", "_quality_hf.py")
+quality = _load("bench_quality", "quality.py")
+
+TINY = [
+    "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
+    "--seq-len", "32", "--vocab-size", "400",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_rouge_is_rouge_score_mean_times_100():
+    from rouge_score import rouge_scorer
+
+    preds = ["the cats are running fast", "a parser for config files"]
+    refs = ["the cat runs fast", "parse the configuration file"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    got = quality.rouge(preds, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = (
+            100
+            * sum(scorer.score(r, p)[key].fmeasure for p, r in zip(preds, refs, strict=True))
+            / 2
+        )
+        assert got[key] == pytest.approx(expected)
+    assert got["rouge1"] > 0 and quality.rouge(refs, refs)["rougeL"] == pytest.approx(100)
+
+
+def test_oracle_is_the_best_window_and_beats_lead():
+    doc = "This module holds helpers. It parses the config file and returns a dict of options."
+    ref = "Parse the config file and return options."
+    n = len(ref.split())
+    assert quality.lead(doc, n) == "This module holds helpers. It parses the"
+    best = quality.oracle(doc, ref)
+    assert best == "It parses the config file and returns"  # the first of two equal windows
+    assert len(best.split()) == n
+    scores = {name: quality.rouge([text], [ref])["rougeL"] for name, text in
+              (("lead", quality.lead(doc, n)), ("oracle", best))}  # fmt: skip
+    assert scores["oracle"] > scores["lead"]
+    # A document shorter than the reference is its own only window.
+    assert quality.oracle("two words", ref) == "two words"
+    rows = quality.baselines([(doc, ref)])
+    assert list(rows.values())[1] == [quality.lead(doc, 10)]
+
+
+def test_cloze_items_mask_one_single_token_word(tokenizer):
+    texts = [
+        "Return the absolute value of a number, as a float or an integer.",
+        "Short",
+        "x = 1; y = 2",  # no letters-only word after the first
+        " ".join(f"word{i}" for i in range(60)) + " tail",  # its only candidate is past 40 words
+    ]
+
+    def fits(word):
+        return quality.single_token(tokenizer, word)
+
+    items = quality.cloze_items(texts, fits, seed=0)
+    assert len(items) == 1
+    masked, word = items[0]
+    assert masked.count(quality.MASK) == 1 and word.isalpha() and fits(word)
+    assert masked.replace(quality.MASK, word) == texts[0]
+    assert not masked.startswith(quality.MASK)
+    assert quality.cloze_items(texts, fits, seed=0) == items  # deterministic
+    picked = {quality.cloze_items(texts[:1], fits, seed=s)[0][1] for s in range(8)}
+    assert len(picked) > 1  # the seed chooses the word
+    assert len(quality.cloze_items(texts * 3, fits, seed=0, limit=2)) == 2
+    assert quality.accuracy(["a", "b"], ["a", "c"]) == 50
+
+
+# ---------------------------------------------------------------------------- HF side
+
+
+def test_hf_models_are_about_our_size(texts, tokenizer):
+    from data.tokenizer import model_config
+    from model.config import PRESETS
+    from model.transformer import MiniTuringModel
+
+    tok = hf.train_tokenizer(texts, 400)
+    assert tok.mask_token == "<mask>" and len(tok) <= 400
+    # <mask> takes the space before it, like a word in its slot.
+    with_mask = tok("the <mask> value")["input_ids"]
+    assert with_mask[0] == tok.bos_token_id and with_mask[-1] == tok.eos_token_id
+    assert len(with_mask) == len(tok("the value")["input_ids"]) + 1
+    shape = {**PRESETS["tiny"](), "max_positions": 512}
+    ours = MiniTuringModel(
+        model_config(tokenizer, **{k: shape[k] for k in ("hidden_size", "num_layers", "num_heads",
+                                                     "ffn_size")})
+    )  # fmt: skip
+    ours = sum(math.prod(p.shape) for p in ours.parameters())
+    bart, bert = hf.build_bart(shape, tok, 0), hf.build_bert(shape, tok, 0)
+    assert hf.bart_layers(4) == (2, 2) and hf.bart_layers(1) == (1, 1)
+    assert bart.config.encoder_layers == 2 and bart.config.d_model == 256
+    assert bert.config.num_hidden_layers == 4 and bert.config.intermediate_size == 1024
+    for model in (bart, bert):
+        assert 0.8 < hf.n_params(model) / ours < 1.5
+
+
+def test_hf_schedule_is_train_py_schedule():
+    assert hf.lr_factor(0, 1000) == pytest.approx(1 / 100)
+    assert hf.lr_factor(99, 1000) == pytest.approx(1.0)
+    assert hf.lr_factor(0, 50) == pytest.approx(1 / 5)  # warm-up: a tenth of a short run
+    assert hf.lr_factor(1000, 1000) == pytest.approx(0.1)
+    assert hf.lr_factor(550, 1000) == pytest.approx(0.55)  # half way down the cosine
+
+
+def test_our_command_is_train_py_with_its_defaults():
+    args = quality.build_parser().parse_args(["--pairs", "p.jsonl", "--test-pairs", "t.jsonl"])
+    cmd = quality.our_command(args, 90, Path("run"))
+    assert cmd[1].endswith("train.py")
+    assert cmd[cmd.index("--time-budget") + 1] == "90"
+    assert "--max-steps" in cmd and "--train-pairs" in cmd and "--eval-pairs" in cmd
+    assert not any(f"--{name.replace('_', '-')}" in cmd for name in quality.SHAPE_FLAGS)
+    with pytest.raises(SystemExit):
+        quality.main(["--test-pairs", "t.jsonl"])
+
+
+# ---------------------------------------------------------------------------- the race
+
+
+@pytest.mark.slow  # about 35 s on an idle two-core machine, minutes on a busy one
+def test_race_runs_end_to_end(tmp_path, corpus_files, capsys):
+    text_file, pairs = corpus_files
+    out = tmp_path / "quality.json"
+    argv = ["--minutes", "0.05", "--test-limit", "4", "--text", str(text_file),
+            "--pairs", str(pairs), "--json", str(out), *TINY]  # fmt: skip
+    assert quality.main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    header = printed.index(next(x for x in printed if x.startswith("| contestant")))
+    assert "python bench/quality.py" in printed[header - 1]  # machine, date, command above
+    assert all(x.startswith("|") for x in printed[header:])  # the table comes last
+    report = json.loads(out.read_text())
+    rows = {r["name"].split(" (")[0].split(" 0.")[0]: r for r in report["rows"]}
+    assert {"lead-10", "ours train.py", "HF BART", "HF BERT"} <= set(rows)
+    for name in ("ours train.py", "HF BART"):
+        assert rows[name]["steps"] > 0 and 0 <= rows[name]["rougeL"] <= 100
+    for name in ("ours train.py", "HF BERT"):
+        assert 0 <= rows[name]["cloze"] <= 100
+    assert rows["HF BART"]["train_seconds"] < 3 + 5  # stopped by the budget (3 s)
