@@ -125,7 +125,7 @@ def write_samples(folder: Path, eval_pairs: list[tuple[str, str]]) -> dict:
         )
     if eval_pairs:
         document, reference = eval_pairs[0]
-        generated = lm.summarize(document, max_new_tokens=32, num_beams=4)
+        generated = lm.summarize(document)  # decoded as the run's generation_config.json says
         samples["summary"] = {"document": document, "reference": reference, "generated": generated}
     atomic_write_text(folder / "samples.json", json.dumps(samples, indent=1))
     return samples

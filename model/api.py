@@ -7,13 +7,20 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GenerationConfig
 
 from model.config import MiniTuringConfig
+from model.files import atomic_write_text
 from model.generate import DecodingConfig, generate
 from model.tokenizer import TokenizerError, check_compatible, load_tokenizer
 from model.transformer import MiniTuringModel, never_predicted
 
 MASK_LITERAL = "[MASK]"
+GENERATION_FILE = "generation_config.json"
+# summarize's decoding when neither the call nor the run folder says otherwise.
+DEFAULT_GENERATION = dict(
+    max_new_tokens=32, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, min_new_tokens=1
+)
 
 
 class RunFolderError(ValueError):
@@ -69,10 +76,18 @@ def load_model(
 class LM:
     """A trained model with its tokenizer, ready to fill masks and summarize."""
 
-    def __init__(self, model: MiniTuringModel, tokenizer, source_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model: MiniTuringModel,
+        tokenizer,
+        source_len: int | None = None,
+        generation: dict | None = None,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.source_len = source_len or self.config.length("source_len")
+        # The decoding defaults of summarize: the run's, over the package's.
+        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
 
     @property
     def device(self) -> torch.device:
@@ -148,10 +163,11 @@ class LM:
     def summarize(
         self,
         text: str | list[str],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         num_beams: int | None = None,
-        length_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 3,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -160,26 +176,27 @@ class LM:
         batch_size: int = 16,
     ) -> str | list[str]:
         """A summary per document. Documents longer than the model's source length (from
-        training) are truncated to their beginning. ``num_beams`` defaults to 4, or to 1 when
-        sampling. An empty or whitespace-only document gets ``""``, without running the model
-        (the others in a list are summarized as usual, in order)."""
+        training) are truncated to their beginning. The decoding options left out (None) come
+        from the run's ``generation_config.json``, else ``DEFAULT_GENERATION``; ``num_beams``
+        is 1 when sampling. An empty or whitespace-only document gets ``""``, without running
+        the model (the others in a list are summarized as usual, in order)."""
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise TypeError("summarize expects a string or a list of strings")
-        if num_beams is None:
-            num_beams = 1 if do_sample else 4
-        cfg = DecodingConfig(
+        given = dict(
             max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
+            num_beams=num_beams if num_beams is not None else (1 if do_sample else None),
             length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
+            min_new_tokens=min_new_tokens,
+        )
+        options = {**self.generation, **{k: v for k, v in given.items() if v is not None}}
+        cfg = DecodingConfig(
+            **options, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p
         )
         cfg.validate()
+        max_new_tokens = cfg.max_new_tokens
         tok = self.tokenizer
         room = min(self.source_len, self.config.max_position_embeddings - max_new_tokens)
         if room < 3:
@@ -209,4 +226,26 @@ class LM:
 def load(path: str | Path, device: str | torch.device = "cpu") -> LM:
     """Load a run folder for inference (CPU by default)."""
     model, tokenizer = load_model(path, device)
-    return LM(model, tokenizer)
+    return LM(model, tokenizer, generation=read_generation_config(path))
+
+
+def save_generation_config(folder: str | Path, **options) -> None:
+    """Write the run's decoding defaults as ``generation_config.json`` (Hugging Face's file:
+    ``GenerationConfig.from_pretrained(folder)`` reads it), atomically."""
+    unknown = set(options) - set(DEFAULT_GENERATION)
+    if unknown:
+        raise TypeError(f"not decoding options: {', '.join(sorted(unknown))}")
+    GenerationConfig(**options).validate()  # what transformers would refuse, refused here
+    atomic_write_text(Path(folder) / GENERATION_FILE, json.dumps(options, indent=2) + "\n")
+
+
+def read_generation_config(folder: str | Path) -> dict:
+    """The decoding options a run folder's ``generation_config.json`` sets (none without it)."""
+    path = Path(folder) / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path} is not a valid generation config: {err}") from None
+    return {k: values[k] for k in DEFAULT_GENERATION if k in values}

@@ -143,3 +143,51 @@ def test_load_on_a_device_argument(tiny_run):
     assert lm.device.type == "cpu"
     weights = load_file(str(tiny_run / "model.safetensors"))
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_the_run_writes_its_decoding_defaults_from_its_data(tiny_run, corpus_files):
+    """generation_config.json: Hugging Face's file, with lengths from the training summaries."""
+    from transformers import GenerationConfig
+
+    saved = json.loads((tiny_run / "generation_config.json").read_text())
+    target_len = json.loads((tiny_run / "config.json").read_text())["target_len"]
+    assert 1 <= saved["min_new_tokens"] <= saved["max_new_tokens"] <= target_len
+    assert saved["num_beams"] == 4 and saved["no_repeat_ngram_size"] == 3
+    assert GenerationConfig.from_pretrained(tiny_run).max_new_tokens == saved["max_new_tokens"]
+    # The reference summaries the lengths come from: most fit the range.
+    _, pairs = corpus_files
+    lm = model.load(tiny_run)
+    lengths = [
+        len(lm.tokenizer(json.loads(line)["summary"], add_special_tokens=False)["input_ids"]) + 1
+        for line in pairs.read_text().splitlines()
+    ]
+    inside = [
+        saved["min_new_tokens"] <= min(n, target_len) <= saved["max_new_tokens"] for n in lengths
+    ]
+    assert sum(inside) >= 0.9 * len(lengths)
+
+
+def test_summarize_decodes_as_the_run_folder_says_unless_told(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "generation_config.json").read_text())
+    (run / "generation_config.json").write_text(
+        json.dumps({**config, "max_new_tokens": 5, "min_new_tokens": 2, "num_beams": 2})
+    )
+    seen = []
+    real_generate = model.api.generate
+    monkeypatch.setattr(
+        model.api,
+        "generate",
+        lambda m, s, cfg, g=None: seen.append(cfg) or real_generate(m, s, cfg, g),
+    )
+    lm = model.load(run)
+    doc = "Return a new list with the items of the given list sorted in ascending order."
+    lm.summarize(doc)
+    lm.summarize(doc, max_new_tokens=8, num_beams=1)
+    assert [(c.max_new_tokens, c.min_new_tokens, c.num_beams) for c in seen] == [
+        (5, 2, 2),
+        (8, 2, 1),
+    ]
+    (run / "generation_config.json").unlink()  # a folder from before: the package's defaults
+    assert model.load(run).generation == model.api.DEFAULT_GENERATION

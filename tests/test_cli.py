@@ -154,7 +154,9 @@ def test_evaluate_reproduces_the_trainers_held_out_numbers(
     assert trainer and report["metrics"].keys() == trainer.keys()
     for key, value in trainer.items():
         assert report["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    assert report["settings"]["decoding"]["num_beams"] == 1
+    # Both decode as summarize does: the run's generation_config.json.
+    generation = json.loads((tiny_run / "generation_config.json").read_text())
+    assert {k: report["settings"]["decoding"][k] for k in generation} == generation
     # The table: a row per objective with its loss, and the note on what accuracy means.
     rows = {line.split()[0]: line for line in printed.splitlines() if line.strip()}
     assert {"objective", "masked_lm", "gap_summary", "summarize"} <= rows.keys()

@@ -124,6 +124,11 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
     state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
     # The schedule was fitted to the speed measured over the first steps, then honoured.
     assert 1 <= state["step"] <= state["planned_steps"] < 100000
+    # Every step trained is in the log, the last ones too when the budget ran out.
+    trained = [m for m in metrics(out) if "lr" in m]
+    assert trained and trained[-1]["step"] == state["step"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == state["step"] and summary["time_budget"] == 4
 
 
 def test_existing_run_is_not_overwritten(tiny_run, corpus_files):

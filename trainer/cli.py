@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data.pipeline import DataConfig, RawData, build_streams, read_pairs, read_texts
 from data.sources import read_texts as read_source_texts
-from model.api import LM, RunFolderError, load
+from model.api import DEFAULT_GENERATION, LM, RunFolderError, load
 from model.config import PRESETS, resolve_shape
 from model.generate import DecodingConfig
 from model.plot import plot_run
@@ -84,22 +84,22 @@ def _read_documents(source: str, split: str, text_column: str) -> list[str]:
     return read_source_texts(_existing(source, "FILE"), text_column=text_column, split=split)
 
 
-def _add_decoding(
-    parser: argparse.ArgumentParser, *, num_beams: int, max_new_tokens: int | None
-) -> None:
-    """The decoding flags; ``max_new_tokens`` None means the run's --target-len."""
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags. Those not given come from the run's generation_config.json (written
+    by the trainer from its data), else from ``model.api.DEFAULT_GENERATION``."""
     d = DecodingConfig()
+    run = "the run's generation_config.json"
     group = parser.add_argument_group("decoding")
-    shown = max_new_tokens if max_new_tokens is not None else "the run's --target-len"
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                       help=f"longest summary in tokens (default: {shown})")  # fmt: skip
+    group.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                       help=f"longest summary in tokens (default: {run})")  # fmt: skip
+    group.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                       help=f"shortest summary in tokens (default: {run})")  # fmt: skip
     group.add_argument("--num-beams", type=int, default=None, metavar="N",
-                       help=f"beam search width; 1 is greedy (default: {num_beams}, 1 with --do-sample)")  # fmt: skip
-    parser.set_defaults(default_num_beams=num_beams)
-    group.add_argument("--length-penalty", type=float, default=d.length_penalty, metavar="X",
-                       help="beam score = log-prob / length**X (default: %(default)s)")  # fmt: skip
-    group.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
-                       metavar="N", help="never repeat an n-gram of this size; 0: off (default: %(default)s)")  # fmt: skip
+                       help=f"beam search width; 1 is greedy (default: {run}; 1 with --do-sample)")  # fmt: skip
+    group.add_argument("--length-penalty", type=float, default=None, metavar="X",
+                       help=f"beam score = log-prob / length**X (default: {run})")  # fmt: skip
+    group.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                       help=f"never repeat an n-gram of this size; 0: off (default: {run})")  # fmt: skip
     group.add_argument("--do-sample", action="store_true",
                        help="sample instead of beam search / greedy")  # fmt: skip
     group.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
@@ -112,16 +112,24 @@ def _add_decoding(
                        help="random seed for sampling (default: a fresh one)")  # fmt: skip
 
 
-def _decoding(args, max_new_tokens: int) -> DecodingConfig:
+def _decoding(args, defaults: dict) -> DecodingConfig:
+    """The flags over ``defaults`` (a run's generation options); checked."""
+    given = {
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams
+        if args.num_beams is not None
+        else (1 if args.do_sample else None),
+        "length_penalty": args.length_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
+    options = {
+        **DEFAULT_GENERATION,
+        **defaults,
+        **{k: v for k, v in given.items() if v is not None},
+    }
     cfg = DecodingConfig(
-        max_new_tokens=max_new_tokens,
-        num_beams=(
-            args.num_beams
-            if args.num_beams is not None
-            else (1 if args.do_sample else args.default_num_beams)
-        ),
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        **options,
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -180,10 +188,9 @@ def summarize_command(args) -> None:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = _read_documents(args.file, args.split, args.text_column)
-    cfg = _decoding(args, args.max_new_tokens)
-    options = dataclasses.asdict(cfg)
-    del options["min_new_tokens"]  # not an option of LM.summarize
+    _decoding(args, {})  # bad flags fail before the run is loaded
     lm = _load(args)
+    options = dataclasses.asdict(_decoding(args, lm.generation))
     summaries: list[str] = []
     starts = range(0, len(docs), args.batch_size)
     for n, start in enumerate(tqdm(starts, desc="summarize", unit="batch", disable=None)):
@@ -274,7 +281,7 @@ def evaluate_command(args) -> dict:
     rouge_samples = (
         len(pairs) if args.rouge_samples is None else min(args.rouge_samples, len(pairs))
     )
-    decoding = _decoding(args, args.max_new_tokens or cfg.target_len)
+    decoding = _decoding(args, lm.generation)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     steps = sum(min(max_batches, math.ceil(len(s) / batch_size)) for s in streams.values())
@@ -419,7 +426,7 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
     sub.add_argument(
         "--json", action="store_true", help="print JSON instead of one summary per line"
     )
-    _add_decoding(sub, num_beams=4, max_new_tokens=32)
+    _add_decoding(sub)
     device(sub)
     sub.set_defaults(handler=summarize_command)
 
@@ -450,7 +457,7 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
         sub.add_argument(f"--{flag}", default=None, help="column name (default: the run's)")
     sub.add_argument("--text-split", choices=SPLITS, default=None,
                      help="how a plain text file splits into documents (default: the run's)")  # fmt: skip
-    _add_decoding(sub, num_beams=1, max_new_tokens=None)
+    _add_decoding(sub)
     device(sub)
     sub.set_defaults(handler=evaluate_command)
 

@@ -92,8 +92,9 @@ class RunConfig:
     """Steps between evaluations on held-out data (0: only at the end)."""
     eval_batches: int = 8
     """Held-out batches per objective for loss/accuracy."""
-    rouge_samples: int = 32
-    """Held-out documents summarized (greedy) for ROUGE at each evaluation."""
+    rouge_samples: int = 200
+    """Held-out documents summarized for ROUGE at each evaluation, decoded as summarize does
+    (the run's generation_config.json)."""
     save_every: int = 400
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2

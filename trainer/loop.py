@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data.batching import MixtureLoader
+from model.generate import DecodingConfig
 from model.transformer import IGNORE_INDEX
 from trainer.checkpoint import intact, save_checkpoint
 from trainer.config import TrainConfig
@@ -203,6 +204,8 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {cfg.run.time_budget:g}s reached at step {state.step}"
+            if state.step % cfg.run.log_every:  # the steps since the last log line
+                meter.maybe_log(grad_norm, last=True)
     return finish(run, meter, reason)
 
 
@@ -352,6 +355,7 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
+        decoding=DecodingConfig(**run.generation),  # as summarize decodes
         env=run.env,
     )
     if run.env.main:

@@ -2,8 +2,8 @@
 
 Without a time budget the plan is ``--max-steps`` (default ``DEFAULT_STEPS``). With one, the
 whole run (data preparation, steps, evaluations and checkpoints) must end within it, and the
-schedule must end with it: the plan is fitted once the speed is known (step ``FIRST_PLAN_AT``)
-and refitted every ``REPLAN_EVERY`` steps from the measured cost of a step, of an evaluation and
+schedule must end with it: the plan is fitted once the speed is known (a first guess at step
+``EARLY_PLAN_AT``, then step ``FIRST_PLAN_AT``) and refitted every ``REPLAN_EVERY`` steps from the measured cost of a step, of an evaluation and
 of a checkpoint, keeping back what the final evaluation and checkpoint will take. The plan is
 saved with every checkpoint (``planned_steps``), so a resumed run continues it.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 DEFAULT_STEPS = 1200
+EARLY_PLAN_AT = 5  # a first guess, so that even a budget of a few steps gets a whole schedule
 FIRST_PLAN_AT = 20
 REPLAN_EVERY = 50
 # Until an evaluation and a checkpoint have been timed, the final ones are assumed to take this
@@ -40,7 +41,7 @@ class Plan:
         if not self.budget:
             return False
         measured = len(self.step_seconds) >= min(FIRST_PLAN_AT, 10)
-        return step == FIRST_PLAN_AT or (measured and step % REPLAN_EVERY == 0)
+        return step in (EARLY_PLAN_AT, FIRST_PLAN_AT) or (measured and step % REPLAN_EVERY == 0)
 
     def fit(self, step: int, elapsed: float, eval_every: int, save_every: int) -> int:
         """The most steps whose time, with the evaluations and checkpoints due on the way and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ from data.batching import MixtureLoader
 from data.objectives import OBJECTIVES
 from data.pipeline import RawData, Streams, build_streams, load_raw
 from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from model.api import (
+    DEFAULT_GENERATION,
+    read_generation_config,
+    save_generation_config,
+)
 from model.config import MiniTuringConfig
 from model.hf import save_remote_code
 from model.tokenizer import check_compatible
@@ -75,6 +81,7 @@ class Run:
     metrics: Metrics
     state: TrainState
     data_seconds: float
+    generation: dict  # summarize's decoding options, as generation_config.json holds them
 
     @property
     def resumed(self) -> bool:
@@ -150,6 +157,8 @@ def prepare(
         model_config.save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
         save_remote_code(folder)  # AutoModel*.from_pretrained(folder, trust_remote_code=True)
+        save_generation_config(folder, **generation_defaults(streams, cfg.data.target_len))
+    generation = {**DEFAULT_GENERATION, **from_rank0(env, lambda: read_generation_config(folder))}
     metrics = Metrics(
         folder / "metrics.jsonl",
         env.main,
@@ -158,7 +167,7 @@ def prepare(
     )
     run = Run(
         cfg, env, folder, raw, streams, tokenizer, model, wrapped, optimizer, loader, weights,
-        checkpointer, metrics, state, data_seconds,
+        checkpointer, metrics, state, data_seconds, generation,
     )  # fmt: skip
     if env.main:
         print(describe(run, seq_len), flush=True)
@@ -214,6 +223,22 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
         if not objectives:
             raise TrainingError("no objective has training examples in the given data")
     return raw, tokenizer, streams, weights
+
+
+def generation_defaults(streams: Streams, target_len: int) -> dict:
+    """summarize's decoding defaults for this data: the summary lengths from the training
+    summaries' lengths in tokens (2nd and 98th percentile, the end token included), beam search
+    with repeated trigrams blocked. A run without pairs keeps the package's defaults."""
+    options = dict(DEFAULT_GENERATION)
+    stream = streams.train.get("summarize") or streams.train.get("gap_summary")
+    if stream is None or len(stream) == 0:
+        return options
+    picked = np.unique(np.linspace(0, len(stream) - 1, min(len(stream), 2000)).astype(int))
+    lengths = [len(ids) - prefix + 1 for ids, _, prefix in map(stream.example, picked.tolist())]
+    shortest, longest = np.percentile(lengths, [2, 98])
+    options["max_new_tokens"] = int(max(2, min(target_len, math.ceil(longest))))
+    options["min_new_tokens"] = int(max(1, min(math.floor(shortest), options["max_new_tokens"])))
+    return options
 
 
 def _check_global_batch(run: Run) -> None:
