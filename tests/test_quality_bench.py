@@ -133,7 +133,8 @@ def test_our_command_is_train_py_with_its_defaults():
     cmd = quality.our_command(args, 90, Path("run"))
     assert cmd[1].endswith("train.py")
     assert cmd[cmd.index("--time-budget") + 1] == "90"
-    assert "--max-steps" in cmd and "--train-pairs" in cmd and "--eval-pairs" in cmd
+    assert "--max-steps" not in cmd  # a budget alone: the defaults a user gets
+    assert "--train-pairs" in cmd and "--eval-pairs" in cmd
     assert not any(f"--{name.replace('_', '-')}" in cmd for name in quality.SHAPE_FLAGS)
     with pytest.raises(SystemExit):
         quality.main(["--test-pairs", "t.jsonl"])
