@@ -509,7 +509,7 @@ class MiniTuringModel(PreTrainedModel):
         spec, source_ids, copied = None, None, None
         if copy:
             spec, source_ids = self._copy_source(input_ids, attention_mask, prefix_lengths, cache)
-        copy_layer = self.config.copy_layer % len(self.blocks)
+        copy_layer = self.config.copy_layer % len(self.blocks) if copy else -1
         p = self.config.dropout if self.training else 0.0
         x = _dropout(self.embed(input_ids) + self.position(position_ids), p)
         last = len(self.blocks) - 1
@@ -596,12 +596,12 @@ class MiniTuringModel(PreTrainedModel):
         source_ids: torch.Tensor,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        """log p(target) of the copy mixture (...), fp32: ``copy_log_probs`` read at ``targets``
-        (...), without the copy distribution over the whole vocabulary: the copy probability
-        of a token is the attention on the source positions that hold it."""
+        """log p(target) of the copy mixture (rows,), fp32: ``copy_log_probs`` read at
+        ``targets`` (rows,), with neither distribution over the whole vocabulary kept: the
+        output layer's log-probability of the target chunk by chunk (``linear_log_prob``), the
+        copy probability of a token as the attention on the source positions that hold it."""
         gate = self._copy_gate(h, previous)
-        log_vocab = F.log_softmax(self.logits_from_hidden(h).float(), dim=-1)
-        log_vocab = log_vocab.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        log_vocab = linear_log_prob(h, self.embed.weight, targets)
         p_copy = (copied * (source_ids == targets.unsqueeze(-1))).sum(-1)
         return torch.logaddexp(
             F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + _log_of_probs(p_copy)
@@ -743,6 +743,53 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = autocast_dtype(kind, h.dtype)
     with torch.autocast(kind, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, dtype)
+
+
+class _LinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype):
+        rows = len(h)
+        x, w = h.to(dtype), weight.to(dtype)
+        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
+        z[rows:] = 0
+        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        out = torch.empty(rows, dtype=torch.float32, device=h.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part, t = z[start:end], targets[start:end].unsqueeze(1)
+            logits = part.float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            out[start:end] = (logits.gather(1, t) - lse).squeeze(1)
+            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)  # softmax - one-hot
+            if grad.data_ptr() != part.data_ptr():
+                part.copy_(grad)
+        ctx.save_for_backward(x, w, z)
+        ctx.rows, ctx.dtypes = rows, (h.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, z = ctx.saved_tensors
+        scale = F.pad(-grad_out, (0, len(z) - ctx.rows)).to(z.dtype).unsqueeze(1)
+        gz = z * scale  # d loss / d logits, row by row
+        needs = ctx.needs_input_grad
+        grad_h = (gz @ w)[: ctx.rows].to(ctx.dtypes[0]) if needs[0] else None
+        grad_w = (gz.t() @ x).to(ctx.dtypes[1]) if needs[1] else None
+        return grad_h, grad_w, None, None
+
+
+def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """``F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]``,
+    (rows,) fp32, in value and gradients, as ``linear_cross_entropy`` computes it (logits in
+    the autocast dtype, their softmax in fp32 a chunk at a time, never held whole in fp32);
+    each row's gradient is kept to be scaled by its own upstream gradient (the copy mixture
+    weighs rows differently), so the two products run in the backward pass."""
+    kind = h.device.type
+    dtype = autocast_dtype(kind, h.dtype)
+    with torch.autocast(kind, enabled=False):
+        return _LinearLogProb.apply(h, weight, targets, dtype)
 
 
 def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
