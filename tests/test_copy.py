@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import model.transformer as transformer
 from model.config import MiniTuringConfig
-from model.generate import DecodingConfig, Decoder, generate
+from model.generate import Decoder, DecodingConfig, generate
 from model.transformer import IGNORE_INDEX, MiniTuringModel
 
 NEVER = list(range(100, 128)) + [0, 1, 2, 4, 5]  # never generated: past the tokenizer, specials
