@@ -3,9 +3,8 @@ against uncached, bf16, old run folders, data parallelism, and a task that copyi
 
 from __future__ import annotations
 
+import datetime
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -377,13 +376,20 @@ def test_copy_learns_to_copy_a_marked_span_where_the_plain_head_does_not():
 # ---------------------------------------------------------------------------- distributed
 
 
-def _mixed_objective_steps(rank: int, world: int, port: int, strategy: str) -> None:
+def _mixed_objective_steps(rank: int, world: int, store: str, strategy: str) -> None:
     """A few optimizer steps alternating masked-LM and summarization batches, each process its
     own data, wrapped as the trainer wraps the model (DDP without find_unused_parameters, or
     FSDP2 per block plus the root); every process ends with the same weights."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous (no port to collide with other runs on the machine), and a timeout
+    # so that a rank left waiting fails the test instead of hanging it.
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         model = copy_model(9).train()
         if strategy == "ddp":
@@ -416,6 +422,7 @@ def _mixed_objective_steps(rank: int, world: int, port: int, strategy: str) -> N
         torch.distributed.all_gather(gathered, flat)
         torch.testing.assert_close(gathered[0], gathered[1])
         assert torch.isfinite(flat).all()
+        torch.distributed.barrier()  # neither rank leaves while the other is still in a collective
     finally:
         torch.distributed.destroy_process_group()
 
@@ -425,10 +432,8 @@ def _mixed_objective_steps(rank: int, world: int, port: int, strategy: str) -> N
     reason="needs torch.distributed with the gloo backend",
 )
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_mixed_objectives_train_under_data_parallelism(strategy):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_mixed_objectives_train_under_data_parallelism(strategy, tmp_path):
+    store = str(tmp_path / "rendezvous")
     torch.multiprocessing.spawn(
-        _mixed_objective_steps, args=(2, port, strategy), nprocs=2, join=True
+        _mixed_objective_steps, args=(2, store, strategy), nprocs=2, join=True
     )
