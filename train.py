@@ -94,6 +94,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         if not config_file.is_file():
             raise SystemExit(f"error: --resume {resume}: no config.json there (not a run folder?)")
         base = json.loads(config_file.read_text()).get("training", {})
+        # Options added since the run was written take the value the run was trained with.
+        base.setdefault("model", {}).setdefault("copy_attention", False)
     merged = {
         g: {**base.get(g, {}), **overrides.get(g, {})} for g in ("model", "data", "optim", "run")
     }

@@ -11,6 +11,11 @@ from transformers import PretrainedConfig
 MODEL_TYPE = "minituring"
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
+# Whether runs trained from now on get the copy path (``copy_attention``). The config's own
+# default stays False, so that a run folder written before the field existed loads as it was
+# trained; a trainer building a new config passes this choice explicitly.
+COPY_ATTENTION_FOR_NEW_RUNS = False
+
 
 class MiniTuringConfig(PretrainedConfig):
     """Shape of the one transformer stack shared by every objective.
@@ -44,6 +49,9 @@ class MiniTuringConfig(PretrainedConfig):
         seq_len: int | None = None,
         source_len: int | None = None,
         target_len: int | None = None,
+        copy_attention: bool = False,
+        copy_layer: int = -1,
+        copy_head: int | None = None,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -70,6 +78,12 @@ class MiniTuringConfig(PretrainedConfig):
         self.seq_len = seq_len
         self.source_len = source_len
         self.target_len = target_len
+        # Pointer-generator: summary positions mix the output layer's distribution with a copy
+        # of the source, read off the attention of layer ``copy_layer`` (Python indexing; -1 is
+        # the last) over the source, averaged over its heads or taken from head ``copy_head``.
+        self.copy_attention = copy_attention
+        self.copy_layer = copy_layer
+        self.copy_head = copy_head
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -83,6 +97,10 @@ class MiniTuringConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
             )
+        if not -num_layers <= copy_layer < num_layers:
+            raise ValueError(f"copy_layer must index one of {num_layers} layers, got {copy_layer}")
+        if copy_head is not None and not 0 <= copy_head < num_heads:
+            raise ValueError(f"copy_head must be one of {num_heads} heads or None, got {copy_head}")
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", **fields) -> MiniTuringConfig:
@@ -106,6 +124,8 @@ class MiniTuringConfig(PretrainedConfig):
         d, f, n = self.hidden_size, self.ffn_size, self.num_layers
         block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
         total = n * block + 2 * d
+        if self.copy_attention:
+            total += 2 * d + 1  # the copy gate: [hidden; previous token's embedding] -> 1
         if not non_embedding:
             total += self.vocab_size * d + self.max_position_embeddings * d
         return total

@@ -2,6 +2,9 @@
 
 Sources are left-padded to one length and encoded once (prefix-LM: the source sees itself
 bidirectionally); every new token then attends to the cached source and earlier output.
+A model with copy attention gives its copy mixture's log-probabilities as the logits, the
+copy distribution read off the cached source (shared by a document's beams) at every step;
+the strategies below treat them as any logits.
 """
 
 from __future__ import annotations

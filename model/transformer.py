@@ -76,6 +76,9 @@ class KVCache:
         self.shared = 0  # positions common to a row's beams
         self.shared_keys: list[torch.Tensor] = []  # their keys and values, after share()
         self.shared_values: list[torch.Tensor] = []
+        # With copy attention: the token ids of the first call, the source (one row per
+        # source, also after share()), which the copy distribution puts its mass on.
+        self.source_ids: torch.Tensor | None = None
 
     def share(self, group: int) -> None:
         """From now on each row's cached positions serve ``group`` beams (rows i*group ...
@@ -115,13 +118,22 @@ class KVCache:
                 x[:, :, begin:end] = x[:, :, begin:end].index_select(0, index)
 
     def attend_shared(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
-    ) -> torch.Tensor:
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask,
+        copy: CopySpec | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of (rows, heads, queries, dim) queries, after ``share``: each source's
         keys are multiplied by the queries of all its beams at once, (sources, heads, beams x
         queries, source length), and the beams' own positions row by row; one softmax over
         both. ``mask`` is the model's (rows, 1, queries, keys) or None. Decoding only: no
-        dropout."""
+        dropout.
+
+        Returns the attention output and, with ``copy``, the copy distribution of every query
+        over the shared source (rows, queries, source length), from the same source scores."""
         own_k, own_v = self.update(layer, k, v)
         src_k, src_v = self.shared_keys[layer], self.shared_values[layer]
         rows, h, nq, d = q.shape
@@ -133,15 +145,63 @@ class KVCache:
         scores_own = torch.matmul(q * scale, own_k.transpose(-1, -2))  # (rows, h, q, own)
         scores_own = scores_own.view(b, g, h, nq, -1).transpose(1, 2).reshape(b, h, g * nq, -1)
         scores = torch.cat([scores_src, scores_own], dim=-1)
+        source_len = src_k.shape[2]
+        allowed = None
         if mask is not None:
             allowed = mask.view(b, g, 1, nq, -1).transpose(1, 2).reshape(b, 1, g * nq, -1)
             scores = scores.masked_fill(~allowed, float("-inf"))
+        copied = None
+        if copy is not None:
+            src = scores_src if copy.head is None else scores_src[:, copy.head : copy.head + 1]
+            source_allowed = None if allowed is None else allowed[..., :source_len]
+            copied = _source_softmax(src, source_allowed).view(b, g, nq, source_len)
+            copied = copied.reshape(rows, nq, source_len)
         probs = torch.softmax(scores, dim=-1)
-        source_len = src_k.shape[2]
         out_src = torch.matmul(probs[..., :source_len], src_v)  # (sources, h, beams * q, d)
         probs_own = probs[..., source_len:].reshape(b, h, g, nq, -1).transpose(1, 2)
         out_own = torch.matmul(probs_own.reshape(rows, h, nq, -1), own_v)
-        return out_src.view(b, h, g, nq, d).transpose(1, 2).reshape(rows, h, nq, d) + out_own
+        out = out_src.view(b, h, g, nq, d).transpose(1, 2).reshape(rows, h, nq, d) + out_own
+        return out, copied
+
+
+# ---------------------------------------------------------------------------- copy attention
+
+
+@dataclass
+class CopySpec:
+    """What the copy layer's attention copies from: the first ``length`` keys, those where
+    ``mask`` (batch, 1, 1, length) is True (all of them when None), one head's attention or
+    (``head`` None) the mean over heads."""
+
+    length: int
+    mask: torch.Tensor | None
+    head: int | None
+
+
+def _source_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, heads, queries, source) attention scores -> (batch, queries, source): each
+    head's attention renormalised over the allowed source keys, in fp32, averaged over heads."""
+    scores = scores.float()
+    if mask is not None:
+        # A row with no source key at all (a row of padding) spreads evenly: no NaN.
+        mask = mask | ~mask.any(-1, keepdim=True)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+def _copy_distribution(q: torch.Tensor, k: torch.Tensor, copy: CopySpec) -> torch.Tensor:
+    """The copy distribution of (batch, heads, queries, dim) queries over the source keys
+    ``k[:, :, :copy.length]``: (batch, queries, source length), fp32."""
+    if copy.head is not None:
+        q, k = q[:, copy.head : copy.head + 1], k[:, copy.head : copy.head + 1]
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k[:, :, : copy.length].transpose(-1, -2))
+    return _source_softmax(scores, copy.mask)
+
+
+def _log_of_probs(p: torch.Tensor) -> torch.Tensor:
+    """log p with log 0 = -inf and a zero (not NaN) gradient there."""
+    zero = p <= 0
+    return p.clamp(min=torch.finfo(p.dtype).tiny).log().masked_fill(zero, float("-inf"))
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -163,9 +223,14 @@ class SelfAttention(nn.Module):
         cache: KVCache | None,
         layer: int,
         wanted: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        copy: CopySpec | None = None,
+        copy_at: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output for every position, or with ``wanted`` (batch, q) positions
-        only: keys and values are still computed for every position, queries for ``wanted``."""
+        only: keys and values are still computed for every position, queries for ``wanted``.
+
+        With ``copy``, also the copy distribution over the source (batch, queries, source
+        length) of every query, or of the queries at positions ``copy_at`` (batch, q)."""
         b, t, d = x.shape
         h = self.num_heads
         if wanted is None:
@@ -176,16 +241,23 @@ class SelfAttention(nn.Module):
             q = F.linear(_take(x, wanted), w[:d], bias[:d]).view(b, wanted.shape[1], h, d // h)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
+        copied = None
         if cache is not None and cache.group > 1:
-            y = cache.attend_shared(layer, q, k, v, mask)
+            y, copied = cache.attend_shared(layer, q, k, v, mask, copy)
         else:
             if cache is not None:
                 k, v = cache.update(layer, k, v)
+            if copy is not None:
+                qc = q
+                if copy_at is not None:
+                    qc = q.gather(2, copy_at[:, None, :, None].expand(-1, h, -1, q.shape[-1]))
+                copied = _copy_distribution(qc, k, copy)
             if _math_attention_is_faster(q, k):
                 y = _bf16_attention(q, k, v, mask, dropout)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
+        out = self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
+        return out if copy is None else (out, copied)
 
 
 # Attention scores held per layer by the bf16 path: beyond this, SDPA's memory-lean kernel.
@@ -254,13 +326,20 @@ class Block(nn.Module):
         cache: KVCache | None,
         layer: int,
         wanted: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        copy: CopySpec | None = None,
+        copy_at: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(batch, t, hidden) -> the same, or with ``wanted`` (batch, q) only those positions'
-        outputs (batch, q, hidden): the last block needs no more than the loss reads."""
+        outputs (batch, q, hidden): the last block needs no more than the loss reads. With
+        ``copy`` (the copy layer), also its attention's copy distribution (SelfAttention)."""
         p = self.dropout if self.training else 0.0
-        attended = _dropout(self.attn(self.ln1(x), mask, cache, layer, wanted), p)
-        x = (x if wanted is None else _take(x, wanted)) + attended
-        return x + _dropout(self.ffn(self.ln2(x)), p)
+        attended = self.attn(self.ln1(x), mask, cache, layer, wanted, copy, copy_at)
+        copied = None
+        if copy is not None:
+            attended, copied = attended
+        x = (x if wanted is None else _take(x, wanted)) + _dropout(attended, p)
+        x = x + _dropout(self.ffn(self.ln2(x)), p)
+        return x if copy is None else (x, copied)
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -311,7 +390,19 @@ def attention_mask_for(
 
 class MiniTuringModel(PreTrainedModel):
     """The UniLM-style transformer: token + position embeddings, pre-norm blocks, final norm,
-    and an output layer tied to the input embedding."""
+    and an output layer tied to the input embedding.
+
+    With ``config.copy_attention`` (a pointer-generator), sequence-to-sequence calls (given
+    ``prefix_lengths``, or a cache) predict from a mixture at each position::
+
+        p(w) = p_gen * softmax(logits)(w) + (1 - p_gen) * p_copy(w)
+
+    ``p_copy`` is the attention of layer ``config.copy_layer`` at that position over the source
+    (the prefix, or the cache's first call), each head's renormalised over the source keys and
+    averaged over heads (or one head, ``config.copy_head``), summed per source token id;
+    ``p_gen = sigmoid(copy_gate([h; embedding of the input token there]))``. Such calls return
+    the mixture's log-probabilities as ``logits``. Bidirectional (masked-LM) calls are unchanged.
+    """
 
     config_class = MiniTuringConfig
     base_model_prefix = "minituring"
@@ -326,6 +417,8 @@ class MiniTuringModel(PreTrainedModel):
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if getattr(config, "copy_attention", False):
+            self.copy_gate = nn.Linear(2 * config.hidden_size, 1)
         self.post_init()
 
     # ------------------------------------------------------------------ init
@@ -374,6 +467,22 @@ class MiniTuringModel(PreTrainedModel):
         positions alone: the same numbers there, at a fraction of the last block's cost when few
         positions are read (masked words, a summary after its document, the next token).
         """
+        inputs = (input_ids, attention_mask, prefix_lengths, position_ids, cache)
+        return self._states(*inputs, wanted=wanted, copy=False)[0]
+
+    def _states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix_lengths: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: KVCache | None,
+        *,
+        wanted: torch.Tensor | None,
+        copy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``hidden_states``; with ``copy``, also the copy layer's copy distribution at the same
+        positions (batch, q, source length) and the source's token ids (batch, source length)."""
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
         if position_ids is None:
@@ -397,17 +506,106 @@ class MiniTuringModel(PreTrainedModel):
             )
 
         mask = mask_for(torch.arange(t, device=input_ids.device).unsqueeze(0))
+        spec, source_ids, copied = None, None, None
+        if copy:
+            spec, source_ids = self._copy_source(input_ids, attention_mask, prefix_lengths, cache)
+        copy_layer = self.config.copy_layer % len(self.blocks) if copy else -1
         p = self.config.dropout if self.training else 0.0
         x = _dropout(self.embed(input_ids) + self.position(position_ids), p)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if i == last and wanted is not None:
+            at_wanted = i == last and wanted is not None
+            if spec is not None and i == copy_layer:
+                m, w = (mask_for(wanted), wanted) if at_wanted else (mask, None)
+                x, copied = block(x, m, cache, i, w, spec, None if at_wanted else wanted)
+            elif at_wanted:
                 x = block(x, mask_for(wanted), cache, i, wanted)
             else:
                 x = block(x, mask, cache, i)
         if cache is not None:
             cache.length += t
-        return self.ln_f(x)
+        return self.ln_f(x), copied, source_ids
+
+    def _copy_source(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix_lengths: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[CopySpec, torch.Tensor]:
+        """Which keys the copy distribution spreads over, and their token ids: the prefix of a
+        sequence-to-sequence batch; with a cache, its first call (the source, encoded alone),
+        one row per source also when beams share it."""
+        head = self.config.copy_head
+        b, t = input_ids.shape
+        if cache is not None and cache.length > 0:
+            if cache.source_ids is None:
+                raise ValueError("copy attention needs the cache's first call to be the source")
+            source_ids = cache.source_ids
+            length = source_ids.shape[1]
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[:, :length].view(b, 1, 1, length).bool()
+            if cache.group > 1:
+                source_ids = source_ids.repeat_interleave(cache.group, dim=0)
+            return CopySpec(length, mask, head), source_ids
+        mask = None
+        if prefix_lengths is not None:
+            if cache is not None:
+                raise ValueError("with copy attention, encode the source alone into a new cache")
+            keys = torch.arange(t, device=input_ids.device)
+            mask = (keys < prefix_lengths.view(-1, 1)).view(-1, 1, 1, t)
+        if attention_mask is not None:
+            padding = attention_mask.view(b, 1, 1, t).bool()
+            mask = padding if mask is None else mask & padding
+        if cache is not None:
+            cache.source_ids = input_ids
+        return CopySpec(t, mask, head), input_ids
+
+    def _copy_gate(self, h: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The gate's logit (fp32), log p_gen = logsigmoid of it: from the hidden state and the
+        embedding of the token each position reads (the previous token of its prediction)."""
+        return self.copy_gate(torch.cat([h, self.embed(previous)], dim=-1)).squeeze(-1).float()
+
+    def copy_log_probs(
+        self,
+        h: torch.Tensor,
+        previous: torch.Tensor,
+        copied: torch.Tensor,
+        source_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """log p(w) of the copy mixture, for every w: (..., vocab) fp32, from the hidden states
+        ``h`` (..., hidden), the tokens read there ``previous`` (...), the copy distribution
+        ``copied`` (..., source length) over the source tokens ``source_ids`` (the same shape).
+        log p = logaddexp(log p_gen + log_softmax(logits), log(1 - p_gen) + log p_copy), with
+        p_copy the copy distribution summed onto the vocabulary (scatter_add over token ids).
+        """
+        gate = self._copy_gate(h, previous).unsqueeze(-1)
+        log_vocab = F.log_softmax(self.logits_from_hidden(h).float(), dim=-1)
+        shape = (*copied.shape[:-1], self.config.vocab_size)
+        p_copy = copied.new_zeros(shape).scatter_add_(-1, source_ids, copied)
+        return torch.logaddexp(
+            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + _log_of_probs(p_copy)
+        )
+
+    def _copy_target_log_prob(
+        self,
+        h: torch.Tensor,
+        previous: torch.Tensor,
+        copied: torch.Tensor,
+        source_ids: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """log p(target) of the copy mixture (rows,), fp32: ``copy_log_probs`` read at
+        ``targets`` (rows,), with neither distribution over the whole vocabulary kept: the
+        output layer's log-probability of the target chunk by chunk (``linear_log_prob``), the
+        copy probability of a token as the attention on the source positions that hold it."""
+        gate = self._copy_gate(h, previous)
+        log_vocab = linear_log_prob(h, self.embed.weight, targets)
+        p_copy = (copied * (source_ids == targets.unsqueeze(-1))).sum(-1)
+        return torch.logaddexp(
+            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + _log_of_probs(p_copy)
+        )
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer tied to the input embedding."""
@@ -426,25 +624,56 @@ class MiniTuringModel(PreTrainedModel):
     ) -> MiniTuringOutput:
         """With ``labels`` (IGNORE_INDEX where there is nothing to predict), returns the mean
         cross-entropy over labelled positions; the last block and the output layer run at those
-        positions only, which for masked LM is ~15% of the sequence."""
+        positions only, which for masked LM is ~15% of the sequence.
+
+        With copy attention, sequence-to-sequence calls (``prefix_lengths`` or ``cache``) give
+        the copy mixture's log-probabilities as ``logits`` and its -log p(label) as the loss."""
         inputs = (input_ids, attention_mask, prefix_lengths, position_ids, cache)
+        copy = self.config.copy_attention and (prefix_lengths is not None or cache is not None)
         if labels is None:
             b, t = input_ids.shape
-            if not last_token_only:
-                return MiniTuringOutput(logits=self.logits_from_hidden(self.hidden_states(*inputs)))
-            wanted = torch.full((b, 1), t - 1, dtype=torch.long, device=input_ids.device)
-            h = self.hidden_states(*inputs, wanted=wanted if t > 1 else None)
-            return MiniTuringOutput(logits=self.logits_from_hidden(h[:, -1]))
+            wanted = None
+            if last_token_only and t > 1:
+                wanted = torch.full((b, 1), t - 1, dtype=torch.long, device=input_ids.device)
+            h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
+            if copy:
+                previous = input_ids if wanted is None else input_ids[:, -1:]
+                source_ids = source_ids.unsqueeze(1).expand_as(copied)
+                logits = self.copy_log_probs(h, previous, copied, source_ids)
+            else:
+                logits = self.logits_from_hidden(h)
+            return MiniTuringOutput(logits=logits[:, -1] if last_token_only else logits)
         selected = labels != IGNORE_INDEX
         wanted, valid = labelled_positions(selected)
-        h = self.hidden_states(*inputs, wanted=wanted)
+        h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
+        previous = input_ids
         if wanted is not None:
-            labels = labels.gather(1, wanted)
-        targets, h = labels[valid], h[valid]
+            labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
         count = valid.sum()
-        if self.training and torch.is_grad_enabled() and h.requires_grad:
+        training = self.training and torch.is_grad_enabled() and h.requires_grad
+        if copy:
+            # The labelled positions as rows, each with its row's source token ids.
+            rows = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
+            h, previous, copied = h[valid], previous[valid], copied[valid]
+            targets, source_ids = labels[valid], source_ids[rows[valid]]
+            if training:
+                # Only the labels' probabilities: no copy distribution over the vocabulary.
+                logp = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
+                loss = -logp.sum()
+                return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
+            logits = self.copy_log_probs(h, previous, copied, source_ids)
+            loss = -logits.gather(1, targets.unsqueeze(1)).sum()
+            return MiniTuringOutput(
+                loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
+            )
+        targets, h = labels[valid], h[valid]
+        if training:
             # Training: the loss and its gradients chunk by chunk, no logits kept.
             loss = linear_cross_entropy(h, self.embed.weight, targets)
+            if self.config.copy_attention:
+                # A masked-LM batch leaves the copy gate out of the graph; data parallelism
+                # (DDP without find_unused_parameters) wants a gradient for every parameter.
+                loss = loss + 0.0 * sum(p.sum() for p in self.copy_gate.parameters())
             return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
         logits = self.logits_from_hidden(h)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -514,6 +743,53 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = autocast_dtype(kind, h.dtype)
     with torch.autocast(kind, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, dtype)
+
+
+class _LinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype):
+        rows = len(h)
+        x, w = h.to(dtype), weight.to(dtype)
+        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
+        z[rows:] = 0
+        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        out = torch.empty(rows, dtype=torch.float32, device=h.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part, t = z[start:end], targets[start:end].unsqueeze(1)
+            logits = part.float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            out[start:end] = (logits.gather(1, t) - lse).squeeze(1)
+            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)  # softmax - one-hot
+            if grad.data_ptr() != part.data_ptr():
+                part.copy_(grad)
+        ctx.save_for_backward(x, w, z)
+        ctx.rows, ctx.dtypes = rows, (h.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, z = ctx.saved_tensors
+        scale = F.pad(-grad_out, (0, len(z) - ctx.rows)).to(z.dtype).unsqueeze(1)
+        gz = z * scale  # d loss / d logits, row by row
+        needs = ctx.needs_input_grad
+        grad_h = (gz @ w)[: ctx.rows].to(ctx.dtypes[0]) if needs[0] else None
+        grad_w = (gz.t() @ x).to(ctx.dtypes[1]) if needs[1] else None
+        return grad_h, grad_w, None, None
+
+
+def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """``F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]``,
+    (rows,) fp32, in value and gradients, as ``linear_cross_entropy`` computes it (logits in
+    the autocast dtype, their softmax in fp32 a chunk at a time, never held whole in fp32);
+    each row's gradient is kept to be scaled by its own upstream gradient (the copy mixture
+    weighs rows differently), so the two products run in the backward pass."""
+    kind = h.device.type
+    dtype = autocast_dtype(kind, h.dtype)
+    with torch.autocast(kind, enabled=False):
+        return _LinearLogProb.apply(h, weight, targets, dtype)
 
 
 def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -423,7 +423,7 @@ def check_resumed_model(saved: MiniTuringConfig, built: MiniTuringConfig, folder
     config.json edited by hand) are refused, naming each difference."""
     fields = (
         "preset", "vocab_size", "tokenizer_size", "hidden_size", "num_layers", "num_heads",
-        "ffn_size", "max_position_embeddings",
+        "ffn_size", "max_position_embeddings", "copy_attention",
     )  # fmt: skip
     differences = [
         f"{name} is {getattr(saved, name, None)!r} there, these options give "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from data.objectives import OBJECTIVES
 from data.pipeline import DataConfig
 from data.tokenizer import check_tokenizer_options
-from model.config import PRESETS, MiniTuringConfig, resolve_shape
+from model.config import COPY_ATTENTION_FOR_NEW_RUNS, PRESETS, MiniTuringConfig, resolve_shape
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
@@ -35,6 +35,9 @@ class ModelOptions:
     """Masked-LM block length in tokens (default: the preset's)."""
     max_positions: int = 512
     """Longest sequence the model supports (position embeddings)."""
+    copy_attention: bool = COPY_ATTENTION_FOR_NEW_RUNS
+    """Summaries mix the output layer's words with words copied from the source, read off the
+    attention of the last layer (pointer-generator)."""
 
 
 @dataclass
@@ -184,6 +187,7 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
         target_len=cfg.data.target_len,
         max_position_embeddings=m.max_positions,
         dropout=m.dropout,
+        copy_attention=m.copy_attention,
         **tokenizer_fields(tokenizer),
     )
 
