@@ -218,3 +218,21 @@ def test_time_budgeted_run_resumes_with_the_same_schedule(tmp_path, corpus_files
     resume(stopped, **clocked())
     assert latest_step(stopped) == 28
     assert_same_run(straight, stopped)
+
+
+def test_a_stopped_run_keeps_the_checkpoints_of_one_never_stopped(
+    tmp_path, corpus_files, straight_runs
+):
+    """The checkpoint a signal forced (step 9, off the --save-every 4 schedule) goes once the
+    resumed run has a newer one: the folder then holds what the uninterrupted run's holds."""
+    schedule = ["--save-every", "4", "--keep-checkpoints", "2"]
+    straight = straight_runs("saved every 4", *schedule)
+    out = tmp_path / "stopped"
+    assert run_until_signal(flags(out, corpus_files, *schedule), 9) != 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-0000008", "step-0000009",
+    ]  # fmt: skip
+    resume(out)
+    kept = lambda run: sorted(p.name for p in (run / "checkpoints").glob("step-*"))  # noqa: E731
+    assert kept(out) == kept(straight) == ["step-0000008", "step-0000012"]
+    assert_same_run(straight, out)

@@ -66,8 +66,9 @@ class Checkpointer:
     the optimizer is loaded with ``weights_only=True``: opening a run never executes code.
     """
 
-    def __init__(self, folder: Path, keep: int, main: bool = True) -> None:
+    def __init__(self, folder: Path, keep: int, main: bool = True, every: int = 0) -> None:
         self.folder, self.keep, self.main = folder, max(keep, 1), main
+        self.every = every  # --save-every: the steps whose checkpoints are on the schedule
         self.dir = folder / "checkpoints"
 
     def latest(self) -> Path | None:
@@ -147,12 +148,17 @@ class Checkpointer:
     def _prune(self, keep_name: str) -> None:
         """Keep the newest ``keep`` checkpoints up to ``keep_name`` (complete, and named by
         ``latest`` by now). Later ones belong to a history abandoned when the run was resumed
-        from an earlier checkpoint; they go too."""
+        from an earlier checkpoint; they go too. So do older ones off the --save-every schedule
+        (written when a signal stopped the run): once a newer checkpoint exists, the folder
+        holds what a run never stopped would hold."""
         done = sorted((p for p in self.dir.glob("step-*") if p.is_dir()), key=_checkpoint_step)
         newest = _checkpoint_step(self.dir / keep_name)
         behind = [p for p in done if _checkpoint_step(p) <= newest]
         ahead = [p for p in done if _checkpoint_step(p) > newest]
-        for old in behind[: -self.keep] + ahead:
+        off = [p for p in behind if self.every and _checkpoint_step(p) % self.every]
+        off = [p for p in off if p.name != keep_name]
+        behind = [p for p in behind if p not in off]
+        for old in behind[: -self.keep] + ahead + off:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob(".step-*.tmp"):

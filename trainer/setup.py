@@ -141,7 +141,9 @@ def prepare(
         rank=env.rank,
         world_size=env.world_size,
     )
-    checkpointer = Checkpointer(folder, cfg.run.keep_checkpoints, main=env.main)
+    checkpointer = Checkpointer(
+        folder, cfg.run.keep_checkpoints, main=env.main, every=cfg.run.save_every
+    )
     state = TrainState()
     if resuming:
         latest = checkpointer.latest()
