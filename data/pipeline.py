@@ -321,6 +321,9 @@ def _shards(docs) -> list[range]:
 def _workers(docs) -> int:
     from data.corpus import _worker_count
 
+    # In-memory lists (small evaluation inputs) would be copied to every worker.
+    if not isinstance(docs, TextTable | PairTable):
+        return 1
     if len(docs) < PARALLEL_MIN_DOCS or len(_shards(docs)) < 2:
         return 1
     return _worker_count()

@@ -215,16 +215,22 @@ def test_interrupted_tokenization_resumes_from_its_shards(cache, files, monkeypa
 
 
 def test_parallel_gap_extraction_matches_serial(cache, files, monkeypatch):
-    cfg = _cfg(files)
-    raw = load_raw(cfg)
-    tok = train_tokenizer(raw.train_texts, vocab_size=400)
+    import data.corpus
+
     monkeypatch.setattr(pipeline, "SHARD_BATCHES", 1)
     monkeypatch.setattr("data.store.BATCH_ROWS", 64)
-    texts = list(raw.train_texts)
-    serial = pipeline.gap_pairs(texts, cfg, tok, "serial", "k")
+    cfg = _cfg(files)
+    raw = load_raw(cfg)
+    assert raw.train_texts.num_batches > 2
+    tok = train_tokenizer(raw.train_texts, vocab_size=400)
+    serial = pipeline.gap_pairs(list(raw.train_texts), cfg, tok, "serial", "k")
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_DOCS", 1)
-    monkeypatch.setattr("data.corpus._worker_count", lambda: 2)
-    parallel = pipeline.gap_pairs(texts, cfg, tok, "parallel", "k")
+    monkeypatch.setattr(data.corpus, "_worker_count", lambda: 2)
+    pools = []
+    real_context = data.corpus._mp_context
+    monkeypatch.setattr(data.corpus, "_mp_context", lambda: pools.append(1) or real_context())
+    parallel = pipeline.gap_pairs(raw.train_texts, cfg, tok, "parallel", "k")
+    assert pools
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a.flat, b.flat) and np.array_equal(a.offsets, b.offsets)
     assert len(serial[0]) > 100
