@@ -41,10 +41,12 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
     """``size_mb`` MB of the embedded corpus's documents, shuffled and repeated (jsonl)."""
     if path.is_file() and path.stat().st_size >= size_mb * MB:
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     from data.pipeline import DataConfig, load_raw
 
     raw = load_raw(DataConfig())
-    docs = list(raw.train_texts)
+    # Train and held-out documents both: the bench corpus gets its own held-out share.
+    docs = list(raw.train_texts) + list(raw.eval_texts)
     rng = random.Random(seed)
     tmp = path.with_suffix(".tmp")
     written, round_ = 0, 0
