@@ -22,6 +22,7 @@ import torch
 from data.objectives import OBJECTIVES
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
 from data.objectives.summarize import build_example, collate
+from data.store import Ragged
 from data.tokenizer import SpecialIds
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
@@ -95,28 +96,36 @@ class MaskedLMStream:
 
 
 class Seq2SeqStream:
-    """(source, target) token-id pairs; prefix-LM attention."""
+    """(source, target) token-id pairs; prefix-LM attention.
+
+    ``sources`` and ``targets`` are :class:`~data.store.Ragged` (flat memory-mapped tokens
+    and offsets) or lists of token-id arrays, which are packed into one.
+    """
 
     def __init__(
         self,
         name: str,
-        sources: list[np.ndarray],
-        targets: list[np.ndarray],
+        sources: Ragged | list,
+        targets: Ragged | list,
         ids: SpecialIds,
         *,
         source_len: int,
         target_len: int,
     ) -> None:
         self.name = name
+        if not isinstance(sources, Ragged):
+            sources = Ragged.from_list(sources)
+        if not isinstance(targets, Ragged):
+            targets = Ragged.from_list(targets)
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         self.sources, self.targets, self.ids = sources, targets, ids
         self.source_len, self.target_len = source_len, target_len
-        self._lengths = np.array(
-            [
-                min(len(s), source_len - 2) + 2 + min(len(t), target_len - 1)
-                for s, t in zip(sources, targets, strict=True)
-            ],
-            dtype=np.int64,
-        )
+        self._lengths = (
+            np.minimum(sources.lengths(), source_len - 2)
+            + 2
+            + np.minimum(targets.lengths(), target_len - 1)
+        ).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.sources)

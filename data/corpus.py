@@ -39,7 +39,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 """Bump whenever extraction or filtering changes, so old caches are not reused."""
 
 DEFAULT_MAX_CHARS: int | None = 20_000_000
@@ -139,6 +139,24 @@ def is_held_out(key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
+# Near-duplicates (packages sharing a description, docstrings copied between functions) agree
+# on their first characters once case, punctuation and spacing are set aside.
+_NOT_WORD = re.compile(r"[\W_]+")
+GROUP_CHARS = 96
+
+
+def group_key(text: str) -> str:
+    """The key near-identical documents share: lowercased, every run of punctuation and
+    whitespace made one space, the first :data:`GROUP_CHARS` characters."""
+    return _NOT_WORD.sub(" ", text.lower()).strip()[:GROUP_CHARS].rstrip()
+
+
+def held_out_document(text: str, fraction: float) -> bool:
+    """:func:`is_held_out` of the document's :func:`group_key`: near-duplicates land on the
+    same side of the split."""
+    return is_held_out(group_key(text), fraction)
+
+
 def build_default_corpus(
     cache_dir: str | Path | None = None,
     eval_fraction: float = 0.02,
@@ -151,7 +169,7 @@ def build_default_corpus(
     read in the order of a hash of their names, which interleaves all packages, until
     ``max_chars`` characters are gathered; the texts with the lowest content hashes that fit
     are kept. The same installed versions give the same corpus on every machine.
-    ``eval_fraction`` of the docstrings (by :func:`is_held_out`) form the eval split.
+    ``eval_fraction`` of the docstrings (by :func:`held_out_document`) form the eval split.
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
@@ -190,7 +208,7 @@ def _build(eval_fraction: float, max_chars: int | None) -> Corpus:
     train_texts, eval_texts = [], []
     train_pairs, eval_pairs = [], []
     for item in texts:
-        held_out = is_held_out(item.text, eval_fraction)
+        held_out = held_out_document(item.text, eval_fraction)
         (eval_texts if held_out else train_texts).append(item.text)
         pair = docstring_pair(item.text) if item.docstring else None
         if pair is not None:

@@ -69,7 +69,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------- public API
 
 
-def read_texts(
+def iter_texts(
     source: str,
     *,
     text_column: str = "text",
@@ -78,8 +78,8 @@ def read_texts(
     hf_split: str = "train",
     encoding: str = "utf-8",
     max_chars: int = 1_000_000,
-) -> list[str]:
-    """Documents for the self-supervised objectives.
+) -> Iterator[str]:
+    """Documents for the self-supervised objectives, one at a time (none is kept).
 
     Plain text files are split into documents by ``split``: ``"line"`` (one document per
     non-empty line), ``"block"`` (documents separated by blank lines) or ``"file"`` (the whole
@@ -99,11 +99,13 @@ def read_texts(
         raise ValueError(f"max_chars must be positive, not {max_chars}")
     skipped = _Skipped()
     columns = {text_column: "--text-column"}
-    out: list[str] = []
+    count = 0
     with _os_errors(source):
         for unit in _units(source, hf_config, hf_split, encoding, columns, skipped, pairs=False):
             if isinstance(unit, Path):
-                out.extend(_plain_documents(unit, split, encoding, max_chars, skipped))
+                for doc in _plain_documents(unit, split, encoding, max_chars, skipped):
+                    count += 1
+                    yield doc
                 continue
             name, records = unit
             for where, record in records:
@@ -111,11 +113,18 @@ def read_texts(
                 if text is None:
                     skipped.add(_EMPTY_DOCUMENT, name)
                 else:
-                    out.extend(_chunks(text, max_chars))
-    return _finish(out, source, skipped, "documents")
+                    for doc in _chunks(text, max_chars):
+                        count += 1
+                        yield doc
+    _finish(count, source, skipped, "documents")
 
 
-def read_pairs(
+def read_texts(source: str, **kwargs) -> list[str]:
+    """:func:`iter_texts` as a list (same arguments, same errors)."""
+    return list(iter_texts(source, **kwargs))
+
+
+def iter_pairs(
     source: str,
     *,
     document_column: str = "document",
@@ -123,8 +132,8 @@ def read_pairs(
     hf_config: str | None = None,
     hf_split: str = "train",
     encoding: str = "utf-8",
-) -> list[tuple[str, str]]:
-    """(document, summary) pairs for supervised summarization.
+) -> Iterator[tuple[str, str]]:
+    """(document, summary) pairs for supervised summarization, one at a time.
 
     Pairs come from records (jsonl, json, csv, tsv, parquet, datasets); plain text files in a
     folder are skipped and counted. Both fields are stripped of leading and trailing
@@ -136,7 +145,7 @@ def read_pairs(
     """
     skipped = _Skipped()
     columns = {document_column: "--document-column", summary_column: "--summary-column"}
-    out: list[tuple[str, str]] = []
+    count = 0
     with _os_errors(source):
         for unit in _units(source, hf_config, hf_split, encoding, columns, skipped, pairs=True):
             assert not isinstance(unit, Path)  # _units yields no plain text when pairs=True
@@ -149,8 +158,14 @@ def read_pairs(
                 elif summary is None:
                     skipped.add(_EMPTY_SUMMARY, name)
                 else:
-                    out.append((document, summary))
-    return _finish(out, source, skipped, "(document, summary) pairs")
+                    count += 1
+                    yield document, summary
+    _finish(count, source, skipped, "(document, summary) pairs")
+
+
+def read_pairs(source: str, **kwargs) -> list[tuple[str, str]]:
+    """:func:`iter_pairs` as a list (same arguments, same errors)."""
+    return list(iter_pairs(source, **kwargs))
 
 
 # ---------------------------------------------------------------------------- skip accounting
@@ -197,14 +212,13 @@ def _os_errors(source: str) -> Iterator[None]:
         raise DataError(f"{e.filename or source}: cannot read ({e.strerror or e})") from None
 
 
-def _finish(out: list, source: str, skipped: _Skipped, what: str) -> list:
+def _finish(count: int, source: str, skipped: _Skipped, what: str) -> None:
     summary = skipped.summary(source)
-    if not out:
+    if not count:
         detail = f" (skipped {summary})" if summary else ""
         raise DataError(f"no {what} found in {source}{detail}")
     if summary:
         log.warning("%s: skipped %s", source, summary)
-    return out
 
 
 # ---------------------------------------------------------------------------- source resolution

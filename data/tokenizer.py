@@ -5,11 +5,13 @@ and the check against the model are ``model.tokenizer``, which a trained model n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import __version__ as _tk_version
 from transformers import PreTrainedTokenizerFast
 
 from model.tokenizer import (  # noqa: F401  (re-exported: the tokenizer's whole interface)
@@ -25,7 +27,11 @@ from model.tokenizer import (  # noqa: F401  (re-exported: the tokenizer's whole
     wrap,
 )
 
+log = logging.getLogger(__name__)
+
 KINDS = ("bpe", "wordpiece", "unigram")
+# Tokenizers train on at most about this many characters of the corpus.
+SAMPLE_CHARS = 200_000_000
 
 
 def check_tokenizer_options(kind: str, vocab_size: int) -> None:
@@ -48,8 +54,15 @@ def train_tokenizer(
     vocab_size: int = 8192,
     min_frequency: int = 2,
     length: int | None = None,
+    max_chars: int = SAMPLE_CHARS,
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (default), WordPiece or Unigram tokenizer on ``texts``."""
+    """Train a byte-level BPE (default), WordPiece or Unigram tokenizer on ``texts``.
+
+    ``texts`` is iterated once (a memory-mapped table is read batch by batch); a corpus of
+    more than ``max_chars`` characters is sampled with :func:`training_sample`. A tokenizer
+    trained on prepared tables (:mod:`data.store`, what ``load_raw`` returns) is cached by
+    the tables' keys and these settings, so a rerun on the same data does not train again.
+    """
     check_tokenizer_options(kind, vocab_size)
     specials = [added_token(role, tok) for role, tok in SPECIAL_TOKENS.items()]
     if kind == "bpe":
@@ -86,8 +99,55 @@ def train_tokenizer(
             unk_token=SPECIAL_TOKENS["unk"],
             show_progress=False,
         )
-    tok.train_from_iterator(texts, trainer, length=length)
+    cached = _cache_path(texts, kind, vocab_size, min_frequency, max_chars)
+    if cached is not None and cached.is_file():
+        try:
+            return wrap(Tokenizer.from_str(cached.read_text()))
+        except Exception as e:  # a damaged cache file (OSError, JSON errors): train again
+            log.warning("ignoring the unreadable tokenizer cache %s (%s)", cached, e)
+    total = _num_chars(texts)
+    if total > max_chars:
+        length = None
+    tok.train_from_iterator(training_sample(texts, total, max_chars), trainer, length=length)
+    if cached is not None:
+        from data.store import write_text_atomic
+
+        try:
+            write_text_atomic(cached, tok.to_str())
+        except OSError as e:
+            log.warning("could not cache the tokenizer in %s (%s)", cached.parent, e)
     return wrap(tok)
+
+
+def _cache_path(texts, kind: str, vocab_size: int, min_frequency: int, max_chars: int):
+    """Where a tokenizer trained on prepared tables is cached; None for other inputs."""
+    from data.store import Chain, _Table, content_digest, digest
+
+    parts = texts.parts if isinstance(texts, Chain) else [texts]
+    if not any(isinstance(p, _Table) for p in parts):
+        return None
+    keys = [p.key if isinstance(p, _Table) else content_digest(p) for p in parts]
+    from data.pipeline import cache_root
+
+    key = digest("tokenizer", keys, kind, vocab_size, min_frequency, max_chars, _tk_version)
+    return cache_root() / "prepared" / f"tokenizer-{key}.json"
+
+
+def _num_chars(texts) -> int:
+    if hasattr(texts, "num_chars"):  # data.store tables keep their size
+        return texts.num_chars
+    if isinstance(texts, list | tuple):
+        return sum(len(t) for t in texts)
+    return 0  # a one-pass iterator: not counted, not sampled
+
+
+def training_sample(texts: Iterable[str], total_chars: int, max_chars: int) -> Iterator[str]:
+    """Every k-th document, k = ceil(total_chars / max_chars): a deterministic sample of about
+    ``max_chars`` characters spread over the whole corpus (all of it when it is smaller)."""
+    step = max(1, -(-total_chars // max_chars))
+    for i, text in enumerate(texts):
+        if i % step == 0:
+            yield text
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:

@@ -16,6 +16,7 @@ from data.corpus import (
     build_default_corpus,
     docstring_pair,
     file_docstrings,
+    held_out_document,
     is_held_out,
 )
 
@@ -86,8 +87,8 @@ def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_held_out_docstrings_never_reach_training(built: Corpus) -> None:
-    assert all(is_held_out(t, EVAL_FRACTION) for t in built.eval_texts)
-    assert not any(is_held_out(t, EVAL_FRACTION) for t in built.train_texts)
+    assert all(held_out_document(t, EVAL_FRACTION) for t in built.eval_texts)
+    assert not any(held_out_document(t, EVAL_FRACTION) for t in built.train_texts)
     held = set(built.eval_texts)
     assert held.isdisjoint(built.train_texts)
     for document, summary in built.train_pairs:

@@ -1,0 +1,168 @@
+"""How data preparation scales with the corpus: memory, preparation time, warm start.
+
+    python bench/data_scale.py                       # 10 MB and 100 MB, cold and warm cache
+    python bench/data_scale.py --sizes 10 100 1000   # add 1 GB
+    python bench/data_scale.py --sizes 1000 --only cold
+
+Each corpus is real text: the embedded corpus's documents repeated in a shuffled order until
+the size is reached, one JSON object a line, written under ``--workdir`` (``/tmp`` by default,
+never the repository). For each size the trainer runs twice as a child process,
+
+    python train.py --train-text FILE --objectives masked_lm=1 --max-steps 20 --output-dir ...
+
+first with an empty cache (cold: reading, tokenizer training, tokenization), then again with
+the cache the first run left (warm). Reported per run: the preparation time the trainer
+prints, the child's peak resident memory (``os.wait4`` rusage of that child alone), the time
+from start to the first finished step, and the trained tokens per second. The table comes
+last. Times taken on a shared machine vary with its load; memory does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MB = 1_000_000
+
+
+def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
+    """``size_mb`` MB of the embedded corpus's documents, shuffled and repeated (jsonl)."""
+    if path.is_file() and path.stat().st_size >= size_mb * MB:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from data.pipeline import DataConfig, load_raw
+
+    raw = load_raw(DataConfig())
+    # Train and held-out documents both: the bench corpus gets its own held-out share.
+    docs = list(raw.train_texts) + list(raw.eval_texts)
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    written, round_ = 0, 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < size_mb * MB:
+            order = list(range(len(docs)))
+            rng.shuffle(order)
+            for i in order:
+                line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
+                f.write(line)
+                written += len(line.encode())
+                if written >= size_mb * MB:
+                    break
+            round_ += 1
+    os.replace(tmp, path)
+    return path
+
+
+_FIRST_STEP = re.compile(rb"\b1/\d+ \[")
+_PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
+
+
+def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(REPO / "train.py"), "--train-text", str(corpus)]
+    cmd += ["--objectives", "masked_lm=1", "--max-steps", str(steps), "--output-dir", str(out)]
+    cmd += extra
+    env = dict(os.environ, MINITURING_CACHE=str(cache), PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first_step: list[float] = []
+    chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+    def pump(stream, name: str) -> None:
+        tail = b""
+        while block := stream.read1(65536):
+            chunks[name].append(block)
+            if not first_step and _FIRST_STEP.search(tail + block):
+                first_step.append(time.perf_counter() - start)
+            tail = block[-64:]
+
+    threads = [
+        threading.Thread(target=pump, args=(child.stdout, "stdout")),
+        threading.Thread(target=pump, args=(child.stderr, "stderr")),
+    ]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    stdout = b"".join(chunks["stdout"]).decode(errors="replace")
+    if child.returncode != 0:
+        stderr = b"".join(chunks["stderr"]).decode(errors="replace")
+        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr[-3000:]}")
+    prepared = _PREPARED.search(stdout)
+    tokens_per_s = None
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "tokens_per_s" in record:
+                tokens_per_s = record["tokens_per_s"]
+    return {
+        "wall_s": wall,
+        "prepare_s": float(prepared.group(1)) if prepared else None,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # kilobytes on Linux
+        "first_step_s": first_step[0] if first_step else None,
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], metavar="MB")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/minituring-data-scale"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", choices=("cold", "warm"), default=None)
+    parser.add_argument("--keep-cache", action="store_true", help="do not empty the cache first")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("extra", nargs="*", help="more train.py flags, after --")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        corpus = make_corpus(args.workdir / f"corpus-{size}mb.jsonl", size)
+        cache = args.workdir / f"cache-{size}mb"
+        if not args.keep_cache and args.only != "warm":
+            shutil.rmtree(cache, ignore_errors=True)
+        for kind in ("cold", "warm"):
+            if args.only and kind != args.only:
+                continue
+            out = args.workdir / f"run-{size}mb-{kind}"
+            result = run_child(corpus, out, cache, args.steps, args.extra)
+            row = {"size_mb": size, "cache": kind, **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(
+        "\n| corpus | cache | prepared (s) | peak RSS (MiB) | first step (s) | tokens/s | wall (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size_mb']} MB | {r['cache']} | {_fmt(r['prepare_s'], '.0f')} | "
+            f"{r['peak_rss_mib']:.0f} | {_fmt(r['first_step_s'], '.1f')} | "
+            f"{_fmt(r['tokens_per_s'], '.0f')} | {r['wall_s']:.0f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Prepared data on disk, read memory-mapped.
+
+* Documents and (document, summary) pairs are Arrow IPC files, opened with ``pa.memory_map``:
+  :class:`TextTable` and :class:`PairTable` read them like lists without loading them.
+* Token ids are flat int32 files; sequence-to-sequence examples are a flat token file plus an
+  int64 offsets file (:class:`Ragged`), so no example is a Python object.
+* Every prepared folder is a :class:`CacheDir`: built under a temporary name, completed by a
+  marker file, then renamed into place. A folder without its marker (a crash, ``kill -9``) is
+  removed and rebuilt; temporary folders of dead processes are removed. Long preparations
+  write shards into a ``.partial`` folder, each shard atomically, so an interrupted one
+  resumes from the shards already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+# Rows per Arrow record batch: iteration and writes hold one batch of strings at a time.
+BATCH_ROWS = 4096
+
+
+def digest(*parts) -> str:
+    """A short stable hash of strings/numbers (never of a corpus's contents)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(str(part).encode("utf-8", "surrogatepass"))
+        h.update(b"\x01")
+    return h.hexdigest()[:20]
+
+
+def content_digest(items: Iterable) -> str:
+    """Hash of in-memory strings or string tuples (small inputs given as lists)."""
+    h = hashlib.sha256()
+    for item in items:
+        for part in item if isinstance(item, tuple) else (item,):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+        h.update(b"\x01")
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------- cache folders
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CacheDir:
+    """One prepared folder, ``root/name``, complete only when it holds :data:`DONE`."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root, self.name = Path(root), name
+        self.path = self.root / name
+        self.partial = self.root / f"{name}.partial"
+
+    def ready(self) -> bool:
+        if (self.path / DONE).is_file():
+            return True
+        if self.path.exists():
+            log.warning("rebuilding the incomplete cache %s (no %s)", self.path, DONE)
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+    def meta(self) -> dict:
+        return json.loads((self.path / DONE).read_text())
+
+    def _remove_stale(self) -> None:
+        for tmp in self.root.glob(f"{self.name}.tmp-*"):
+            try:
+                pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            except ValueError:
+                pid = -1
+            if pid < 0 or not _pid_alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextmanager
+    def build(self, meta: dict | None = None) -> Iterator[Path]:
+        """A temporary folder to fill; on success it gains the marker and becomes ``path``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        tmp = self.root / f"{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            info = {} if meta is None else meta
+            yield tmp
+            _atomic_text(tmp / DONE, json.dumps(info))
+            try:
+                os.rename(tmp, self.path)
+            except OSError:
+                # Another process completed the same folder first: keep its copy.
+                if not (self.path / DONE).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(self.partial, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_text(path, text)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- Arrow tables
+
+
+class TableWriter:
+    """Rows appended one at a time, written in record batches of :data:`BATCH_ROWS`."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        self.schema = pa.schema([(c, pa.large_string()) for c in columns])
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        self._rows: list[list[str]] = [[] for _ in columns]
+        self.count = 0
+
+    def add(self, *values: str) -> None:
+        for column, value in zip(self._rows, values, strict=True):
+            column.append(value)
+        self.count += 1
+        if len(self._rows[0]) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows[0]:
+            self._writer.write_batch(
+                pa.record_batch([pa.array(c, pa.large_string()) for c in self._rows], self.schema)
+            )
+            self._rows = [[] for _ in self.columns]
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+
+
+def open_table(path: Path) -> pa.Table:
+    """An Arrow IPC file, memory-mapped (nothing is read until used)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+class _Table:
+    """Rows of an Arrow IPC file: random access through a memory map, sequential passes
+    through plain reads of one record batch at a time (so a pass over a big file does not
+    leave it all mapped into the process)."""
+
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, key: str, num_chars: int | None = None) -> None:
+        self.path, self.key, self._num_chars = Path(path), key, num_chars
+        self.table = open_table(self.path)
+
+    def __reduce__(self):
+        # Worker processes reopen the file; the mapped data itself is never pickled.
+        return (type(self), (self.path, self.key, self._num_chars))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    @property
+    def num_batches(self) -> int:
+        return self.table.column(0).num_chunks
+
+    def read_batch(self, index: int) -> list:
+        with pa.OSFile(str(self.path), "r") as f:
+            batch = pa.ipc.open_file(f).get_batch(index)
+            return self._rows(*(batch.column(c).to_pylist() for c in self.columns))
+
+    def batches(self) -> Iterator[list]:
+        with pa.OSFile(str(self.path), "r") as f:
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                yield self._rows(*(batch.column(c).to_pylist() for c in self.columns))
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches():
+            yield from batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            cols = [self.table.column(c)[index].to_pylist() for c in self.columns]
+            return self._rows(*cols)
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._rows(*([self.table.column(c)[index].as_py()] for c in self.columns))[0]
+
+    def __add__(self, other) -> Chain:
+        return Chain([self, other])
+
+    def _rows(self, *cols: list) -> list:
+        raise NotImplementedError
+
+
+class TextTable(_Table):
+    """Documents (one Arrow string column, ``text``), read like a list of strings."""
+
+    columns = ("text",)
+
+    def _rows(self, texts: list) -> list:
+        return texts
+
+    @property
+    def num_chars(self) -> int:
+        if self._num_chars is None:
+            self._num_chars = sum(len(t) for b in self.batches() for t in b)
+        return self._num_chars
+
+
+class PairTable(_Table):
+    """(document, summary) pairs (Arrow columns ``document``, ``summary``), read like a list
+    of tuples."""
+
+    columns = ("document", "summary")
+
+    def _rows(self, documents: list, summaries: list) -> list:
+        return list(zip(documents, summaries, strict=True))
+
+
+class ListDocs:
+    """An in-memory list (small inputs, such as evaluation files) with the tables' API."""
+
+    def __init__(self, items: list) -> None:
+        self.items = list(items)
+        self.key = content_digest(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.items) // BATCH_ROWS)
+
+    def read_batch(self, index: int) -> list:
+        return self.items[index * BATCH_ROWS : (index + 1) * BATCH_ROWS]
+
+
+def as_docs(items):
+    """A table as it is; a list (or any iterable) wrapped into :class:`ListDocs`."""
+    return items if isinstance(items, _Table | ListDocs) else ListDocs(items)
+
+
+class Chain:
+    """Sequences one after another, iterated lazily (``table + list`` keeps working)."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __iter__(self) -> Iterator:
+        for part in self.parts:
+            yield from part
+
+    def __add__(self, other) -> Chain:
+        return Chain([*self.parts, other])
+
+    @property
+    def num_chars(self) -> int:
+        return sum(num_chars(p) for p in self.parts)
+
+
+def num_chars(texts) -> int:
+    if hasattr(texts, "num_chars"):
+        return texts.num_chars
+    return sum(len(t) for t in texts)
+
+
+# ---------------------------------------------------------------------------- token arrays
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(np.ascontiguousarray(array).tobytes())
+    os.replace(tmp, path)
+
+
+def open_array(path: Path, dtype) -> np.ndarray:
+    """A flat file of ``dtype`` values, memory-mapped read-only."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    array = np.memmap(path, dtype=dtype, mode="r")
+    # Training reads scattered blocks: without this, each page fault reads ahead hundreds of
+    # kilobytes that then count as resident memory (about 10 MB a batch of 32 blocks).
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        raw.madvise(mmap.MADV_RANDOM)
+    return array
+
+
+def concat_files(parts: list[Path], out: Path) -> None:
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+
+class Ragged:
+    """Variable-length int32 sequences: one flat array and ``len + 1`` offsets."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def from_list(cls, seqs) -> Ragged:
+        seqs = [np.asarray(s, dtype=np.int32) for s in seqs]
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in seqs], out=offsets[1:])
+        flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int32)
+        return cls(flat.astype(np.int32, copy=False), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return np.asarray(self.flat[self.offsets[index] : self.offsets[index + 1]])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
