@@ -110,3 +110,19 @@ def test_resuming_a_finished_run_logs_nothing_twice(reference, tmp_path):
     shutil.copytree(reference, out)
     train.train(train.config_from_args(["--resume", str(out)]))
     assert soak.compare_runs(reference, out) == []
+
+
+def test_a_save_cut_short_after_its_pointer_is_finished_on_resume(reference, tmp_path):
+    """Killed after ``latest`` named the last checkpoint but before the export and the pruning
+    (the 100-kill soak found it): the resumed run, with nothing left to train, finishes them,
+    so the folder's weights and checkpoints are the uninterrupted run's."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.copytree(
+        reference / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000000"
+    )
+    stale = out / "checkpoints" / "step-0000004" / "model.safetensors"
+    shutil.copyfile(stale, out / "model.safetensors")  # the previous save's export
+    assert soak.compare_runs(reference, out) != []  # the checker sees it
+    train.train(train.config_from_args(["--resume", str(out)]))
+    assert soak.compare_runs(reference, out) == []

@@ -145,6 +145,16 @@ class Checkpointer:
         torch.distributed.barrier()
         return final
 
+    def finish(self, path: Path, model: torch.nn.Module) -> None:
+        """Redo the last steps of publishing ``path``, the export for inference and the pruning,
+        which a crash right after ``latest`` was switched cuts short; a run resumed from it
+        with nothing left to train would otherwise leave them undone. Every rank calls it (the
+        export is gathered under FSDP)."""
+        weights = full_state_dict(model)
+        if self.main:
+            _save_weights(weights, self.folder / "model.safetensors")
+            self._prune(keep_name=path.name)
+
     def _prune(self, keep_name: str) -> None:
         """Keep the newest ``keep`` checkpoints up to ``keep_name`` (complete, and named by
         ``latest`` by now). Later ones belong to a history abandoned when the run was resumed

@@ -154,6 +154,7 @@ def prepare(
             )
         state = TrainState.from_dict(checkpointer.load(latest, model, optimizer))
         loader.load_state_dict(state.data)
+        checkpointer.finish(latest, model)
     elif env.main:
         model_config.training = cfg.to_dict()
         model_config.save_pretrained(folder)
