@@ -106,10 +106,12 @@ class Seq2SeqStream:
         *,
         source_len: int,
         target_len: int,
+        pad_multiple: int = PAD_MULTIPLE,
     ) -> None:
         self.name = name
         self.sources, self.targets, self.ids = sources, targets, ids
         self.source_len, self.target_len = source_len, target_len
+        self.pad_multiple = pad_multiple
         self._lengths = np.array(
             [
                 min(len(s), source_len - 2) + 2 + min(len(t), target_len - 1)
@@ -142,7 +144,7 @@ class Seq2SeqStream:
         return collate(
             [self.example(int(i)) for i in indices],
             self.ids.pad,
-            multiple=PAD_MULTIPLE,
+            multiple=self.pad_multiple,
             limit=self.source_len + self.target_len,
         )
 

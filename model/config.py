@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 MODEL_TYPE = "minituring"
 ACTIVATIONS = ("gelu", "gelu_tanh")
+ATTENTIONS = ("auto", "sdpa", "math")
 
 
 class MiniTuringConfig(PretrainedConfig):
@@ -44,6 +45,9 @@ class MiniTuringConfig(PretrainedConfig):
         seq_len: int | None = None,
         source_len: int | None = None,
         target_len: int | None = None,
+        attention: str = "auto",
+        sparse_outputs: bool = True,
+        chunked_loss: bool = True,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -70,6 +74,14 @@ class MiniTuringConfig(PretrainedConfig):
         self.seq_len = seq_len
         self.source_len = source_len
         self.target_len = target_len
+        # Speed choices that leave the numbers as they are (to float tolerance).
+        # attention: "sdpa" is PyTorch's fused kernel; "math" two batched matmuls and a softmax;
+        # "auto" the math form for bf16 training on a CPU, where it is faster, else SDPA.
+        self.attention = attention
+        # With labels, the last block and the output layer only at the positions the loss reads.
+        self.sparse_outputs = sparse_outputs
+        # The training loss chunk by chunk, gradients taken in the forward pass, no logits kept.
+        self.chunked_loss = chunked_loss
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -79,6 +91,8 @@ class MiniTuringConfig(PretrainedConfig):
         )
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {hidden_act!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"

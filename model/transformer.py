@@ -155,6 +155,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.out.is_residual_projection = True
         self.dropout = config.dropout
+        self.attention = config.attention
 
     def forward(
         self,
@@ -181,7 +182,9 @@ class SelfAttention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-            if _math_attention_is_faster(q, k):
+            if self.attention == "math" or (
+                self.attention == "auto" and _math_attention_is_faster(q, k)
+            ):
                 y = _bf16_attention(q, k, v, mask, dropout)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -436,13 +439,17 @@ class MiniTuringModel(PreTrainedModel):
             h = self.hidden_states(*inputs, wanted=wanted if t > 1 else None)
             return MiniTuringOutput(logits=self.logits_from_hidden(h[:, -1]))
         selected = labels != IGNORE_INDEX
-        wanted, valid = labelled_positions(selected)
+        if self.config.sparse_outputs:
+            wanted, valid = labelled_positions(selected)
+        else:
+            wanted, valid = None, selected
         h = self.hidden_states(*inputs, wanted=wanted)
         if wanted is not None:
             labels = labels.gather(1, wanted)
         targets, h = labels[valid], h[valid]
         count = valid.sum()
-        if self.training and torch.is_grad_enabled() and h.requires_grad:
+        training = self.training and torch.is_grad_enabled() and h.requires_grad
+        if training and self.config.chunked_loss:
             # Training: the loss and its gradients chunk by chunk, no logits kept.
             loss = linear_cross_entropy(h, self.embed.weight, targets)
             return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)

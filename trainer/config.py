@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from data.objectives import OBJECTIVES
 from data.pipeline import DataConfig
-from model.config import PRESETS, MiniTuringConfig, resolve_shape
+from model.config import ATTENTIONS, PRESETS, MiniTuringConfig, resolve_shape
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
@@ -33,6 +33,14 @@ class ModelOptions:
     """Masked-LM block length in tokens (default: the preset's)."""
     max_positions: int = 512
     """Longest sequence the model supports (position embeddings)."""
+    attention: str = "auto"
+    """Attention kernel: sdpa (PyTorch's fused), math (matmuls and a softmax), or auto (math
+    for bf16 training on CPU, where it is faster; else sdpa). Speed only."""
+    sparse_outputs: bool = True
+    """Run the last block and the output layer only at the positions the loss reads. Speed only."""
+    chunked_loss: bool = True
+    """Take the training loss and its gradients chunk by chunk, never holding all logits. Speed
+    and memory only."""
 
 
 @dataclass
@@ -55,6 +63,8 @@ class OptimConfig:
     """Clip the gradient's global norm to this (0: off)."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    fused_adamw: bool = True
+    """AdamW's fused kernel (CPU and CUDA); off: PyTorch's default implementation. Speed only."""
 
 
 @dataclass
@@ -174,6 +184,9 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
         target_len=cfg.data.target_len,
         max_position_embeddings=m.max_positions,
         dropout=m.dropout,
+        attention=m.attention,
+        sparse_outputs=m.sparse_outputs,
+        chunked_loss=m.chunked_loss,
         **tokenizer_fields(tokenizer),
     )
 
@@ -198,6 +211,11 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (math.isfinite(o.lr), f"--lr must be a finite number, got {o.lr}"),
         (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
         (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
+        (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
+        (
+            m.attention in ATTENTIONS,
+            f"--attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}",
+        ),
     ]
     for flag in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
         value = getattr(m, flag)

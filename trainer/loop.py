@@ -109,10 +109,12 @@ class Window:
 
     def __init__(self) -> None:
         self.tokens, self.time, self.data = 0, 0.0, 0.0
+        self.real = 0  # tokens that are not padding
         self.losses: dict[str, list[float]] = {}
 
     def add(self, other: Window) -> None:
         self.tokens += other.tokens
+        self.real += other.real
         self.time += other.time
         self.data += other.data
 
@@ -195,6 +197,11 @@ def train_step(run: Run, batches: list, lr: float, window: Window) -> tuple[dict
     # Normalise by the label tokens of the whole global batch, so N processes x b equal one
     # process x N*b and accumulation equals a bigger batch exactly.
     label_counts = [int((b["labels"] != IGNORE_INDEX).sum()) for _, b in batches]
+    # Tokens that are not padding (masked-LM blocks have none: no attention mask).
+    real = [
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        for _, b in batches
+    ]
     global_count = all_reduce_sum(torch.tensor(float(sum(label_counts))).to(env.device), env)
     global_count = global_count.clamp(min=1)
     for group in run.optimizer.param_groups:
@@ -211,6 +218,7 @@ def train_step(run: Run, batches: list, lr: float, window: Window) -> tuple[dict
             loss.backward()
         loss_sums.setdefault(name, []).append(out.loss.detach().double() * out.num_label_tokens)
         window.tokens += int(batch["input_ids"].numel()) * env.world_size
+        window.real += real[i] * env.world_size
     losses = reduce_losses(loss_sums, label_counts, batches, env)
     clip = optim.clip_grad if optim.clip_grad > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
@@ -287,7 +295,9 @@ def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, e
 
 def summary(run: Run, warm: Window, planned: int, elapsed: float) -> dict:
     """The numbers ``summary.json`` holds for this process's part of the run. Model FLOPs are
-    the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length."""
+    the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length.
+    ``timed_*``: the steps after warm-up (the first log window) that the speeds are taken over;
+    tokens count input positions, padding included, and real tokens those that are not padding."""
     tokens_per_s = warm.tokens / warm.time if warm.time else None
     flops = run.model.config.flops_per_token(run.model.config.length("seq_len"))
     return {
@@ -298,6 +308,10 @@ def summary(run: Run, warm: Window, planned: int, elapsed: float) -> dict:
         "data_seconds": run.data_seconds,
         "tokens_per_s": tokens_per_s,
         "data_wait": warm.data / warm.time if warm.time else None,
+        "timed_seconds": warm.time,
+        "timed_tokens": warm.tokens,
+        "timed_real_tokens": warm.real,
+        "padding_share": 1 - warm.real / warm.tokens if warm.tokens else None,
         "flops_per_token": flops,
         "model_flops_per_s": flops * tokens_per_s if tokens_per_s else None,
         "peak_memory_mb": peak_memory_mb(),
