@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 from data.objectives import OBJECTIVES
 from data.pipeline import DataConfig
-from model.config import ATTENTIONS, PRESETS, MiniTuringConfig, resolve_shape
+from model.config import (
+    ACTIVATIONS,
+    ATTENTIONS,
+    PRESETS,
+    MiniTuringConfig,
+    resolve_shape,
+    round_vocab,
+)
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
@@ -33,6 +40,9 @@ class ModelOptions:
     """Masked-LM block length in tokens (default: the preset's)."""
     max_positions: int = 512
     """Longest sequence the model supports (position embeddings)."""
+    hidden_act: str = "gelu"
+    """Feed-forward activation: gelu (exact, as in BERT and BART) or gelu_tanh (its tanh
+    approximation)."""
     attention: str = "auto"
     """Attention kernel: sdpa (PyTorch's fused), math (matmuls and a softmax), or auto (math
     for bf16 training on CPU, where it is faster; else sdpa). Speed only."""
@@ -169,10 +179,12 @@ def parse_objectives(spec: str, available: list[str]) -> dict[str, float]:
     return weights
 
 
-def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
+def build_model_config(cfg: TrainConfig, tokenizer=None) -> MiniTuringConfig:
     """The model these options build for ``tokenizer``, with the lengths it trains at recorded
-    in it (inference needs them, and must not read the training options)."""
+    in it (inference needs them, and must not read the training options). Without a tokenizer,
+    the vocabulary --vocab-size asks for (benchmarks)."""
     m = cfg.model
+    vocab = {"vocab_size": round_vocab(cfg.data.vocab_size)}
     return MiniTuringConfig.from_preset(
         m.preset,
         hidden_size=m.hidden_size,
@@ -184,10 +196,11 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
         target_len=cfg.data.target_len,
         max_position_embeddings=m.max_positions,
         dropout=m.dropout,
+        hidden_act=m.hidden_act,
         attention=m.attention,
         sparse_outputs=m.sparse_outputs,
         chunked_loss=m.chunked_loss,
-        **tokenizer_fields(tokenizer),
+        **(tokenizer_fields(tokenizer) if tokenizer is not None else vocab),
     )
 
 
@@ -212,6 +225,10 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
         (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
         (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
+        (
+            m.hidden_act in ACTIVATIONS,
+            f"--hidden-act must be one of {', '.join(ACTIVATIONS)}, got {m.hidden_act!r}",
+        ),
         (
             m.attention in ATTENTIONS,
             f"--attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}",
