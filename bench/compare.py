@@ -74,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bart-layers", default=None, help="ENC,DEC (default: half our layers each)")
     add("--source-len", type=int, default=256)
     add("--target-len", type=int, default=32)
-    add("--hf-sampler", default="group_by_length", choices=("group_by_length", "random"))
     add("--gen-batch", type=int, default=8, help="documents per generate call")
     add("--new-tokens", type=int, default=32, help="exactly this many, both sides")
     add("--beams", type=int, default=4)
@@ -86,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train-pairs", nargs="+", default=[], help="as train.py's")
     add("--corpus-max-chars", type=int, default=None)
     add("--matmul-size", type=int, default=None, help="square ceiling product (CPU 2048, GPU 8192)")
-    add("--threads", type=int, default=None, help="torch threads of the HF side's processes")
     add("--timeout", type=float, default=900, help="seconds per process")
     add("--json", default=None, metavar="PATH", help="write all results here")
     add("--keep", action="store_true", help="keep the temporary folder")
@@ -183,7 +181,7 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     streams = build_streams(raw, tokenizer, cfg, sorted(set(objectives)), shape["seq_len"])
     spec = {
         "device": settings["device"], "precision": settings["precision"], "seed": args.seed,
-        "threads": args.threads, "shape": shape, "bart_layers": settings["bart_layers"],
+        "shape": shape, "bart_layers": settings["bart_layers"],
         "ids": {"pad": ids.pad, "cls": ids.cls, "sep": ids.sep}, "data": raw.description,
         "tokenizer": str(tmp / "tokenizer"), "lr": args.lr, "batch_size": args.batch_size,
         "source_len": args.source_len, "target_len": args.target_len,
@@ -348,7 +346,7 @@ def task_specs(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) 
         warmup, steps = settings["steps"][part]
         specs[part] = {
             **spec, "warmup": warmup, "steps": steps, "lr_warmup": max((warmup + steps) // 10, 1),
-            "mask_rate": 0.15, "hf_sampler": args.hf_sampler, "out": str(tmp / f"hf-{part}"),
+            "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"),
             "dataset": str(tmp / f"{part}-data"),
         }  # fmt: skip
     specs["generate"] = {
@@ -374,7 +372,8 @@ def run_all(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> 
             result = side(task, specs[part], tmp, args.timeout)
         if part == "ceiling" and "error" not in result:
             readings = results.get(task, {}).get("readings", []) + [result["flops_per_s"]]
-            best = max(results.get(task, result), result, key=lambda r: r["flops_per_s"])
+            earlier = results[task] if ok(results.get(task)) else result
+            best = max(earlier, result, key=lambda r: r["flops_per_s"])
             results[task] = {**best, "readings": readings}
         else:
             results[task] = pool(results.get(task), result)
@@ -395,55 +394,45 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
         "mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
         "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize"),
     }
+    keep = ("peak_mem_mib", "data_wait", "padding_share", "runs", "params")
     for part, (hf_name, ours_name) in names.items():
-        hf, mine = results.get(f"{part}_hf"), results.get(f"{part}_ours")
-        if hf is None and mine is None:
+        sides = {"HF": results.get(f"{part}_hf"), "ours": results.get(f"{part}_ours")}
+        if sides == {"HF": None, "ours": None}:
             continue
-        speed = {k: r["tokens"] / r["seconds"] if ok(r) else None for k, r in (("hf", hf), ("ours", mine))}  # fmt: skip
         count = results.get(f"{part}_count", {})
-        for key, name, r in (("hf", hf_name, hf), ("ours", ours_name, mine)):
+        speed = {k: r["tokens"] / r["seconds"] if ok(r) else None for k, r in sides.items()}
+        for (key, r), name in zip(sides.items(), (hf_name, ours_name), strict=True):
             row = {"part": part, "contestant": name, "value": speed[key], "unit": "tokens/s"}
-            if ok(r):
-                keep = ("peak_mem_mib", "data_wait", "padding_share", "runs", "params")
-                row.update({k: r[k] for k in keep if r.get(k) is not None})
-                row["params"] = r.get("params") or count.get("params")
-            else:
+            row.update({k: r[k] for k in keep if ok(r) and r.get(k) is not None})
+            if not ok(r):
                 row["error"] = (r or {}).get("error", "not run")
-            if key == "ours":
-                row["ratio"] = (
-                    speed["ours"] / speed["hf"] if speed["hf"] and speed["ours"] else None
-                )
+            elif key == "ours":
+                row["params"] = count.get("params")
+                row["ratio"] = speed["ours"] / speed["HF"] if speed["HF"] else None
             rows.append(row)
-        for key, label, r in (("hf", "HF", hf), ("ours", "ours", mine)):
-            counted = (
-                (r if key == "hf" else count).get("counted_flops_per_token") if ok(r) else None
-            )
-            nominal = mine.get("nominal_flops_per_token") if part == "mlm" and ok(mine) else None
-            if not (peak and speed[key] and counted):
+        # Nominal: the config's formula, one number for both sides (masked LM: one shape).
+        mine = sides["ours"]
+        nominal = mine.get("nominal_flops_per_token") if part == "mlm" and ok(mine) else None
+        for key, r in sides.items():
+            counted = (r if key == "HF" else count).get("counted_flops_per_token")
+            if not (ok(r) and peak and counted):
                 continue
             per_token = nominal or counted
             rows.append({
-                "part": part, "contestant": f"{label} model FLOP/s", "unit": "FLOP/s",
-                "value": per_token * speed[key], "nominal_flops_per_token": nominal,
-                "counted_flops_per_token": counted, "fraction_of_ceiling": per_token * speed[key] / peak,
+                "part": part, "contestant": f"{key} model FLOP/s", "unit": "FLOP/s",
+                "value": per_token * speed[key], "fraction_of_ceiling": per_token * speed[key] / peak,
+                "nominal_flops_per_token": nominal, "counted_flops_per_token": counted,
                 "counted_fraction": counted * speed[key] / peak,
             })  # fmt: skip
-    hf, mine = results.get("generate_hf"), results.get("generate_ours")
-    for mode in spec.get("modes", {}) if (hf or mine) else {}:
-        hf_s = hf["modes"][mode]["seconds_per_batch"] if ok(hf) else None
-        ours_s = mine["modes"][mode]["seconds_per_batch"] if ok(mine) else None
-        for name, value, r in (
-            ("HF BART generate", hf_s, hf),
-            ("ours model.generate", ours_s, mine),
-        ):
-            row = {
-                "part": f"generate {mode}",
-                "contestant": name,
-                "value": value,
-                "unit": "s/batch",
-            }
-            row.update(peak_mem_mib=r.get("peak_mem_mib"), error=r.get("error")) if r else None
+    gen = {"HF BART generate": results.get("generate_hf"),
+           "ours model.generate": results.get("generate_ours")}  # fmt: skip
+    for mode in spec.get("modes", {}) if any(gen.values()) else ():
+        for name, r in gen.items():
+            row = {"part": f"generate {mode}", "contestant": name, "unit": "s/batch"}
+            row["value"] = r["modes"][mode]["seconds_per_batch"] if ok(r) else None
+            row.update({k: r[k] for k in ("peak_mem_mib", "error") if r and k in r})
             rows.append(row)
+        hf_s, ours_s = rows[-2]["value"], rows[-1]["value"]
         rows[-1]["ratio"] = hf_s / ours_s if hf_s and ours_s else None  # > 1: ours is faster
     if ceiling is not None:
         shown = f"best of {len(ceiling.get('shapes', []))} matmuls, {ceiling.get('dtype', '')}"

@@ -73,29 +73,15 @@ def training_arguments(spec: dict, out: Path, **extra):
     from transformers import TrainingArguments
 
     kwargs = dict(
-        max_steps=spec["warmup"] + spec["steps"],
-        per_device_train_batch_size=spec["batch_size"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=spec["lr_warmup"],
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.98,
-        adam_epsilon=1e-6,
-        max_grad_norm=1.0,
-        optim="adamw_torch_fused",
-        bf16=spec["precision"] == "bf16",
-        use_cpu=spec["device"] == "cpu",
-        dataloader_num_workers=0,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=spec["seed"],
-        **extra,
-    )
+        max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=spec["lr_warmup"],
+        weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0,
+        optim="adamw_torch_fused", bf16=spec["precision"] == "bf16",
+        use_cpu=spec["device"] == "cpu", dataloader_num_workers=0, eval_strategy="no",
+        save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        seed=spec["seed"], **extra,
+    )  # fmt: skip
     return TrainingArguments(output_dir=str(out), **kwargs), kwargs
 
 
@@ -200,14 +186,11 @@ def seq2seq_hf(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["tokenizer"])
     model = hf_model(spec, "bart")
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
-    # HF's length-grouped sampler (ours buckets by length), under this version's name.
-    fields = TrainingArguments.__dataclass_fields__
-    grouped = spec["hf_sampler"] == "group_by_length"
-    if "train_sampling_strategy" in fields:
-        spec["hf_extra"] = {"train_sampling_strategy": spec["hf_sampler"]}
-    else:
-        spec["hf_extra"] = {"group_by_length": grouped}
-
+    # HF's length-grouped sampler (ours buckets by length); transformers < 5: group_by_length.
+    grouped = {"train_sampling_strategy": "group_by_length"}
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        grouped = {"group_by_length": True}
+    spec["hf_extra"] = grouped
     return train_hf(spec, model, load_from_disk(spec["dataset"]), collator, seq2seq_tokens)
 
 
@@ -238,38 +221,27 @@ def count_ours(spec: dict) -> dict:
     batch = {k: v.to(spec["device"]) for k, v in loader.next_batch()[1].items()}
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    return {
-        "counted_flops_per_token": counted_flops(lambda: model(**batch).loss.backward()) / tokens
-    }
-
-
-def time_calls(fn, spec: dict) -> list[float]:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(spec["repeats"]):
-        sync(spec["device"])
-        start = time.perf_counter()
-        fn()
-        sync(spec["device"])
-        times.append(time.perf_counter() - start)
-    return times
+    flops = counted_flops(lambda: model(**batch).loss.backward())
+    return {"counted_flops_per_token": flops / tokens, "params": model.num_parameters()}
 
 
 def generation(spec: dict, generate_batch) -> dict:
-    """``generate_batch(beams)`` for each mode: the timed calls and the tokens made per row."""
+    """Each mode's timed calls of ``generate_batch(beams)`` (after one untimed call: allocator,
+    kernels, caches), their median, and the new tokens it made per row."""
     kind = torch.device(spec["device"]).type
     bf16 = spec["gen_precision"] == "bf16"
     modes = {}
     for label, beams in spec["modes"].items():
-        made: list[int] = []
-
-        def run(beams=beams, made=made) -> None:
+        times, made = [], []
+        for _ in range(spec["repeats"] + 1):
+            sync(spec["device"])
+            start = time.perf_counter()
             with torch.inference_mode(), torch.autocast(kind, torch.bfloat16, enabled=bf16):
-                made[:] = generate_batch(beams)
-
-        times = time_calls(run, spec)
-        modes[label] = {"times": times, "seconds_per_batch": statistics.median(times)}
-        modes[label]["new_tokens"] = made
+                made = generate_batch(beams)
+            sync(spec["device"])
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times[1:])
+        modes[label] = {"times": times[1:], "seconds_per_batch": median, "new_tokens": made}
     return {"modes": modes, "peak_mem_mib": peak_memory_mb()}
 
 
@@ -326,8 +298,6 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"usage: python bench/sides.py {{{','.join(TASKS)}}} SPEC RESULT")
     task, spec_file, result_file = argv
     spec = json.loads(Path(spec_file).read_text())
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     Path(result_file).write_text(json.dumps(TASKS[task](spec), indent=1))
 
 
