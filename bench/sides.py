@@ -44,7 +44,8 @@ def counted_flops(step) -> float:
 
 def ceiling(spec: dict) -> dict:
     """FLOP/s of each matrix product in ``spec["ceiling"]`` (square, and the model's own
-    shapes) in the run's precision: the best of a few timed trials each."""
+    shapes) in the run's precision: the best of a few timed trials each (noise only ever
+    slows a trial down)."""
     device = spec["device"]
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     rates = {}
@@ -52,17 +53,17 @@ def ceiling(spec: dict) -> dict:
         a = torch.randn(batch, m, k, device=device, dtype=dtype)
         b = torch.randn(batch, k, n, device=device, dtype=dtype)
 
-        def run(reps: int, a=a, b=b) -> float:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
+        def trial(a=a, b=b, flops=2 * batch * m * k * n, seconds=0.1) -> float:
+            """Products for ``seconds`` (bounded in time, however slow a busy machine is)."""
+            reps, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
                 torch.bmm(a, b)
-            sync(device)
-            return time.perf_counter() - start
+                sync(device)
+                reps += 1
+            return flops * reps / elapsed
 
-        run(2)
-        reps = max(1, round(0.2 / max(run(1), 1e-6)))
-        rates[name] = max(2 * batch * m * k * n * reps / run(reps) for _ in range(3))
+        trial(seconds=0.02)  # warm-up
+        rates[name] = max(trial() for _ in range(3))
     best = max(rates, key=rates.get)
     return {"flops_per_s": rates[best], "shape": best, "shapes": rates, "dtype": str(dtype)[6:]}
 
