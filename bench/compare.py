@@ -489,7 +489,7 @@ def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict
         f"training: {args.train_rounds} runs a side (HF, ours, ours, HF); tokens/s = timed tokens "
         "/ timed seconds of all runs, the steps after the warm-up; mlm: sequence "
         f"{s['seq_len']}, {mw} + {ms} steps; seq2seq: source {args.source_len}, target "
-        f"{args.target_len}, {sw} + {ss} steps, tokens = [CLS] source [SEP] target, no padding",
+        f"{args.target_len}, {sw} + {ss} steps, tokens = [CLS] source [SEP] target (no padding)",
         "model FLOP/s: nominal = the config's formula (6 x parameters + attention) x tokens/s, "
         "the same per token for both; counted = FlopCounterMode over one real training step "
         "of each side (what it computes: ours runs the output layer and last block only where "

@@ -102,10 +102,16 @@ def train_hf(spec: dict, model, data, collator, count) -> dict:
 
     def note(module, args, kwargs):
         counts.append(count(kwargs))
+
+    def note_autocast(module, args):
         autocast.setdefault("seen", torch.is_autocast_enabled(torch.device(spec["device"]).type))
 
     autocast = {}
     model.register_forward_pre_hook(note, with_kwargs=True)
+    # On a layer inside: accelerate enters autocast within the forward, after the model's hooks.
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(
+        note_autocast
+    )
     args, shown = training_arguments(spec, Path(spec["out"]), **spec.get("hf_extra", {}))
     trainer = Trainer(
         model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]

@@ -299,7 +299,8 @@ def test_levers_time_every_variant_through_train_py_flags():
 def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_files, capsys):
     pytest.importorskip("accelerate", reason="HF Trainer needs accelerate (pip install .[bench])")
     out = tmp_path / "bench.json"
-    assert compare.main(TINY + data_flags(corpus_files) + ["--json", str(out)]) == 0
+    flags = TINY + data_flags(corpus_files) + ["--json", str(out), "--precision", "bf16"]
+    assert compare.main(flags) == 0  # (the last --precision wins)
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     results, rows = report["results"], report["rows"]
@@ -326,3 +327,6 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
         assert len(hf["times"]) == len(ours["times"]) == 2  # one call, two processes a side
     assert len(results["ceiling"]["readings"]) == 2 and results["ceiling"]["flops_per_s"] > 0
     assert "adamw_torch_fused" in printed and "learning_rate=0.002" in printed
+    # bf16 asked for: HF's forward passes really ran under bf16 autocast, as ours did.
+    assert results["mlm_hf"]["autocast"] and results["seq2seq_hf"]["autocast"]
+    assert results["mlm_ours"]["precision"] == report["settings"]["precision"] == "bf16"
