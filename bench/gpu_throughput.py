@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: with several processes, name a shared --run-dir")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="throughput-")) / "run"
 
-    folder = train.train(train.config_from_args(train_flags(args, run_dir)))
+    folder = train.train(train.config_from_args(train_flags(args, run_dir))).folder
     if int(os.environ.get("RANK", "0")) == 0:
         cuda = args.device.startswith("cuda")
         # train.py has moved this process to its GPU (cuda:LOCAL_RANK, or the one named).

@@ -111,6 +111,7 @@ class Seq2SeqStream:
         *,
         source_len: int,
         target_len: int,
+        pad_multiple: int = PAD_MULTIPLE,
     ) -> None:
         self.name = name
         if not isinstance(sources, Ragged):
@@ -121,6 +122,7 @@ class Seq2SeqStream:
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         self.sources, self.targets, self.ids = sources, targets, ids
         self.source_len, self.target_len = source_len, target_len
+        self.pad_multiple = pad_multiple
         self._lengths = (
             np.minimum(sources.lengths(), source_len - 2)
             + 2
@@ -151,7 +153,7 @@ class Seq2SeqStream:
         return collate(
             [self.example(int(i)) for i in indices],
             self.ids.pad,
-            multiple=PAD_MULTIPLE,
+            multiple=self.pad_multiple,
             limit=self.source_len + self.target_len,
         )
 

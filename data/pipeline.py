@@ -83,6 +83,9 @@ class DataConfig:
     span_masking: bool = False
     corpus_max_chars: int | None = None
     """Cap on the embedded corpus's size in characters (None: the corpus's default)."""
+    pad_multiple: int = 16
+    """Pad sequence-to-sequence batches to a multiple of this many positions (1: to the longest
+    example). Speed only: CPU matrix kernels are prepared per shape."""
 
 
 @dataclass
@@ -509,7 +512,9 @@ def build_streams(
             out["masked_lm"] = MaskedLMStream(
                 flat, seq_len, ids, masking, word_start=word_start, vocab_size=len(tokenizer)
             )
-    lengths = dict(source_len=cfg.source_len, target_len=cfg.target_len)
+    lengths = dict(
+        source_len=cfg.source_len, target_len=cfg.target_len, pad_multiple=cfg.pad_multiple
+    )
     if "gap_summary" in objectives:
         for split, texts, out in (
             ("train", raw.train_texts, train),

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 MODEL_TYPE = "minituring"
 ACTIVATIONS = ("gelu", "gelu_tanh")
+ATTENTIONS = ("auto", "sdpa", "math")
 
 # Whether runs trained from now on get the copy path (``copy_attention``). The config's own
 # default stays False, so that a run folder written before the field existed loads as it was
@@ -52,6 +53,9 @@ class MiniTuringConfig(PretrainedConfig):
         copy_attention: bool = False,
         copy_layer: int = -1,
         copy_head: int | None = None,
+        attention: str = "auto",
+        sparse_outputs: bool = True,
+        chunked_loss: bool = True,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -84,6 +88,14 @@ class MiniTuringConfig(PretrainedConfig):
         self.copy_attention = copy_attention
         self.copy_layer = copy_layer
         self.copy_head = copy_head
+        # Speed choices that leave the numbers as they are (to float tolerance).
+        # attention: "sdpa" is PyTorch's fused kernel; "math" two batched matmuls and a softmax;
+        # "auto" the math form for bf16 training on a CPU, where it is faster, else SDPA.
+        self.attention = attention
+        # With labels, the last block and the output layer only at the positions the loss reads.
+        self.sparse_outputs = sparse_outputs
+        # The training loss chunk by chunk, gradients taken in the forward pass, no logits kept.
+        self.chunked_loss = chunked_loss
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -93,6 +105,8 @@ class MiniTuringConfig(PretrainedConfig):
         )
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {hidden_act!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"

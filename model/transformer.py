@@ -215,6 +215,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.out.is_residual_projection = True
         self.dropout = config.dropout
+        self.attention = config.attention
 
     def forward(
         self,
@@ -252,7 +253,9 @@ class SelfAttention(nn.Module):
                 if copy_at is not None:
                     qc = q.gather(2, copy_at[:, None, :, None].expand(-1, h, -1, q.shape[-1]))
                 copied = _copy_distribution(qc, k, copy)
-            if _math_attention_is_faster(q, k):
+            if self.attention == "math" or (
+                self.attention == "auto" and _math_attention_is_faster(q, k)
+            ):
                 y = _bf16_attention(q, k, v, mask, dropout)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -644,7 +647,10 @@ class MiniTuringModel(PreTrainedModel):
                 logits = self.logits_from_hidden(h)
             return MiniTuringOutput(logits=logits[:, -1] if last_token_only else logits)
         selected = labels != IGNORE_INDEX
-        wanted, valid = labelled_positions(selected)
+        if self.config.sparse_outputs:
+            wanted, valid = labelled_positions(selected)
+        else:
+            wanted, valid = None, selected
         h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
         previous = input_ids
         if wanted is not None:
@@ -667,7 +673,7 @@ class MiniTuringModel(PreTrainedModel):
                 loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
             )
         targets, h = labels[valid], h[valid]
-        if training:
+        if training and self.config.chunked_loss:
             # Training: the loss and its gradients chunk by chunk, no logits kept.
             loss = linear_cross_entropy(h, self.embed.weight, targets)
             if self.config.copy_attention:

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from data.objectives import OBJECTIVES
 from data.pipeline import DataConfig
 from data.tokenizer import check_tokenizer_options
-from model.config import COPY_ATTENTION_FOR_NEW_RUNS, PRESETS, MiniTuringConfig, resolve_shape
+from model.config import (
+    ACTIVATIONS,
+    ATTENTIONS,
+    COPY_ATTENTION_FOR_NEW_RUNS,
+    PRESETS,
+    MiniTuringConfig,
+    resolve_shape,
+    round_vocab,
+)
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
@@ -38,6 +46,17 @@ class ModelOptions:
     copy_attention: bool = COPY_ATTENTION_FOR_NEW_RUNS
     """Summaries mix the output layer's words with words copied from the source, read off the
     attention of the last layer (pointer-generator)."""
+    hidden_act: str = "gelu"
+    """Feed-forward activation: gelu (exact, as in BERT and BART) or gelu_tanh (its tanh
+    approximation)."""
+    attention: str = "auto"
+    """Attention kernel: sdpa (PyTorch's fused), math (matmuls and a softmax), or auto (math
+    for bf16 training on CPU, where it is faster; else sdpa). Speed only."""
+    sparse_outputs: bool = True
+    """Run the last block and the output layer only at the positions the loss reads. Speed only."""
+    chunked_loss: bool = True
+    """Take the training loss and its gradients chunk by chunk, never holding all logits. Speed
+    and memory only."""
 
 
 @dataclass
@@ -60,6 +79,8 @@ class OptimConfig:
     """Clip the gradient's global norm to this (0: off)."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    fused_adamw: bool = True
+    """AdamW's fused kernel (CPU and CUDA); off: PyTorch's default implementation. Speed only."""
 
 
 @dataclass
@@ -172,10 +193,12 @@ def parse_objectives(spec: str, available: list[str] | None) -> dict[str, float]
     return weights
 
 
-def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
+def build_model_config(cfg: TrainConfig, tokenizer=None) -> MiniTuringConfig:
     """The model these options build for ``tokenizer``, with the lengths it trains at recorded
-    in it (inference needs them, and must not read the training options)."""
+    in it (inference needs them, and must not read the training options). Without a tokenizer,
+    the vocabulary --vocab-size asks for (benchmarks)."""
     m = cfg.model
+    vocab = {"vocab_size": round_vocab(cfg.data.vocab_size)}
     return MiniTuringConfig.from_preset(
         m.preset,
         hidden_size=m.hidden_size,
@@ -188,7 +211,11 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> MiniTuringConfig:
         max_position_embeddings=m.max_positions,
         dropout=m.dropout,
         copy_attention=m.copy_attention,
-        **tokenizer_fields(tokenizer),
+        hidden_act=m.hidden_act,
+        attention=m.attention,
+        sparse_outputs=m.sparse_outputs,
+        chunked_loss=m.chunked_loss,
+        **(tokenizer_fields(tokenizer) if tokenizer is not None else vocab),
     )
 
 
@@ -212,6 +239,15 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (math.isfinite(o.lr), f"--lr must be a finite number, got {o.lr}"),
         (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
         (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
+        (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
+        (
+            m.hidden_act in ACTIVATIONS,
+            f"--hidden-act must be one of {', '.join(ACTIVATIONS)}, got {m.hidden_act!r}",
+        ),
+        (
+            m.attention in ATTENTIONS,
+            f"--attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}",
+        ),
     ]
     for flag in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
         value = getattr(m, flag)

@@ -114,10 +114,12 @@ class Window:
 
     def __init__(self) -> None:
         self.tokens, self.time, self.data = 0, 0.0, 0.0
+        self.real = 0  # tokens that are not padding
         self.losses: dict[str, list[float]] = {}
 
     def add(self, other: Window) -> None:
         self.tokens += other.tokens
+        self.real += other.real
         self.time += other.time
         self.data += other.data
 
@@ -154,6 +156,11 @@ class Meter:
         for name, value in losses.items():
             self.window.losses.setdefault(name, []).append(value)
         self.window.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * world
+        # Tokens that are not padding (masked-LM blocks have none: no attention mask).
+        self.window.real += world * sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for _, b in batches
+        )
         self.window.data += data_wait
         self.window.time += seconds
         self.plan.step_seconds.append(seconds)
@@ -325,7 +332,9 @@ def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, e
 
 def summary(run: Run, warm: Window, plan: Plan, elapsed: float) -> dict:
     """The numbers ``summary.json`` holds for this process's part of the run. Model FLOPs are
-    the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length."""
+    the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length.
+    ``timed_*``: the steps after warm-up (the first log window) that the speeds are taken over;
+    tokens count input positions, padding included, and real tokens those that are not padding."""
     tokens_per_s = warm.tokens / warm.time if warm.time else None
     flops = run.model.config.flops_per_token(run.model.config.length("seq_len"))
     return {
@@ -337,6 +346,10 @@ def summary(run: Run, warm: Window, plan: Plan, elapsed: float) -> dict:
         "data_seconds": run.data_seconds,
         "tokens_per_s": tokens_per_s,
         "data_wait": warm.data / warm.time if warm.time else None,
+        "timed_seconds": warm.time,
+        "timed_tokens": warm.tokens,
+        "timed_real_tokens": warm.real,
+        "padding_share": 1 - warm.real / warm.tokens if warm.tokens else None,
         "flops_per_token": flops,
         "model_flops_per_s": flops * tokens_per_s if tokens_per_s else None,
         "peak_memory_mb": peak_memory_mb(),

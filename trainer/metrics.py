@@ -3,6 +3,7 @@ training-curves picture and ``summary.json`` for benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -175,6 +176,12 @@ def peak_memory_mb() -> float:
     """Peak memory of this process: the GPU's allocations on CUDA, else the resident set."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM is this process image's own peak; ru_maxrss carries the parent's over exec, so a
+    # run started by a bigger process would report at least that process's peak.
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

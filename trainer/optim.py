@@ -22,7 +22,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
     ]
     # The fused kernel exists for CPU and CUDA; on CPU it is hundreds of times faster than the
     # default per-parameter loop, which otherwise dominates a small model's step.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6, fused=True)
+    fused = True if cfg.fused_adamw else None  # None: PyTorch's own choice
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6, fused=fused)
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:

@@ -1,0 +1,312 @@
+"""What ``bench/compare.py`` runs in a process of its own (ours trains as ``python train.py``):
+
+    python bench/sides.py TASK SPEC.json RESULT.json
+
+Tasks: ``ceiling``; ``mlm_hf`` and ``seq2seq_hf`` (a Hugging Face model + ``Trainer`` on the
+data compare.py prepared); ``count_ours`` (the FLOPs of one of our training steps, from a run
+folder); ``generate_hf`` and ``generate_ours``. A process each gives a contestant its own peak
+memory (VmHWM on CPU, ``torch.cuda.max_memory_allocated`` on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from trainer.metrics import peak_memory_mb  # noqa: E402
+
+IGNORE_INDEX = -100
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def counted_flops(step) -> float:
+    """FLOPs torch's FlopCounterMode counts in ``step()`` (a forward and backward). Attention
+    in its plain form (matmuls), which the counter can count on every device."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def ceiling(spec: dict) -> dict:
+    """FLOP/s of each matrix product in ``spec["ceiling"]`` (square, and the model's own
+    shapes) in the run's precision: the best of a few timed trials each (noise only ever
+    slows a trial down)."""
+    device = spec["device"]
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    rates = {}
+    for name, (batch, m, k, n) in spec["ceiling"].items():
+        a = torch.randn(batch, m, k, device=device, dtype=dtype)
+        b = torch.randn(batch, k, n, device=device, dtype=dtype)
+
+        def trial(a=a, b=b, flops=2 * batch * m * k * n, seconds=0.1) -> float:
+            """Products for ``seconds`` (bounded in time, however slow a busy machine is)."""
+            reps, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                torch.bmm(a, b)
+                sync(device)
+                reps += 1
+            return flops * reps / elapsed
+
+        trial(seconds=0.02)  # warm-up
+        rates[name] = max(trial() for _ in range(3))
+    best = max(rates, key=rates.get)
+    return {"flops_per_s": rates[best], "shape": best, "shapes": rates, "dtype": str(dtype)[6:]}
+
+
+def training_arguments(spec: dict, out: Path, **extra):
+    """The HF Trainer's settings, matched to train.py's: precision, peak learning rate, warm-up
+    and cosine decay to 10%, AdamW betas/eps/decay, fused AdamW, clipping; no eval/save/log."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=spec["lr_warmup"],
+        weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0,
+        optim="adamw_torch_fused", bf16=spec["precision"] == "bf16",
+        use_cpu=spec["device"] == "cpu", dataloader_num_workers=0, eval_strategy="no",
+        save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        seed=spec["seed"], **extra,
+    )  # fmt: skip
+    return TrainingArguments(output_dir=str(out), **kwargs), kwargs
+
+
+def train_hf(spec: dict, model, data, collator, count) -> dict:
+    """Train with HF's Trainer; time from the end of the warm-up steps to the end of the last
+    step; ``count(batch)`` gives a batch's (tokens, positions). Then count one step's FLOPs."""
+    from transformers import Trainer, TrainerCallback
+
+    warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
+    marks, counts = {}, []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, total):
+                sync(spec["device"])
+                marks[state.global_step] = time.perf_counter()
+
+    def note(module, args, kwargs):
+        counts.append(count(kwargs))
+
+    def note_autocast(module, args):
+        autocast.setdefault("seen", torch.is_autocast_enabled(torch.device(spec["device"]).type))
+
+    autocast = {}
+    model.register_forward_pre_hook(note, with_kwargs=True)
+    # On a layer inside: accelerate enters autocast within the forward, after the model's hooks.
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(
+        note_autocast
+    )
+    args, shown = training_arguments(spec, Path(spec["out"]), **spec.get("hf_extra", {}))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]
+    )
+    trainer.train()
+    if sorted(marks) != [warmup, total] or len(counts) != total:
+        raise RuntimeError(f"expected steps {warmup} and {total}, saw {sorted(marks)}")
+    memory = peak_memory_mb()
+    tokens = sum(int(t) for t, _ in counts[warmup:])
+    positions = sum(int(p) for _, p in counts[warmup:])
+    batch = {k: v.to(model.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    counts.clear()
+    flops = counted_flops(lambda: model(**batch).loss.backward())
+    return {
+        "seconds": marks[total] - marks[warmup],
+        "tokens": tokens,
+        "padding_share": 1 - tokens / positions,
+        "counted_flops_per_token": flops / int(counts[0][0]),
+        "peak_mem_mib": memory,
+        "params": sum(p.numel() for p in model.parameters()),
+        "autocast": autocast.get("seen"),
+        "settings": {k: v for k, v in shown.items() if not isinstance(v, dict)},
+    }
+
+
+def hf_config(spec: dict, kind: str):
+    from transformers import BartConfig, BertConfig
+
+    s, ids = spec["shape"], spec["ids"]
+    common = dict(vocab_size=s["vocab_size"], pad_token_id=ids["pad"])
+    if kind == "bert":  # no dropout, as ours trains by default: both do the same work
+        return BertConfig(
+            **common, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
+            num_attention_heads=s["num_heads"], intermediate_size=s["ffn_size"],
+            max_position_embeddings=s["max_positions"], hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+    enc, dec = spec["bart_layers"]
+    return BartConfig(
+        **common, d_model=s["hidden_size"], encoder_layers=enc, decoder_layers=dec,
+        encoder_attention_heads=s["num_heads"], decoder_attention_heads=s["num_heads"],
+        encoder_ffn_dim=s["ffn_size"], decoder_ffn_dim=s["ffn_size"],
+        max_position_embeddings=s["max_positions"], dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, bos_token_id=ids["cls"], eos_token_id=ids["sep"],
+        decoder_start_token_id=ids["cls"], forced_bos_token_id=None, forced_eos_token_id=None,
+    )  # fmt: skip
+
+
+def hf_model(spec: dict, kind: str):
+    from transformers import BartForConditionalGeneration, BertForMaskedLM
+
+    torch.manual_seed(spec["seed"])
+    cls = BertForMaskedLM if kind == "bert" else BartForConditionalGeneration
+    return cls._from_config(hf_config(spec, kind), attn_implementation="sdpa")
+
+
+def mlm_hf(spec: dict) -> dict:
+    from datasets import load_from_disk
+    from transformers import DataCollatorForLanguageModeling
+
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mask_rate"])
+    data = load_from_disk(spec["dataset"])
+
+    def count(kw):  # packed blocks: every position is a token
+        return kw["input_ids"].numel(), kw["input_ids"].numel()
+
+    return train_hf(spec, hf_model(spec, "bert"), data, collator, count)
+
+
+def seq2seq_hf(spec: dict) -> dict:
+    from datasets import load_from_disk
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    model = hf_model(spec, "bart")
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
+    # HF's length-grouped sampler (ours buckets by length); transformers < 5: group_by_length.
+    grouped = {"train_sampling_strategy": "group_by_length"}
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        grouped = {"group_by_length": True}
+    spec["hf_extra"] = grouped
+    return train_hf(spec, model, load_from_disk(spec["dataset"]), collator, seq2seq_tokens)
+
+
+def seq2seq_tokens(kw: dict) -> tuple:
+    """A BART batch's tokens as ours counts its own, [CLS] source [SEP] target (the closing
+    [SEP] is a label, not an input, in ours), and its input positions, padding included."""
+    labels = kw["labels"] != IGNORE_INDEX
+    tokens = kw["attention_mask"].sum() + labels.sum() - len(labels)
+    return tokens, kw["input_ids"].numel() + labels.numel()
+
+
+def count_ours(spec: dict) -> dict:
+    """FLOPs of one training step of the run in ``spec["run"]``: its model, on the first batch
+    its data loader gives (the public data API, from the run's own config), per real token."""
+    from data.batching import MixtureLoader
+    from data.pipeline import build_streams, load_raw
+    from data.tokenizer import load_tokenizer
+    from model.transformer import MiniTuringModel
+    from trainer.config import TrainConfig
+
+    model = MiniTuringModel.from_pretrained(spec["run"]).to(spec["device"]).train()
+    cfg = TrainConfig.from_dict(model.config.training)
+    name = spec["objective"]
+    streams = build_streams(
+        load_raw(cfg.data), load_tokenizer(spec["run"]), cfg.data, [name], model.config.seq_len
+    )
+    loader = MixtureLoader(streams.train, {name: 1.0}, cfg.optim.batch_size, cfg.run.seed)
+    batch = {k: v.to(spec["device"]) for k, v in loader.next_batch()[1].items()}
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    flops = counted_flops(lambda: model(**batch).loss.backward())
+    return {"counted_flops_per_token": flops / tokens, "params": model.num_parameters()}
+
+
+def generation(spec: dict, generate_batch) -> dict:
+    """Each mode's timed calls of ``generate_batch(beams)`` (after one untimed call: allocator,
+    kernels, caches), their median, and the new tokens it made per row."""
+    kind = torch.device(spec["device"]).type
+    bf16 = spec["gen_precision"] == "bf16"
+    modes = {}
+    for label, beams in spec["modes"].items():
+        times, made = [], []
+        for _ in range(spec["repeats"] + 1):
+            sync(spec["device"])
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(kind, torch.bfloat16, enabled=bf16):
+                made = generate_batch(beams)
+            sync(spec["device"])
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times[1:])
+        modes[label] = {"times": times[1:], "seconds_per_batch": median, "new_tokens": made}
+    return {"modes": modes, "peak_mem_mib": peak_memory_mb()}
+
+
+def generate_ours(spec: dict) -> dict:
+    from model.config import MiniTuringConfig
+    from model.generate import DecodingConfig, generate
+    from model.transformer import MiniTuringModel
+
+    torch.manual_seed(spec["seed"])
+    model = (
+        MiniTuringModel(MiniTuringConfig.from_dict(spec["our_config"])).to(spec["device"]).eval()
+    )
+    n, ngram = spec["new_tokens"], spec["no_repeat_ngram_size"]
+
+    def batch(beams: int) -> list[int]:
+        decoding = DecodingConfig(max_new_tokens=n, min_new_tokens=n, num_beams=beams,
+                                  no_repeat_ngram_size=ngram, length_penalty=1.0)  # fmt: skip
+        return [len(x) for x in generate(model, spec["sources"], decoding)]
+
+    return generation(spec, batch)
+
+
+def generate_hf(spec: dict) -> dict:
+    from transformers import GenerationConfig
+
+    model = hf_model(spec, "bart").to(spec["device"]).eval()
+    ids, sources = spec["ids"], spec["sources"]
+    longest = max(len(s) for s in sources)
+    inputs = torch.tensor([s + [ids["pad"]] * (longest - len(s)) for s in sources])
+    mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in sources])
+    inputs, mask = inputs.to(spec["device"]), mask.to(spec["device"])
+    n = spec["new_tokens"]
+
+    def batch(beams: int) -> list[int]:
+        config = GenerationConfig(
+            max_new_tokens=n, min_new_tokens=n, num_beams=beams, length_penalty=1.0,
+            no_repeat_ngram_size=spec["no_repeat_ngram_size"], do_sample=False,
+            early_stopping=False, bos_token_id=ids["cls"], eos_token_id=ids["sep"],
+            pad_token_id=ids["pad"], decoder_start_token_id=ids["cls"],
+        )  # fmt: skip
+        out = model.generate(input_ids=inputs, attention_mask=mask, generation_config=config)
+        return [out.shape[1] - 1] * len(out)  # the first position is the decoder start
+
+    return generation(spec, batch)
+
+
+TASKS = {
+    f.__name__: f for f in (ceiling, mlm_hf, seq2seq_hf, count_ours, generate_hf, generate_ours)
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[0] not in TASKS:
+        raise SystemExit(f"usage: python bench/sides.py {{{','.join(TASKS)}}} SPEC RESULT")
+    task, spec_file, result_file = argv
+    spec = json.loads(Path(spec_file).read_text())
+    Path(result_file).write_text(json.dumps(TASKS[task](spec), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
