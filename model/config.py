@@ -14,8 +14,10 @@ ATTENTIONS = ("auto", "sdpa", "math")
 
 # Whether runs trained from now on get the copy path (``copy_attention``). The config's own
 # default stays False, so that a run folder written before the field existed loads as it was
-# trained; a trainer building a new config passes this choice explicitly.
-COPY_ATTENTION_FOR_NEW_RUNS = False
+# trained; a trainer building a new config passes this choice explicitly. On: at 400
+# summarization steps on the embedded corpus it reached ROUGE-L 19.9 on the held-out pairs
+# against 13.2 without (docs/performance.md).
+COPY_ATTENTION_FOR_NEW_RUNS = True
 
 
 class MiniTuringConfig(PretrainedConfig):

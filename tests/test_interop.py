@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import ALL_OBJECTIVES, TINY_FLAGS
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -261,7 +261,8 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, corpus_files, capsys
     out = tmp_path / "tb"
     flags = ["--train-text", str(text_file), "--train-pairs", str(pairs), "--output-dir", str(out)]
     flags += ["--max-steps", "8", "--log-every", "2", "--eval-every", "4", "--save-every", "4"]
-    train.train(train.config_from_args(TINY_FLAGS + flags + ["--report-to", "tensorboard"]))
+    flags += ALL_OBJECTIVES + ["--report-to", "tensorboard"]
+    train.train(train.config_from_args(TINY_FLAGS + flags))
     printed = capsys.readouterr().out
     assert "speed:" in printed and "to finish 8 steps" in printed  # the time estimate
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

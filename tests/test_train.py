@@ -191,3 +191,20 @@ def test_progress_off_a_terminal_is_a_plain_line_per_log_interval(tmp_path, corp
         lines
     )
     assert "\r" not in out + err
+
+
+def test_the_auto_mixture_puts_the_pairs_first():
+    from trainer.config import parse_objectives
+
+    everything = ["masked_lm", "gap_summary", "summarize"]
+    assert parse_objectives("auto", everything) == {"masked_lm": 0.5, "summarize": 1.0}
+    assert parse_objectives("auto", ["masked_lm", "gap_summary"]) == {
+        "masked_lm": 1.0,
+        "gap_summary": 1.0,
+    }
+    assert parse_objectives("auto", ["summarize"]) == {"summarize": 1.0}
+    # Spelled out, every objective is trained as asked.
+    assert parse_objectives("masked_lm=1,gap_summary=0.5", everything) == {
+        "masked_lm": 1.0,
+        "gap_summary": 0.5,
+    }
