@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import KVCache, MiniTuringModel, autocast_dtype, never_predicted
+from model.cache import KVCache, autocast_dtype
+from model.transformer import MiniTuringModel, never_predicted
 
 
 @dataclass

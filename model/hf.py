@@ -24,14 +24,18 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+from model import cache as cache_module
 from model import config as config_module
+from model import losses as losses_module
 from model import transformer as transformer_module
 from model.config import MODEL_TYPE, MiniTuringConfig
 from model.files import atomic_path, atomic_write_text
 from model.transformer import MiniTuringForMaskedLM, MiniTuringModel
 
 # Module files copied verbatim into a run folder; their names are the modules auto_map names.
-REMOTE_CODE_FILES = (Path(config_module.__file__), Path(transformer_module.__file__))
+REMOTE_CODE_FILES = tuple(
+    Path(m.__file__) for m in (config_module, cache_module, losses_module, transformer_module)
+)
 AUTO_MAP = {
     "AutoConfig": f"config.{MiniTuringConfig.__name__}",
     "AutoModel": f"transformer.{MiniTuringModel.__name__}",

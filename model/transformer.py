@@ -21,187 +21,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-# Relative, so this file and config.py, copied side by side into a run folder, load with
+# Relative, so this file and its siblings, copied side by side into a run folder, load with
 # trust_remote_code=True where this package is not installed.
+from .cache import CopySpec, KVCache, copy_distribution, log_of_probs
 from .config import MiniTuringConfig
+from .losses import labelled_positions, linear_cross_entropy, linear_log_prob
 
 IGNORE_INDEX = -100
-
-
-def round_up(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of ``multiple``. Sizes that vary from batch to batch are
-    rounded so that CPU matrix kernels, prepared per shape, see few distinct shapes."""
-    return -(-n // multiple) * multiple
-
-
-def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The dtype matrix products run in here: autocast's, if it is on, else ``default``."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return default
-
-
-# ---------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Pre-allocated keys and values of every layer, for incremental decoding.
-
-    The source is encoded once; each decoding step appends one position. For beam search,
-    ``share(k)`` then makes every row's cached positions (its source) common to k beams: they
-    are stored once per source, and only the positions appended after are stored per beam, so
-    the source is neither copied k times nor read k times a step (``attend_shared``).
-    ``reorder`` follows beam search when it re-ranks hypotheses.
-    """
-
-    def __init__(
-        self,
-        config: MiniTuringConfig,
-        batch_size: int,
-        max_length: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (batch_size, config.num_heads, max_length, config.head_dim)
-        self.keys = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
-        ]
-        self.values = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
-        ]
-        self.length = 0
-        self.max_length = max_length
-        self.group = 1  # beams per source row, after share()
-        self.shared = 0  # positions common to a row's beams
-        self.shared_keys: list[torch.Tensor] = []  # their keys and values, after share()
-        self.shared_values: list[torch.Tensor] = []
-        # With copy attention: the token ids of the first call, the source (one row per
-        # source, also after share()), which the copy distribution puts its mass on.
-        self.source_ids: torch.Tensor | None = None
-
-    def share(self, group: int) -> None:
-        """From now on each row's cached positions serve ``group`` beams (rows i*group ...
-        i*group + group - 1 of the calls that follow); later positions are kept per beam."""
-        if self.group != 1:
-            raise ValueError("the cache is already shared among beams")
-        self.group, self.shared = group, self.length
-        self.shared_keys = [x[:, :, : self.length] for x in self.keys]
-        self.shared_values = [x[:, :, : self.length] for x in self.values]
-        b, h, _, d = self.keys[0].shape
-        own = (b * group, h, self.max_length - self.length, d)
-        like = {"dtype": self.keys[0].dtype, "device": self.keys[0].device}
-        self.keys = [torch.empty(own, **like) for _ in self.keys]
-        self.values = [torch.empty(own, **like) for _ in self.values]
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys and values; returns every cached one of this layer (after
-        ``share``, the per-beam part only: ``attend_shared`` adds the source)."""
-        end = self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions, asked for {end}")
-        start, end = self.length - self.shared, end - self.shared
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
-        """Rows follow ``index`` for positions ``start:length``. With ``start`` at the source
-        length (beam search) only the generated positions, a few dozen, move."""
-        if start < self.shared:
-            raise ValueError("positions shared among beams cannot be reordered")
-        begin, end = start - self.shared, self.length - self.shared
-        for cache in (self.keys, self.values):
-            for x in cache:
-                x[:, :, begin:end] = x[:, :, begin:end].index_select(0, index)
-
-    def attend_shared(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask,
-        copy: CopySpec | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of (rows, heads, queries, dim) queries, after ``share``: each source's
-        keys are multiplied by the queries of all its beams at once, (sources, heads, beams x
-        queries, source length), and the beams' own positions row by row; one softmax over
-        both. ``mask`` is the model's (rows, 1, queries, keys) or None. Decoding only: no
-        dropout.
-
-        Returns the attention output and, with ``copy``, the copy distribution of every query
-        over the shared source (rows, queries, source length), from the same source scores."""
-        own_k, own_v = self.update(layer, k, v)
-        src_k, src_v = self.shared_keys[layer], self.shared_values[layer]
-        rows, h, nq, d = q.shape
-        b, g = rows // self.group, self.group
-        scale = d**-0.5
-        # (rows, h, q, d) -> (sources, h, beams * q, d): a source's beams side by side.
-        grouped = q.view(b, g, h, nq, d).transpose(1, 2).reshape(b, h, g * nq, d)
-        scores_src = torch.matmul(grouped * scale, src_k.transpose(-1, -2))
-        scores_own = torch.matmul(q * scale, own_k.transpose(-1, -2))  # (rows, h, q, own)
-        scores_own = scores_own.view(b, g, h, nq, -1).transpose(1, 2).reshape(b, h, g * nq, -1)
-        scores = torch.cat([scores_src, scores_own], dim=-1)
-        source_len = src_k.shape[2]
-        allowed = None
-        if mask is not None:
-            allowed = mask.view(b, g, 1, nq, -1).transpose(1, 2).reshape(b, 1, g * nq, -1)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        copied = None
-        if copy is not None:
-            src = scores_src if copy.head is None else scores_src[:, copy.head : copy.head + 1]
-            source_allowed = None if allowed is None else allowed[..., :source_len]
-            copied = _source_softmax(src, source_allowed).view(b, g, nq, source_len)
-            copied = copied.reshape(rows, nq, source_len)
-        probs = torch.softmax(scores, dim=-1)
-        out_src = torch.matmul(probs[..., :source_len], src_v)  # (sources, h, beams * q, d)
-        probs_own = probs[..., source_len:].reshape(b, h, g, nq, -1).transpose(1, 2)
-        out_own = torch.matmul(probs_own.reshape(rows, h, nq, -1), own_v)
-        out = out_src.view(b, h, g, nq, d).transpose(1, 2).reshape(rows, h, nq, d) + out_own
-        return out, copied
-
-
-# ---------------------------------------------------------------------------- copy attention
-
-
-@dataclass
-class CopySpec:
-    """What the copy layer's attention copies from: the first ``length`` keys, those where
-    ``mask`` (batch, 1, 1, length) is True (all of them when None), one head's attention or
-    (``head`` None) the mean over heads."""
-
-    length: int
-    mask: torch.Tensor | None
-    head: int | None
-
-
-def _source_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(batch, heads, queries, source) attention scores -> (batch, queries, source): each
-    head's attention renormalised over the allowed source keys, in fp32, averaged over heads."""
-    scores = scores.float()
-    if mask is not None:
-        # A row with no source key at all (a row of padding) spreads evenly: no NaN.
-        mask = mask | ~mask.any(-1, keepdim=True)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).mean(1)
-
-
-def _copy_distribution(q: torch.Tensor, k: torch.Tensor, copy: CopySpec) -> torch.Tensor:
-    """The copy distribution of (batch, heads, queries, dim) queries over the source keys
-    ``k[:, :, :copy.length]``: (batch, queries, source length), fp32."""
-    if copy.head is not None:
-        q, k = q[:, copy.head : copy.head + 1], k[:, copy.head : copy.head + 1]
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k[:, :, : copy.length].transpose(-1, -2))
-    return _source_softmax(scores, copy.mask)
-
-
-def _log_of_probs(p: torch.Tensor) -> torch.Tensor:
-    """log p with log 0 = -inf and a zero (not NaN) gradient there."""
-    zero = p <= 0
-    return p.clamp(min=torch.finfo(p.dtype).tiny).log().masked_fill(zero, float("-inf"))
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -252,7 +78,7 @@ class SelfAttention(nn.Module):
                 qc = q
                 if copy_at is not None:
                     qc = q.gather(2, copy_at[:, None, :, None].expand(-1, h, -1, q.shape[-1]))
-                copied = _copy_distribution(qc, k, copy)
+                copied = copy_distribution(qc, k, copy)
             if self.attention == "math" or (
                 self.attention == "auto" and _math_attention_is_faster(q, k)
             ):
@@ -588,7 +414,7 @@ class MiniTuringModel(PreTrainedModel):
         shape = (*copied.shape[:-1], self.config.vocab_size)
         p_copy = copied.new_zeros(shape).scatter_add_(-1, source_ids, copied)
         return torch.logaddexp(
-            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + _log_of_probs(p_copy)
+            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + log_of_probs(p_copy)
         )
 
     def _copy_target_log_prob(
@@ -607,7 +433,7 @@ class MiniTuringModel(PreTrainedModel):
         log_vocab = linear_log_prob(h, self.embed.weight, targets)
         p_copy = (copied * (source_ids == targets.unsqueeze(-1))).sum(-1)
         return torch.logaddexp(
-            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + _log_of_probs(p_copy)
+            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + log_of_probs(p_copy)
         )
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -690,133 +516,6 @@ class MiniTuringModel(PreTrainedModel):
 
 # Rows of logits per chunk of linear_cross_entropy's softmax: 4 MiB of them in fp32, so that
 # each chunk stays in a CPU core's cache; on a GPU, large enough to keep it busy.
-_CE_CHUNK_ELEMENTS = {"cpu": 2**20}
-_CE_CHUNK_ELEMENTS_DEFAULT = 2**26
-# The label count changes every batch; rows padded to a multiple of this keep the matrix
-# products to a few shapes (CPU kernels are prepared per shape: a new row count each step made
-# them twice as slow, 37 vs 16 ms for the three products at ~1,000 x 8,192).
-_CE_ROW_MULTIPLE = 64
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, dtype):
-        rows = len(h)
-        x, w = h.to(dtype), weight.to(dtype)
-        # Zero rows up to the multiple: no loss, no gradient.
-        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
-        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
-        z[rows:] = 0
-        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            part, t = z[start:end], targets[start:end].unsqueeze(1)
-            logits = part.float()  # part itself when already fp32
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += (lse - logits.gather(1, t)).sum()
-            # d loss / d logits = softmax - one-hot
-            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
-            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)
-            if grad.data_ptr() != part.data_ptr():
-                part.copy_(grad)
-        needs = ctx.needs_input_grad
-        grad_h = (z @ w)[:rows].to(h.dtype) if needs[0] else None
-        grad_w = (z.t() @ x).to(weight.dtype) if needs[1] else None
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad_loss if grad_h is not None else None,
-            grad_w * grad_loss if grad_w is not None else None,
-            None,
-            None,
-        )
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in value and
-    gradients, taken together in the forward pass (backward only scales them): the logits in the
-    autocast dtype, if on, and their softmax in fp32 a chunk of rows at a time, written back
-    over the logits as their gradient. No fp32 copy of the (rows, vocabulary) logits, their
-    log-softmax or its gradient is ever held whole; those cost a tenth of a summarization
-    training step on a CPU.
-    """
-    kind = h.device.type
-    dtype = autocast_dtype(kind, h.dtype)
-    with torch.autocast(kind, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, dtype)
-
-
-class _LinearLogProb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, dtype):
-        rows = len(h)
-        x, w = h.to(dtype), weight.to(dtype)
-        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
-        z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
-        z[rows:] = 0
-        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
-        out = torch.empty(rows, dtype=torch.float32, device=h.device)
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            part, t = z[start:end], targets[start:end].unsqueeze(1)
-            logits = part.float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            out[start:end] = (logits.gather(1, t) - lse).squeeze(1)
-            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
-            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)  # softmax - one-hot
-            if grad.data_ptr() != part.data_ptr():
-                part.copy_(grad)
-        ctx.save_for_backward(x, w, z)
-        ctx.rows, ctx.dtypes = rows, (h.dtype, weight.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w, z = ctx.saved_tensors
-        scale = F.pad(-grad_out, (0, len(z) - ctx.rows)).to(z.dtype).unsqueeze(1)
-        gz = z * scale  # d loss / d logits, row by row
-        needs = ctx.needs_input_grad
-        grad_h = (gz @ w)[: ctx.rows].to(ctx.dtypes[0]) if needs[0] else None
-        grad_w = (gz.t() @ x).to(ctx.dtypes[1]) if needs[1] else None
-        return grad_h, grad_w, None, None
-
-
-def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """``F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]``,
-    (rows,) fp32, in value and gradients, as ``linear_cross_entropy`` computes it (logits in
-    the autocast dtype, their softmax in fp32 a chunk at a time, never held whole in fp32);
-    each row's gradient is kept to be scaled by its own upstream gradient (the copy mixture
-    weighs rows differently), so the two products run in the backward pass."""
-    kind = h.device.type
-    dtype = autocast_dtype(kind, h.dtype)
-    with torch.autocast(kind, enabled=False):
-        return _LinearLogProb.apply(h, weight, targets, dtype)
-
-
-def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Which positions a loss reads, packed to the left of each row, in order.
-
-    ``selected`` is (batch, t) boolean. Returns ``wanted`` (batch, q) indices, q the most labels
-    in any row rounded up to a multiple of 8, with ``valid`` (batch, q) false where a row has
-    fewer (those slots repeat some unlabelled position and are dropped); or ``(None, selected)``
-    when q reaches the whole sequence.
-    ``labels[selected]`` equals ``labels.gather(1, wanted)[valid]``.
-    """
-    counts = selected.sum(1)
-    q = round_up(max(int(counts.max()) if selected.numel() else 0, 1), 8)
-    if q >= selected.shape[1]:
-        return None, selected
-    # A stable sort puts each row's labelled positions first, in their order.
-    wanted = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :q]
-    valid = torch.arange(q, device=selected.device) < counts.unsqueeze(1)
-    return wanted, valid
-
-
 class MiniTuringForMaskedLM(MiniTuringModel):
     """The same network as served to Hugging Face's ``AutoModelForMaskedLM`` and
     ``pipeline("fill-mask")``.

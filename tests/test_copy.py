@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
 from model.generate import Decoder, DecodingConfig, generate
@@ -137,7 +138,7 @@ def test_labelled_positions_only_change_nothing_with_copy(monkeypatch, copy_laye
     """The last block runs at labelled positions only; loss and gradients equal the full run's."""
     model = copy_model(3, num_layers=3, copy_layer=copy_layer).train()
     x, padding, prefix, labels = seq2seq_batch(1)
-    assert transformer.labelled_positions(labels != IGNORE_INDEX)[0] is not None
+    assert losses.labelled_positions(labels != IGNORE_INDEX)[0] is not None
 
     def loss_and_grads():
         model.zero_grad()
@@ -159,7 +160,7 @@ def test_chunked_log_prob_equals_the_whole_log_softmax_one(monkeypatch, autocast
     """linear_log_prob: the targets' log_softmax of the full logits, in value and in gradients
     under an upstream gradient that differs row by row; several chunks and a short last one."""
     torch.manual_seed(0)
-    monkeypatch.setitem(transformer._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
+    monkeypatch.setitem(losses._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
     h = torch.randn(31, 16, requires_grad=True)
     weight = (torch.randn(50, 16) * 0.5).requires_grad_()
     targets = torch.randint(0, 50, (31,))
@@ -172,7 +173,7 @@ def test_chunked_log_prob_equals_the_whole_log_softmax_one(monkeypatch, autocast
         (value * upstream).sum().backward()
         return value, h.grad, weight.grad
 
-    chunked = value_and_grads(lambda: transformer.linear_log_prob(h, weight, targets))
+    chunked = value_and_grads(lambda: losses.linear_log_prob(h, weight, targets))
     whole = value_and_grads(
         lambda: F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
 from model.generate import DecodingConfig, generate
@@ -165,7 +166,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_one(monkeypatch, autocast
     """linear_cross_entropy: F.cross_entropy of the full logits, in value and gradients, with
     several chunks and a short last one; in bf16 autocast within bf16 rounding."""
     torch.manual_seed(0)
-    monkeypatch.setitem(transformer._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
+    monkeypatch.setitem(losses._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
     h = torch.randn(31, 16, requires_grad=True)
     weight = (torch.randn(50, 16) * 0.5).requires_grad_()
     targets = torch.randint(0, 50, (31,))
@@ -177,7 +178,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_one(monkeypatch, autocast
         (loss * 3).backward()  # the upstream gradient scales both
         return loss, h.grad, weight.grad
 
-    chunked = loss_and_grads(lambda: transformer.linear_cross_entropy(h, weight, targets))
+    chunked = loss_and_grads(lambda: losses.linear_cross_entropy(h, weight, targets))
     whole = loss_and_grads(
         lambda: torch.nn.functional.cross_entropy(
             torch.nn.functional.linear(h, weight).float(), targets, reduction="sum"
@@ -396,7 +397,7 @@ def test_source_shared_by_beams_gives_the_logits_of_copied_sources(autocast):
 
 
 def test_shared_source_cache_refuses_what_it_cannot_do():
-    from model.transformer import KVCache
+    from model.cache import KVCache
 
     model = small_model()
     cache = KVCache(model.config, 2, 10, dtype=torch.float32, device=torch.device("cpu"))

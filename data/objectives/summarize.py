@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.transformer import IGNORE_INDEX, round_up
+from model.losses import round_up
+from model.transformer import IGNORE_INDEX
 
 
 def build_example(

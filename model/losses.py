@@ -1,0 +1,142 @@
+"""The training losses over the tied output layer, chunk by chunk (no full logits kept), and
+the positions they read."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import autocast_dtype
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of ``multiple``. Sizes that vary from batch to batch are
+    rounded so that CPU matrix kernels, prepared per shape, see few distinct shapes."""
+    return -(-n // multiple) * multiple
+
+
+_CE_CHUNK_ELEMENTS = {"cpu": 2**20}
+_CE_CHUNK_ELEMENTS_DEFAULT = 2**26
+# The label count changes every batch; rows padded to a multiple of this keep the matrix
+# products to a few shapes (CPU kernels are prepared per shape: a new row count each step made
+# them twice as slow, 37 vs 16 ms for the three products at ~1,000 x 8,192).
+_CE_ROW_MULTIPLE = 64
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype):
+        rows = len(h)
+        x, w = h.to(dtype), weight.to(dtype)
+        # Zero rows up to the multiple: no loss, no gradient.
+        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
+        z[rows:] = 0
+        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part, t = z[start:end], targets[start:end].unsqueeze(1)
+            logits = part.float()  # part itself when already fp32
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (lse - logits.gather(1, t)).sum()
+            # d loss / d logits = softmax - one-hot
+            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)
+            if grad.data_ptr() != part.data_ptr():
+                part.copy_(grad)
+        needs = ctx.needs_input_grad
+        grad_h = (z @ w)[:rows].to(h.dtype) if needs[0] else None
+        grad_w = (z.t() @ x).to(weight.dtype) if needs[1] else None
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_loss if grad_h is not None else None,
+            grad_w * grad_loss if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in value and
+    gradients, taken together in the forward pass (backward only scales them): the logits in the
+    autocast dtype, if on, and their softmax in fp32 a chunk of rows at a time, written back
+    over the logits as their gradient. No fp32 copy of the (rows, vocabulary) logits, their
+    log-softmax or its gradient is ever held whole; those cost a tenth of a summarization
+    training step on a CPU.
+    """
+    kind = h.device.type
+    dtype = autocast_dtype(kind, h.dtype)
+    with torch.autocast(kind, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, dtype)
+
+
+class _LinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype):
+        rows = len(h)
+        x, w = h.to(dtype), weight.to(dtype)
+        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
+        z[rows:] = 0
+        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        out = torch.empty(rows, dtype=torch.float32, device=h.device)
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part, t = z[start:end], targets[start:end].unsqueeze(1)
+            logits = part.float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            out[start:end] = (logits.gather(1, t) - lse).squeeze(1)
+            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)  # softmax - one-hot
+            if grad.data_ptr() != part.data_ptr():
+                part.copy_(grad)
+        ctx.save_for_backward(x, w, z)
+        ctx.rows, ctx.dtypes = rows, (h.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, z = ctx.saved_tensors
+        scale = F.pad(-grad_out, (0, len(z) - ctx.rows)).to(z.dtype).unsqueeze(1)
+        gz = z * scale  # d loss / d logits, row by row
+        needs = ctx.needs_input_grad
+        grad_h = (gz @ w)[: ctx.rows].to(ctx.dtypes[0]) if needs[0] else None
+        grad_w = (gz.t() @ x).to(ctx.dtypes[1]) if needs[1] else None
+        return grad_h, grad_w, None, None
+
+
+def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """``F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]``,
+    (rows,) fp32, in value and gradients, as ``linear_cross_entropy`` computes it (logits in
+    the autocast dtype, their softmax in fp32 a chunk at a time, never held whole in fp32);
+    each row's gradient is kept to be scaled by its own upstream gradient (the copy mixture
+    weighs rows differently), so the two products run in the backward pass."""
+    kind = h.device.type
+    dtype = autocast_dtype(kind, h.dtype)
+    with torch.autocast(kind, enabled=False):
+        return _LinearLogProb.apply(h, weight, targets, dtype)
+
+
+def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Which positions a loss reads, packed to the left of each row, in order.
+
+    ``selected`` is (batch, t) boolean. Returns ``wanted`` (batch, q) indices, q the most labels
+    in any row rounded up to a multiple of 8, with ``valid`` (batch, q) false where a row has
+    fewer (those slots repeat some unlabelled position and are dropped); or ``(None, selected)``
+    when q reaches the whole sequence.
+    ``labels[selected]`` equals ``labels.gather(1, wanted)[valid]``.
+    """
+    counts = selected.sum(1)
+    q = round_up(max(int(counts.max()) if selected.numel() else 0, 1), 8)
+    if q >= selected.shape[1]:
+        return None, selected
+    # A stable sort puts each row's labelled positions first, in their order.
+    wanted = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :q]
+    valid = torch.arange(q, device=selected.device) < counts.unsqueeze(1)
+    return wanted, valid
