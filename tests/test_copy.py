@@ -3,7 +3,6 @@ against uncached, bf16, old run folders, data parallelism, and a task that copyi
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import pytest
@@ -372,69 +371,3 @@ def test_copy_learns_to_copy_a_marked_span_where_the_plain_head_does_not():
     copy, plain = _train_and_score(True, 400), _train_and_score(False, 400)
     assert copy >= 0.95, copy
     assert plain <= 0.6, plain
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-def _mixed_objective_steps(rank: int, world: int, store: str, strategy: str) -> None:
-    """A few optimizer steps alternating masked-LM and summarization batches, each process its
-    own data, wrapped as the trainer wraps the model (DDP without find_unused_parameters, or
-    FSDP2 per block plus the root); every process ends with the same weights."""
-    torch.set_num_threads(1)
-    # A file rendezvous (no port to collide with other runs on the machine), and a timeout
-    # so that a rank left waiting fails the test instead of hanging it.
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        model = copy_model(9).train()
-        if strategy == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.blocks:
-                fully_shard(block)
-            wrapped = fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(rank)
-        for step in range(4):
-            if step % 2 == 0:  # masked LM: no copy, the gate unused but for a zero term
-                x = torch.randint(6, 100, (2, 12), generator=g)
-                labels = torch.where(torch.rand(2, 12, generator=g) < 0.3, x, IGNORE_INDEX)
-                labels[:, 0] = x[:, 0]
-                out = wrapped(input_ids=x, labels=labels)
-            else:
-                x, padding, prefix, labels = seq2seq_batch(rank * 10 + step)
-                out = wrapped(
-                    input_ids=x, attention_mask=padding, prefix_lengths=prefix, labels=labels
-                )
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad()
-        flat = torch.cat([p.detach().full_tensor().flatten() if hasattr(p, "full_tensor")
-                          else p.detach().flatten() for p in model.parameters()])  # fmt: skip
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        torch.distributed.all_gather(gathered, flat)
-        torch.testing.assert_close(gathered[0], gathered[1])
-        assert torch.isfinite(flat).all()
-        torch.distributed.barrier()  # neither rank leaves while the other is still in a collective
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_mixed_objectives_train_under_data_parallelism(strategy, tmp_path):
-    store = str(tmp_path / "rendezvous")
-    torch.multiprocessing.spawn(
-        _mixed_objective_steps, args=(2, store, strategy), nprocs=2, join=True
-    )
