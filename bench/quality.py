@@ -252,14 +252,17 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
 
     results: dict = {}
     start = time.perf_counter()
-    tokenizer = hf.train_tokenizer(raw.train_texts + [d for d, _ in raw.train_pairs],
+    # The HF side takes plain lists, as a script written for it would (our tables are
+    # memory-mapped and read batch by batch).
+    texts, pairs = list(raw.train_texts), [tuple(p) for p in raw.train_pairs]
+    tokenizer = hf.train_tokenizer(texts + [d for d, _ in pairs],
                                    shape["vocab_size"])  # fmt: skip
     tok_seconds = time.perf_counter() - start
     print(f"[quality] HF tokenizer: {len(tokenizer)} entries in {tok_seconds:.0f}s", flush=True)
     results["tokenizer"] = tokenizer
-    if raw.train_pairs:
+    if pairs:
         start = time.perf_counter()
-        data = hf.seq2seq_data(raw.train_pairs, tokenizer, cfg.source_len, cfg.target_len)
+        data = hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
         prep = tok_seconds + time.perf_counter() - start
         bart = hf.build_bart(shape, tokenizer, args.seed)
         print(f"[quality] BART {hf.bart_layers(shape['num_layers'])}: {hf.n_params(bart) / 1e6:.2f}M"
@@ -280,7 +283,7 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         del bart
     if raw.train_texts and not args.skip_mlm:
         start = time.perf_counter()
-        data = hf.mlm_blocks(raw.train_texts, tokenizer, shape["seq_len"])
+        data = hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
         prep = tok_seconds + time.perf_counter() - start
         bert = hf.build_bert(shape, tokenizer, args.seed)
         print(f"[quality] BERT: {hf.n_params(bert) / 1e6:.2f}M params, {len(data)} blocks of "
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("[quality] loading data", flush=True)
         raw, cfg = load_data(args)
-        test_pairs = raw.eval_pairs[: args.test_limit]
+        test_pairs = [tuple(p) for p in raw.eval_pairs][: args.test_limit]
         print(f"[quality] {raw.description}; {len(test_pairs)} test pairs", flush=True)
         rows: list[dict] = []
         for name, predictions in baselines(test_pairs).items() if test_pairs else ():
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             def fits(word):
                 return all(single_token(t, word) for t, _ in fill.values())
 
-            items = cloze_items(raw.eval_texts, fits, args.seed, args.test_limit)
+            items = cloze_items(list(raw.eval_texts), fits, args.seed, args.test_limit)
             cloze_n = len(items)
             print(f"[quality] cloze: {cloze_n} held-out texts, one word masked each", flush=True)
             for key, (_, predict) in fill.items():
