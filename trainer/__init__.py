@@ -5,6 +5,8 @@
     setup.py        everything before the first step: folder, data, tokenizer, model, loader
     loop.py         ``train(cfg)``: the training loop and its side jobs
     optim.py        optimizer and learning-rate schedule
+    schedule.py     how long a run trains: the plan fitted to --time-budget
+    lock.py         one writer per run folder (flock on RUN/.lock)
     checkpoint.py   atomic run-folder checkpoints (plain and sharded), safe loading
     metrics.py      metrics.jsonl, TensorBoard, progress, curves, summary.json
     evaluate.py     the one held-out evaluator, rank-aware
