@@ -18,7 +18,7 @@ def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0
         cost = seconds_per_step(step)
         now += cost
         step += 1
-        plan.step_seconds.append(cost)
+        plan.record(cost)
         if plan.due(step):
             plan.total = plan.fit(step, now, eval_every, save_every)
             plans.append((step, plan.total))
@@ -66,3 +66,12 @@ def test_the_learning_rate_ends_with_the_budget():
     final = plans[-1][1]
     assert steps == final
     assert lr_at(final - 1, final, cfg) == pytest.approx(1e-4, rel=0.02)
+
+
+def test_the_step_record_stays_bounded_and_keeps_what_the_fit_reads():
+    plan = Plan(1000.0, None, None)
+    for i in range(5000):
+        plan.record(1.0 if i < 4000 else 2.0)
+    assert len(plan.step_seconds) <= 3 + 3 * 50
+    # The fit reads the latest steps: the speed now (2 s), not the run's mean.
+    assert plan.fit(5000, 0.0, 0, 0) == 5000 + int((1000 - 2 * 0.03 * 1000) // 2)

@@ -163,7 +163,7 @@ class Meter:
         )
         self.window.data += data_wait
         self.window.time += seconds
-        self.plan.step_seconds.append(seconds)
+        self.plan.record(seconds)
         step, total = state.step, self.plan.total
         if self.run.env.main and step == self.eta_at and step < total:
             seconds = sum(self.plan.step_seconds)

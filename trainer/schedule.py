@@ -19,15 +19,24 @@ REPLAN_EVERY = 50
 # Until an evaluation and a checkpoint have been timed, the final ones are assumed to take this
 # share of the budget.
 UNMEASURED_FINAL_SHARE = 0.03
+WARMUP_STEPS = 3  # this process's first steps, left out of the speed (warm-up)
 
 
 class Plan:
     def __init__(self, budget: float | None, cap: int | None, planned: int | None) -> None:
         self.budget, self.cap = budget, cap
         self.total = planned or cap or DEFAULT_STEPS
-        self.step_seconds: list[float] = []  # of this process's steps
+        # This process's step times: its first WARMUP_STEPS, then at most the latest
+        # 2 x REPLAN_EVERY (what the fit reads), so a long run keeps a bounded list.
+        self.step_seconds: list[float] = []
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
+
+    def record(self, seconds: float) -> None:
+        """The time of one more step."""
+        self.step_seconds.append(seconds)
+        if len(self.step_seconds) > WARMUP_STEPS + 3 * REPLAN_EVERY:
+            del self.step_seconds[WARMUP_STEPS : -2 * REPLAN_EVERY]
 
     def final_cost(self) -> float:
         """Seconds kept back for the final evaluation and checkpoint."""
@@ -47,7 +56,8 @@ class Plan:
         """The most steps whose time, with the evaluations and checkpoints due on the way and
         the final ones, fits what is left of the budget (at least ``step``: none left)."""
         # The speed now: the latest steps, without this process's first few (warm-up).
-        measured = self.step_seconds[3:] if len(self.step_seconds) > 6 else self.step_seconds
+        steps = self.step_seconds
+        measured = steps[WARMUP_STEPS:] if len(steps) > 2 * WARMUP_STEPS else steps
         recent = measured[-REPLAN_EVERY:]
         per_step = sum(recent) / max(len(recent), 1)
         left = self.budget - elapsed - self.final_cost()
