@@ -292,7 +292,8 @@ def _load_hub(source: str, hf_config: str | None, hf_split: str, *, streaming: b
     try:
         import datasets
 
-        loaded = datasets.load_dataset(source, hf_config, split=hf_split, streaming=streaming)
+        stream = {"streaming": True} if streaming else {}
+        loaded = datasets.load_dataset(source, hf_config, split=hf_split, **stream)
     except Exception as e:  # offline, unknown name, bad config or split: all mean the same here
         raise DataError(
             f"{missing}, and it could not be loaded as a Hugging Face Hub dataset "
