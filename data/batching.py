@@ -77,10 +77,15 @@ class MaskedLMStream:
         return self.size * self.seq_len
 
     def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        blocks = [block(self.flat, int(index), self.seq_len, self.ids.cls) for index in indices]
+        return self.masked(blocks, keys, seed)
+
+    def masked(self, blocks: list, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """The batch of whole blocks ([CLS] + ``seq_len - 1`` tokens), each masked by its sample
+        key (also what :mod:`data.streaming` masks its packed blocks with)."""
         inputs, labels = [], []
         obj = OBJECTIVES.index(self.name)
-        for index, key in zip(indices, keys, strict=True):
-            ids = block(self.flat, int(index), self.seq_len, self.ids.cls)
+        for ids, key in zip(blocks, keys, strict=True):
             x, y = mask_sequence(
                 ids,
                 _rng(seed, _SAMPLE, obj, key),
@@ -249,6 +254,11 @@ class MixtureLoader:
         return self.position.to_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        if "stream" in state:
+            raise ValueError(
+                "the checkpoint's data position is a streamed one (the run was trained with "
+                "--streaming); resume it with --streaming"
+            )
         pos = DataPosition.from_dict(state)
         for name in self.names:
             pos.consumed.setdefault(name, 0)

@@ -86,6 +86,10 @@ class DataConfig:
     pad_multiple: int = 16
     """Pad sequence-to-sequence batches to a multiple of this many positions (1: to the longest
     example). Speed only: CPU matrix kernels are prepared per shape."""
+    streaming: bool = False
+    """Read --train-text as a stream (a datasets IterableDataset, split across processes),
+    tokenized and packed into masked-LM blocks on the fly, for corpora larger than disk; exact
+    resume. masked_lm only. Held out: --eval-text, else the first 256 documents of the stream."""
 
 
 @dataclass

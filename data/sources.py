@@ -80,6 +80,7 @@ def iter_texts(
     hf_split: str = "train",
     encoding: str = "utf-8",
     max_chars: int = 1_000_000,
+    streaming: bool = False,
 ) -> Iterator[str]:
     """Documents for the self-supervised objectives, one at a time (none is kept).
 
@@ -91,6 +92,9 @@ def iter_texts(
     ``max_chars`` characters is cut into chunks of at most ``max_chars`` characters, at the
     last whitespace of each chunk's second half where there is one, so no downstream step
     sees a giant string. Empty documents (and nulls) are skipped and counted in one warning.
+    ``streaming`` reads a hub dataset as it downloads (``load_dataset(..., streaming=True)``)
+    instead of preparing it on disk first; files and folders are read one record at a time
+    either way.
 
     Raises:
         DataError: the source is missing, unreadable or malformed, or holds no documents.
@@ -103,7 +107,8 @@ def iter_texts(
     columns = {text_column: "--text-column"}
     count = 0
     with os_errors(source):
-        for unit in _units(source, hf_config, hf_split, encoding, columns, skipped, pairs=False):
+        reading = (hf_config, hf_split, encoding, columns, skipped)
+        for unit in _units(source, *reading, pairs=False, streaming=streaming):
             if isinstance(unit, Path):
                 for doc in plain_documents(unit, split, encoding, max_chars, skipped):
                     count += 1
@@ -185,6 +190,7 @@ def _units(
     skipped: Skipped,
     *,
     pairs: bool,
+    streaming: bool = False,
 ) -> Iterator[_Unit]:
     check_encoding(encoding)
     path = Path(source).expanduser()
@@ -208,7 +214,8 @@ def _units(
     elif path.exists():
         raise DataError(f"{source}: not a regular file or folder")
     else:
-        yield source, _dataset_records(_load_hub(source, hf_config, hf_split), source, columns)
+        loaded = _load_hub(source, hf_config, hf_split, streaming=streaming)
+        yield source, _dataset_records(loaded, source, columns)
 
 
 def _folder_units(
@@ -278,20 +285,21 @@ def _load_saved(folder: Path, name: str, split: str) -> Any:
     return loaded
 
 
-def _load_hub(source: str, hf_config: str | None, hf_split: str) -> Any:
+def _load_hub(source: str, hf_config: str | None, hf_split: str, *, streaming: bool = False) -> Any:
     missing = f"{source}: no such file or folder"
     if not _HUB_NAME.fullmatch(source) or source.lower().endswith(TEXT_SUFFIXES + RECORD_SUFFIXES):
         raise DataError(missing)
     try:
         import datasets
 
-        loaded = datasets.load_dataset(source, hf_config, split=hf_split)
+        stream = {"streaming": True} if streaming else {}
+        loaded = datasets.load_dataset(source, hf_config, split=hf_split, **stream)
     except Exception as e:  # offline, unknown name, bad config or split: all mean the same here
         raise DataError(
             f"{missing}, and it could not be loaded as a Hugging Face Hub dataset "
             f"({type(e).__name__}: {_first_line(e)})"
         ) from None
-    if not isinstance(loaded, datasets.Dataset):
+    if not isinstance(loaded, datasets.IterableDataset if streaming else datasets.Dataset):
         raise DataError(f"{source}: expected one split of a dataset, got a {type(loaded).__name__}")
     return loaded
 
@@ -453,7 +461,8 @@ def _parquet_records(path: Path, name: str, columns: Mapping[str, str]) -> Itera
 
 
 def _dataset_records(dataset: Any, name: str, columns: Mapping[str, str]) -> Iterator[Record]:
-    _check_columns(name, "features", list(dataset.column_names), columns)
+    if dataset.column_names is not None:  # a streamed dataset may not know its columns
+        _check_columns(name, "features", list(dataset.column_names), columns)
     wanted = list(columns)
     row = 0
     for batch in dataset.select_columns(wanted).iter(batch_size=_BATCH_ROWS):

@@ -151,6 +151,23 @@ def test_hub_name_goes_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [("owner/name", "cfg", "test")]
 
 
+def test_hub_name_is_streamed_with_streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--streaming reads a hub dataset as an IterableDataset, with the same field checks."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def rows():
+        yield from ({"text": t} for t in ("one", " ", "two", None))
+
+    def fake_load(name, config, split, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert read_texts("owner/name", hf_split="test", streaming=True) == ["one", "two"]
+    assert calls == [("owner/name", None, "test", True)]
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

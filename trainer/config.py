@@ -267,6 +267,27 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
     return checks
 
 
+def _check_streaming(cfg: TrainConfig, weights: dict[str, float]) -> None:
+    """--streaming reads --train-text and trains masked LM; refuse the rest before any data."""
+    from data.streaming import check_objectives
+
+    d = cfg.data
+    if not d.train_text:
+        raise TrainingError(
+            "--streaming streams --train-text sources; give at least one (the embedded corpus "
+            "is prepared, not streamed)"
+        )
+    if d.train_pairs or d.eval_pairs:
+        raise TrainingError(
+            "--streaming trains masked_lm only: --train-pairs / --eval-pairs (summarize) need "
+            "the prepared path; leave out --streaming to train on pairs"
+        )
+    try:
+        check_objectives(weights)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+
+
 def validate(cfg: TrainConfig) -> int:
     """Contradictory or impossible settings fail before any work; returns the block length."""
     if cfg.model.preset not in PRESETS:
@@ -331,7 +352,9 @@ def validate(cfg: TrainConfig) -> int:
         codecs.lookup(cfg.data.encoding)
     except LookupError:
         raise TrainingError(f"unknown encoding {cfg.data.encoding!r}") from None
-    parse_objectives(cfg.run.objectives, available=None)
+    weights = parse_objectives(cfg.run.objectives, available=None)
+    if cfg.data.streaming:
+        _check_streaming(cfg, weights)
     if not cfg.data.tokenizer and not cfg.run.resume:
         check_tokenizer_options(cfg.data.tokenizer_kind, cfg.data.vocab_size)
     return seq_len

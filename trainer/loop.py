@@ -79,13 +79,14 @@ def train(
     cfg: TrainConfig,
     *,
     clock: Callable[[], float] = time.perf_counter,
-    make_loader: Callable[..., MixtureLoader] = MixtureLoader,
+    make_loader: Callable[..., MixtureLoader] | None = None,
 ) -> Run:
     """Run training as configured; returns the finished run. Raises ``Stopped`` when a signal
     ended it early (checkpoint saved) and ``TrainingError`` for what the user must fix.
 
     ``clock`` (seconds) times the steps and the budget, and ``make_loader`` builds the data
-    loader, for tests that drive a run by a fake clock or watch its batches."""
+    loader (by default the one the configuration asks for), for tests that drive a run by a fake
+    clock or watch its batches."""
     started = clock()
     with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
         run = prepare(cfg, held, make_loader=make_loader)

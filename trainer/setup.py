@@ -18,6 +18,13 @@ import torch
 from data.batching import MixtureLoader
 from data.objectives import OBJECTIVES
 from data.pipeline import RawData, Streams, build_streams, load_raw
+from data.streaming import (
+    StreamingLoader,
+    build_streamed,
+    load_streamed,
+    text_dataset,
+    tokenizer_sample,
+)
 from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from model.api import (
     DEFAULT_GENERATION,
@@ -75,7 +82,7 @@ class Run:
     model: MiniTuringModel  # the plain model (under FSDP: with sharded parameters)
     wrapped: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    loader: MixtureLoader
+    loader: MixtureLoader | StreamingLoader
     weights: dict[str, float]  # the mixture
     checkpointer: Checkpointer
     metrics: Metrics
@@ -95,11 +102,14 @@ class Run:
 def prepare(
     cfg: TrainConfig,
     held: contextlib.ExitStack,
-    make_loader: Callable[..., MixtureLoader] = MixtureLoader,
+    make_loader: Callable[..., MixtureLoader] | None = None,
 ) -> Run:
     """Check the configuration, then build every part of the run (see the module's doc). The
-    run folder's lock goes on ``held``, for the caller to release when the run ends."""
+    run folder's lock goes on ``held``, for the caller to release when the run ends.
+    ``make_loader`` defaults to the mixture loader, or the streaming one with --streaming."""
     seq_len = validate(cfg)
+    if make_loader is None:
+        make_loader = StreamingLoader if cfg.data.streaming else MixtureLoader
     check_report_to(cfg.run.report_to)
     env = setup_env(cfg.run)
     folder = Path(cfg.run.output_dir)
@@ -193,6 +203,8 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     processes, each machine's first one builds the corpus and tokenization caches while the
     others wait and then read them, and the tokenizer is trained once, by rank 0, and sent to
     the others."""
+    if cfg.data.streaming:
+        return _streamed_data(cfg, env, folder, seq_len)
     with local_main_first(env):
         raw = load_raw(cfg.data)
     available = [n for n in OBJECTIVES if raw.has(n)]
@@ -225,6 +237,35 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
             streams.eval.pop(name, None)
         if not objectives:
             raise TrainingError("no objective has training examples in the given data")
+    return raw, tokenizer, streams, weights
+
+
+def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
+    """``_data`` for --streaming (:mod:`data.streaming`): the held-out text is read (and, from
+    --eval-text, prepared) here; the training text is only opened, this process's part of it.
+    A tokenizer to train learns from the stream's first documents, on rank 0."""
+    with local_main_first(env):
+        raw = load_streamed(cfg.data)
+    weights = parse_objectives(cfg.run.objectives, ["masked_lm"])
+    if cfg.run.resume is not None:
+        tokenizer = load_tokenizer(folder)
+    elif cfg.data.tokenizer:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tokenizer = from_rank0(
+            env,
+            lambda: train_tokenizer(
+                tokenizer_sample(cfg.data),
+                kind=cfg.data.tokenizer_kind,
+                vocab_size=cfg.data.vocab_size,
+            ),
+        )
+
+    def make_dataset():
+        return text_dataset(cfg.data, rank=env.rank, world_size=env.world_size)
+
+    with local_main_first(env):
+        streams = build_streamed(raw, make_dataset, tokenizer, cfg.data, seq_len)
     return raw, tokenizer, streams, weights
 
 
