@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-WARMUP_STEPS, MIN_LR_RATIO, PLAN_AT_STEP = 100, 0.1, 20
+WARMUP_STEPS, MIN_LR_RATIO, PLAN_AT_STEP, REPLAN_EVERY = 100, 0.1, 20, 50
 IGNORE_INDEX = -100
 
 
@@ -138,26 +138,32 @@ def _budget_callback(seconds: float, plan: dict, name: str):
     from transformers import TrainerCallback
 
     class Budget(TrainerCallback):
-        """Fits the schedule after 20 steps; stops once ``seconds`` have passed since the
-        first step began, or at the end of the schedule."""
+        """Fits the schedule after 20 steps and refits it every ``REPLAN_EVERY`` steps from
+        the latest steps' speed, as train.py does; stops once ``seconds`` have passed since
+        the first step began, or at the end of the schedule."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            plan["start"] = time.perf_counter()
+            plan["start"] = plan["mark"] = time.perf_counter()
+            plan["mark_step"] = 0
 
         def on_step_end(self, args, state, control, **kwargs):
-            elapsed = time.perf_counter() - plan["start"]
-            step = state.global_step
-            if plan["total"] == plan["max_steps"] and step == PLAN_AT_STEP:
-                plan["total"] = max(step, int(seconds / (elapsed / step)))
-                print(f"  {name} | {step} steps in {elapsed:.0f}s: schedule over "
-                      f"{plan['total']} steps", flush=True)  # fmt: skip
+            now = time.perf_counter()
+            elapsed, step = now - plan["start"], state.global_step
+            if step == PLAN_AT_STEP or (step > PLAN_AT_STEP and step % REPLAN_EVERY == 0):
+                per_step = (now - plan["mark"]) / (step - plan["mark_step"])
+                plan["mark"], plan["mark_step"] = now, step
+                plan["total"] = max(step, step + int((seconds - elapsed) / per_step))
+                if step == PLAN_AT_STEP:
+                    print(f"  {name} | {step} steps in {elapsed:.0f}s: schedule over "
+                          f"{plan['total']} steps", flush=True)  # fmt: skip
             # As train.py: the end of the budget or of the fitted schedule, whichever is first.
             if elapsed >= seconds or step >= plan["total"]:
                 control.should_training_stop = True
             plan["steps"], plan["train_seconds"] = step, elapsed
 
         def on_train_end(self, args, state, control, **kwargs):
-            print(f"  {name} | stopped at step {plan['steps']} after {plan['train_seconds']:.0f}s",
+            print(f"  {name} | stopped at step {plan['steps']} (planned {plan['total']}) after "
+                  f"{plan['train_seconds']:.0f}s",
                   flush=True)  # fmt: skip
 
         def on_log(self, args, state, control, logs=None, **kwargs):
