@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,19 +210,9 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     available = [n for n in OBJECTIVES if raw.has(n)]
     weights = parse_objectives(cfg.run.objectives, available)
     objectives = [n for n, w in weights.items() if w > 0]
-    if cfg.run.resume is not None:
-        tokenizer = load_tokenizer(folder)
-    elif cfg.data.tokenizer:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    else:
-        tokenizer = from_rank0(
-            env,
-            lambda: train_tokenizer(
-                raw.train_texts + [d for d, _ in raw.train_pairs],
-                kind=cfg.data.tokenizer_kind,
-                vocab_size=cfg.data.vocab_size,
-            ),
-        )
+    tokenizer = _tokenizer(
+        cfg, env, folder, lambda: raw.train_texts + [d for d, _ in raw.train_pairs]
+    )
     with local_main_first(env):
         streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len)
     if cfg.run.objectives.strip() == "auto":
@@ -240,6 +230,17 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     return raw, tokenizer, streams, weights
 
 
+def _tokenizer(cfg: TrainConfig, env: Env, folder: Path, texts: Callable[[], Iterable[str]]):
+    """The run's tokenizer (resuming), the given one (--tokenizer), or one trained by rank 0
+    on ``texts()`` and sent to the others."""
+    if cfg.run.resume is not None:
+        return load_tokenizer(folder)
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    kind, size = cfg.data.tokenizer_kind, cfg.data.vocab_size
+    return from_rank0(env, lambda: train_tokenizer(texts(), kind=kind, vocab_size=size))
+
+
 def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     """``_data`` for --streaming (:mod:`data.streaming`): the held-out text is read (and, from
     --eval-text, prepared) here; the training text is only opened, this process's part of it.
@@ -247,19 +248,7 @@ def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
     with local_main_first(env):
         raw = load_streamed(cfg.data)
     weights = parse_objectives(cfg.run.objectives, ["masked_lm"])
-    if cfg.run.resume is not None:
-        tokenizer = load_tokenizer(folder)
-    elif cfg.data.tokenizer:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    else:
-        tokenizer = from_rank0(
-            env,
-            lambda: train_tokenizer(
-                tokenizer_sample(cfg.data),
-                kind=cfg.data.tokenizer_kind,
-                vocab_size=cfg.data.vocab_size,
-            ),
-        )
+    tokenizer = _tokenizer(cfg, env, folder, lambda: tokenizer_sample(cfg.data))
 
     def make_dataset():
         return text_dataset(cfg.data, rank=env.rank, world_size=env.world_size)
