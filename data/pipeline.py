@@ -91,6 +91,14 @@ class DataConfig:
     tokenized and packed into masked-LM blocks on the fly, for corpora larger than disk; exact
     resume. masked_lm only. Held out: --eval-text, else the first 256 documents of the stream."""
 
+    def masking(self) -> MaskingConfig:
+        """The masked-LM masking these options ask for, checked."""
+        masking = MaskingConfig(
+            rate=self.mask_rate, whole_word=self.whole_word, span=self.span_masking
+        )
+        masking.validate()
+        return masking
+
 
 @dataclass
 class RawData:
@@ -124,7 +132,7 @@ PREP_VERSION = 1
 
 def read_texts(paths: list[str], cfg: DataConfig) -> list[str]:
     """The documents of every text source, read with the configured columns and encoding."""
-    return [doc for p in paths for doc in _iter_texts(p, cfg)]
+    return [doc for p in paths for doc in iter_source_texts(p, cfg)]
 
 
 def read_pairs(paths: list[str], cfg: DataConfig) -> list[tuple[str, str]]:
@@ -132,7 +140,9 @@ def read_pairs(paths: list[str], cfg: DataConfig) -> list[tuple[str, str]]:
     return [pair for p in paths for pair in _iter_pairs(p, cfg)]
 
 
-def _iter_texts(source: str, cfg: DataConfig):
+def iter_source_texts(source: str, cfg: DataConfig, *, streaming: bool = False):
+    """One text source's documents, read with the configured columns, split and encoding
+    (``streaming``: a hub dataset is streamed rather than prepared)."""
     from data import sources
 
     return sources.iter_texts(
@@ -142,6 +152,7 @@ def _iter_texts(source: str, cfg: DataConfig):
         hf_config=cfg.hf_config,
         hf_split=cfg.hf_split,
         encoding=cfg.encoding,
+        streaming=streaming,
     )
 
 
@@ -212,7 +223,7 @@ def _prepare_split(
 
     if kind == "texts":
         columns, settings = ("text",), (cfg.text_column, cfg.text_split)
-        table_cls, read = TextTable, _iter_texts
+        table_cls, read = TextTable, iter_source_texts
     else:
         columns, settings = ("document", "summary"), (cfg.document_column, cfg.summary_column)
         table_cls, read = PairTable, _iter_pairs
@@ -500,8 +511,7 @@ def build_streams(
     disable_progress_bar()
     ids = special_ids(tokenizer)
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
-    masking = MaskingConfig(rate=cfg.mask_rate, whole_word=cfg.whole_word, span=cfg.span_masking)
-    masking.validate()
+    masking = cfg.masking()
     word_start = word_start_table(tokenizer)
     train, evals = {}, {}
     for name in objectives:

@@ -41,6 +41,7 @@ from data.pipeline import (
     Streams,
     _encode,
     _prepare_split,
+    iter_source_texts,
     tokenize_texts,
 )
 from data.store import digest
@@ -64,24 +65,11 @@ def check_objectives(weights: dict[str, float]) -> None:
 # ---------------------------------------------------------------------------- documents
 
 
-def _reading(cfg: DataConfig) -> dict:
-    return dict(
-        text_column=cfg.text_column,
-        split=cfg.text_split,
-        hf_config=cfg.hf_config,
-        hf_split=cfg.hf_split,
-        encoding=cfg.encoding,
-        streaming=True,
-    )
-
-
-def _documents(shards: list, reading: dict, held_out: int) -> Iterator[dict]:
+def _documents(shards: list, cfg: DataConfig, held_out: int) -> Iterator[dict]:
     """The documents of ``shards`` ((index, source) pairs), as ``{"text": ...}`` rows; the first
     ``held_out`` documents of source 0 are skipped (they are the held-out text)."""
-    from data.sources import iter_texts
-
     for index, source in shards:
-        docs = iter_texts(source, **reading)
+        docs = iter_source_texts(source, cfg, streaming=True)
         if index == 0 and held_out:
             docs = islice(docs, held_out, None)
         for doc in docs:
@@ -99,7 +87,7 @@ def text_dataset(cfg: DataConfig, *, rank: int = 0, world_size: int = 1):
         features=Features({"text": Value("string")}),
         gen_kwargs={
             "shards": list(enumerate(cfg.train_text)),
-            "reading": _reading(cfg),
+            "cfg": cfg,
             "held_out": _held_out(cfg),
         },
     )
@@ -111,16 +99,14 @@ def held_out_texts(cfg: DataConfig):
     first source (a list)."""
     if cfg.eval_text:
         return _prepare_split("texts", [], cfg.eval_text, cfg)[1]
-    from data.sources import iter_texts
-
-    return list(islice(iter_texts(cfg.train_text[0], **_reading(cfg)), HELD_OUT_DOCS))
+    return list(islice(iter_source_texts(cfg.train_text[0], cfg, streaming=True), HELD_OUT_DOCS))
 
 
 def tokenizer_sample(cfg: DataConfig, max_chars: int = SAMPLE_CHARS) -> Iterator[str]:
     """The training stream's first documents, up to about ``max_chars`` characters: the
     deterministic sample a tokenizer trains on (the held-out documents are not in it)."""
     chars = 0
-    rows = _documents(list(enumerate(cfg.train_text)), _reading(cfg), _held_out(cfg))
+    rows = _documents(list(enumerate(cfg.train_text)), cfg, _held_out(cfg))
     for row in rows:
         yield row["text"]
         chars += len(row["text"])
@@ -242,15 +228,14 @@ def build_streamed(
     raw: RawData, make_dataset: Callable, tokenizer, cfg: DataConfig, seq_len: int
 ) -> StreamedStreams:
     """The streamed training blocks and the held-out ones (a prepared masked-LM stream)."""
-    masking = MaskingConfig(rate=cfg.mask_rate, whole_word=cfg.whole_word, span=cfg.span_masking)
-    masking.validate()
+    masking = cfg.masking()
     train = PackedText(make_dataset, tokenizer, seq_len, masking, held_out=_held_out(cfg))
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     flat = tokenize_texts(raw.eval_texts, tokenizer, "text-eval", tok_key)
     held = MaskedLMStream(
         flat,
         seq_len,
-        special_ids(tokenizer),
+        train.masker.ids,
         masking,
         word_start=train.masker.word_start,
         vocab_size=len(tokenizer),
