@@ -3,6 +3,7 @@
     python bench/data_scale.py                       # 10 MB and 100 MB, cold and warm cache
     python bench/data_scale.py --sizes 10 100 1000   # add 1 GB
     python bench/data_scale.py --sizes 1000 --only cold
+    python bench/data_scale.py --sizes 100 1000 --streaming   # and --streaming on 1 GB
 
 Each corpus is real text: the embedded corpus's documents repeated in a shuffled order until
 the size is reached, one JSON object a line, written under ``--workdir`` (``/tmp`` by default,
@@ -11,7 +12,9 @@ never the repository). For each size the trainer runs twice as a child process,
     python train.py --train-text FILE --objectives masked_lm=1 --max-steps 20 --output-dir ...
 
 first with an empty cache (cold: reading, tokenizer training, tokenization), then again with
-the cache the first run left (warm). Reported per run: the preparation time the trainer
+the cache the first run left (warm). With ``--streaming`` the largest corpus also runs once
+with ``--streaming`` (read, tokenized and packed as it trains; its cache holds only the
+tokenizer, trained on the stream's first megabytes). Reported per run: the preparation time the trainer
 prints, the child's peak resident memory (``os.wait4`` rusage of that child alone), the time
 from start to the first finished step, and the trained tokens per second. The table comes
 last. Times taken on a shared machine vary with its load; memory does not.
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--only", choices=("cold", "warm"), default=None)
     parser.add_argument("--keep-cache", action="store_true", help="do not empty the cache first")
+    parser.add_argument(
+        "--streaming", action="store_true", help="also run the largest corpus with --streaming"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("extra", nargs="*", help="more train.py flags, after --")
     args = parser.parse_args(argv)
@@ -149,6 +155,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = {"size_mb": size, "cache": kind, **result}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.streaming:
+        size = max(args.sizes)
+        corpus = args.workdir / f"corpus-{size}mb.jsonl"
+        cache = args.workdir / f"cache-{size}mb-streaming"
+        shutil.rmtree(cache, ignore_errors=True)
+        out = args.workdir / f"run-{size}mb-streaming"
+        result = run_child(corpus, out, cache, args.steps, [*args.extra, "--streaming"])
+        rows.append(row := {"size_mb": size, "cache": "streaming", **result})
+        print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from datasets.utils.logging import disable_progress_bar
 
-from data.batching import MaskedLMStream, Seq2SeqStream
+from data.batching import PAD_MULTIPLE, MaskedLMStream, Seq2SeqStream
 from data.objectives import OBJECTIVES
 from data.objectives.gap_summary import gap_sentences
 from data.objectives.masked_lm import MaskingConfig
@@ -83,9 +83,9 @@ class DataConfig:
     span_masking: bool = False
     corpus_max_chars: int | None = None
     """Cap on the embedded corpus's size in characters (None: the corpus's default)."""
-    pad_multiple: int = 16
+    pad_multiple: int = PAD_MULTIPLE
     """Pad sequence-to-sequence batches to a multiple of this many positions (1: to the longest
-    example). Speed only: CPU matrix kernels are prepared per shape."""
+    example). Speed and memory only: CPU matrix kernels are prepared and kept per shape."""
     streaming: bool = False
     """Read --train-text as a stream (a datasets IterableDataset, split across processes),
     tokenized and packed into masked-LM blocks on the fly, for corpora larger than disk; exact

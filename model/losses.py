@@ -17,10 +17,26 @@ def round_up(n: int, multiple: int) -> int:
 
 _CE_CHUNK_ELEMENTS = {"cpu": 2**20}
 _CE_CHUNK_ELEMENTS_DEFAULT = 2**26
-# The label count changes every batch; rows padded to a multiple of this keep the matrix
-# products to a few shapes (CPU kernels are prepared per shape: a new row count each step made
-# them twice as slow, 37 vs 16 ms for the three products at ~1,000 x 8,192).
-_CE_ROW_MULTIPLE = 64
+# The label count changes every batch. CPU matrix kernels are prepared and cached per shape (a
+# new row count each step made the output layer's three products twice as slow, 37 vs 16 ms at
+# ~1,000 x 8,192), and every cached kernel holds memory for the rest of the run. Rows padded to
+# four sizes per doubling (a multiple of 64 up to 512) keep the products to a few shapes.
+_ROW_MULTIPLE = 64
+
+
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to one of few sizes: a multiple of 64 up to 512, then of a quarter of
+    the power of two below it (640, 768, 896, 1024, 1280, ...: under a quarter more rows)."""
+    multiple = max(_ROW_MULTIPLE, 1 << max((rows - 1).bit_length() - 3, 0))
+    return round_up(rows, multiple)
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows, ...) with zero rows appended up to ``padded_rows(rows)``."""
+    extra = padded_rows(len(x)) - len(x)
+    if not extra:
+        return x
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -29,7 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = len(h)
         x, w = h.to(dtype), weight.to(dtype)
         # Zero rows up to the multiple: no loss, no gradient.
-        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        x = pad_rows(x)
         z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
         z[rows:] = 0
         chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
@@ -81,7 +97,7 @@ class _LinearLogProb(torch.autograd.Function):
     def forward(ctx, h, weight, targets, dtype):
         rows = len(h)
         x, w = h.to(dtype), weight.to(dtype)
-        x = F.pad(x, (0, 0, 0, round_up(rows, _CE_ROW_MULTIPLE) - rows))
+        x = pad_rows(x)
         z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
         z[rows:] = 0
         chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))

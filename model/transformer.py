@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 # trust_remote_code=True where this package is not installed.
 from .cache import CopySpec, KVCache, copy_distribution, log_of_probs
 from .config import MiniTuringConfig
-from .losses import labelled_positions, linear_cross_entropy, linear_log_prob
+from .losses import labelled_positions, linear_cross_entropy, linear_log_prob, pad_rows
 
 IGNORE_INDEX = -100
 
@@ -393,8 +393,12 @@ class MiniTuringModel(PreTrainedModel):
 
     def _copy_gate(self, h: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """The gate's logit (fp32), log p_gen = logsigmoid of it: from the hidden state and the
-        embedding of the token each position reads (the previous token of its prediction)."""
-        return self.copy_gate(torch.cat([h, self.embed(previous)], dim=-1)).squeeze(-1).float()
+        embedding of the token each position reads (the previous token of its prediction).
+        Its rows are padded to few counts, as the output layer's are (``pad_rows``)."""
+        x = torch.cat([h, self.embed(previous)], dim=-1)
+        rows = x.reshape(-1, x.shape[-1])
+        gate = self.copy_gate(pad_rows(rows))[: len(rows)]
+        return gate.view(x.shape[:-1]).float()
 
     def copy_log_probs(
         self,

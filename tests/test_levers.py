@@ -123,7 +123,7 @@ def test_levers_are_train_py_flags(tokenizer):
     default = train.config_from_args([])
     assert default.model.attention == "auto" and default.optim.fused_adamw
     assert default.model.sparse_outputs and default.model.chunked_loss
-    assert default.data.pad_multiple == 16
+    assert default.data.pad_multiple == 64
     cfg = train.config_from_args(
         "--attention math --no-sparse-outputs --no-chunked-loss --no-fused-adamw "
         "--pad-multiple 1".split()

@@ -204,6 +204,27 @@ def test_training_and_evaluation_losses_agree():
     torch.testing.assert_close(trained.loss.detach(), evaluated.loss)
 
 
+def test_padded_rows_are_few_sizes_and_never_much_more():
+    sizes = {losses.padded_rows(rows) for rows in range(1, 4097)}
+    assert len(sizes) == 20  # 8 multiples of 64 up to 512, then 4 sizes per doubling
+    for rows in range(1, 4097):
+        padded = losses.padded_rows(rows)
+        assert rows <= padded and (padded - rows < 64 or padded < 1.25 * rows)
+    x = torch.randn(70, 3)
+    padded = losses.pad_rows(x)
+    assert padded.shape == (128, 3) and torch.equal(padded[:70], x) and not padded[70:].any()
+
+
+def test_copy_gate_is_the_same_whatever_the_row_count():
+    """The gate's rows are padded (few kernel shapes); each row's value is its own."""
+    model = small_model(copy_attention=True)
+    h, previous = torch.randn(70, 32), torch.randint(0, 128, (70,))
+    whole = model._copy_gate(h, previous)
+    apart = torch.cat([model._copy_gate(h[i : i + 1], previous[i : i + 1]) for i in range(70)])
+    torch.testing.assert_close(whole, apart)
+    assert model._copy_gate(h.view(7, 10, 32), previous.view(7, 10)).shape == (7, 10)
+
+
 def test_labelled_positions_gather_what_a_boolean_index_takes():
     torch.manual_seed(0)
     for _ in range(20):
