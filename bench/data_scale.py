@@ -14,9 +14,10 @@ never the repository). For each size the trainer runs twice as a child process,
 first with an empty cache (cold: reading, tokenizer training, tokenization), then again with
 the cache the first run left (warm). With ``--streaming`` the largest corpus also runs once
 with ``--streaming`` (read, tokenized and packed as it trains; its cache holds only the
-tokenizer, trained on the stream's first megabytes). Reported per run: the preparation time the trainer
-prints, the child's peak resident memory (``os.wait4`` rusage of that child alone), the time
-from start to the first finished step, and the trained tokens per second. The table comes
+tokenizer, trained on the stream's first documents). Reported per run: the preparation time
+the trainer prints, the child's peak resident memory (``os.wait4`` rusage of that child alone),
+the time from the start of training (after imports) to the first finished step
+(``summary.json``), and the trained tokens per second. The table comes
 last. Times taken on a shared machine vary with its load; memory does not.
 """
 
@@ -68,7 +69,6 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
     return path
 
 
-_FIRST_STEP = re.compile(rb"\b1/\d+ \[")
 _PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
 
 
@@ -80,16 +80,11 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
     env = dict(os.environ, MINITURING_CACHE=str(cache), PYTHONPATH=str(REPO))
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first_step: list[float] = []
     chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
 
     def pump(stream, name: str) -> None:
-        tail = b""
         while block := stream.read1(65536):
             chunks[name].append(block)
-            if not first_step and _FIRST_STEP.search(tail + block):
-                first_step.append(time.perf_counter() - start)
-            tail = block[-64:]
 
     threads = [
         threading.Thread(target=pump, args=(child.stdout, "stdout")),
@@ -107,6 +102,7 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
         stderr = b"".join(chunks["stderr"]).decode(errors="replace")
         raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr[-3000:]}")
     prepared = _PREPARED.search(stdout)
+    summary = json.loads((out / "summary.json").read_text())
     tokens_per_s = None
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
@@ -118,7 +114,7 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
         "wall_s": wall,
         "prepare_s": float(prepared.group(1)) if prepared else None,
         "peak_rss_mib": usage.ru_maxrss / 1024,  # kilobytes on Linux
-        "first_step_s": first_step[0] if first_step else None,
+        "first_step_s": summary["first_step_seconds"],
         "tokens_per_s": tokens_per_s,
     }
 

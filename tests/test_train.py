@@ -129,6 +129,8 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
     assert trained and trained[-1]["step"] == state["step"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == state["step"] and summary["time_budget"] == 4
+    # Preparation and the first step come before the end of the run.
+    assert 0 < summary["first_step_seconds"] < summary["elapsed"]
 
 
 def test_existing_run_is_not_overwritten(tiny_run, corpus_files):

@@ -135,6 +135,7 @@ class Meter:
         enabled = run.env.main and run.cfg.run.progress
         self.progress = Progress(plan.total, self.start_step, enabled=enabled)
         self.window, self.warm = Window(), Window()  # warm: every log window but the first
+        self.first_step: float | None = None  # seconds from train() to this process's first step
         self.window.losses = run.state.window_losses
         # The time estimate waits until the speed is known, sooner on a short run.
         self.eta_at = self.start_step + min(
@@ -153,6 +154,8 @@ class Meter:
     def step_done(self, batches: list, losses: dict, data_wait: float, seconds: float) -> None:
         state, world = self.run.state, self.run.env.world_size
         state.step += 1
+        if self.first_step is None:
+            self.first_step = self.clock() - self.started
         state.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * world
         for name, value in losses.items():
             self.window.losses.setdefault(name, []).append(value)
@@ -234,7 +237,7 @@ def finish(run: Run, meter: Meter, reason: str) -> str:
         run_evaluation(run, meter.progress)
         save(run, meter)
     if run.env.main:
-        write_summary(run.folder, summary(run, meter.warm, meter.plan, meter.elapsed()))
+        write_summary(run.folder, summary(run, meter))
     if run.cfg.run.time_budget:
         reason += f" ({meter.elapsed():.0f}s of the {run.cfg.run.time_budget:g}s budget)"
     if state.skipped_steps:
@@ -331,11 +334,14 @@ def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, e
     progress.log(record)
 
 
-def summary(run: Run, warm: Window, plan: Plan, elapsed: float) -> dict:
+def summary(run: Run, meter: Meter) -> dict:
     """The numbers ``summary.json`` holds for this process's part of the run. Model FLOPs are
     the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length.
     ``timed_*``: the steps after warm-up (the first log window) that the speeds are taken over;
-    tokens count input positions, padding included, and real tokens those that are not padding."""
+    tokens count input positions, padding included, and real tokens those that are not padding.
+    ``first_step_seconds``: from the start of training (after imports) to this process's first
+    finished step, preparation included."""
+    warm, plan = meter.warm, meter.plan
     tokens_per_s = warm.tokens / warm.time if warm.time else None
     flops = run.model.config.flops_per_token(run.model.config.length("seq_len"))
     return {
@@ -343,8 +349,9 @@ def summary(run: Run, warm: Window, plan: Plan, elapsed: float) -> dict:
         "planned_steps": plan.total,
         "time_budget": plan.budget,
         "tokens": run.state.tokens,
-        "elapsed": elapsed,
+        "elapsed": meter.elapsed(),
         "data_seconds": run.data_seconds,
+        "first_step_seconds": meter.first_step,
         "tokens_per_s": tokens_per_s,
         "data_wait": warm.data / warm.time if warm.time else None,
         "timed_seconds": warm.time,
