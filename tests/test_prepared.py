@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from data import pipeline, sources
 from data.batching import MixtureLoader
 from data.corpus import group_key, held_out_document
 from data.pipeline import DataConfig, build_streams, load_raw
-from data.store import DONE, Ragged, TextTable
+from data.store import DONE, FileArray, Ragged, TextTable, write_array
 from data.tokenizer import train_tokenizer, training_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,19 +90,35 @@ def _same(a, b) -> bool:
     )
 
 
-def test_prepared_data_is_memory_mapped(cache, files):
+def test_prepared_data_stays_on_disk(cache, files):
     cfg = _cfg(files)
     raw = load_raw(cfg)
     assert isinstance(raw.train_texts, TextTable) and raw.has("summarize")
     assert len(raw.train_texts) + len(raw.eval_texts) == 400
     assert raw.eval_pairs[0] == list(raw.eval_pairs)[0]
     _, streams = _streams(raw, cfg)
-    assert isinstance(streams.train["masked_lm"].flat, np.memmap)
+    assert isinstance(streams.train["masked_lm"].flat, FileArray)
     for name in ("gap_summary", "summarize"):
         stream = streams.train[name]
-        assert isinstance(stream.sources, Ragged) and isinstance(stream.sources.flat, np.memmap)
-        assert isinstance(stream.targets.offsets, np.memmap)
+        assert isinstance(stream.sources, Ragged) and isinstance(stream.sources.flat, FileArray)
+        assert isinstance(stream.targets.offsets, FileArray)
         assert len(stream.lengths()) == len(stream)
+
+
+def test_file_array_reads_what_the_file_holds(tmp_path):
+    values = np.arange(-5, 1000, dtype=np.int32) * 7
+    write_array(tmp_path / "a.int32", values)
+    a = FileArray(tmp_path / "a.int32", np.int32)
+    assert len(a) == len(values) and a.shape == values.shape
+    for key in (slice(0, 10), slice(500, 508), slice(990, 2000), slice(7, 3), slice(None)):
+        assert np.array_equal(a[key], values[key])
+    assert np.array_equal(a[1:100:3], values[1:100:3])
+    assert a[0] == values[0] and a[-1] == values[-1] and a[500] == values[500]
+    with pytest.raises(IndexError, match="out of range"):
+        a[len(values)]
+    assert np.array_equal(np.diff(np.asarray(a)), np.diff(values))
+    again = pickle.loads(pickle.dumps(a))  # as a worker process receives it
+    assert np.array_equal(again[3:9], values[3:9])
 
 
 def test_warm_cache_reads_no_source_and_gives_the_same_batches(cache, files, monkeypatch):
@@ -211,7 +228,7 @@ def test_interrupted_tokenization_resumes_from_its_shards(cache, files, monkeypa
     assert len(calls) == shards - 2  # the two finished shards were not tokenized again
     sep = tok.sep_token_id
     whole = [i for x in tok(texts, add_special_tokens=False)["input_ids"] for i in x + [sep]]
-    assert flat.tolist() == whole
+    assert np.asarray(flat).tolist() == whole
 
 
 def test_parallel_gap_extraction_matches_serial(cache, files, monkeypatch):
