@@ -105,8 +105,8 @@ class MaskedLMStream:
 class Seq2SeqStream:
     """(source, target) token-id pairs; prefix-LM attention.
 
-    ``sources`` and ``targets`` are :class:`~data.store.Ragged` (flat memory-mapped tokens
-    and offsets) or lists of token-id arrays, which are packed into one.
+    ``sources`` and ``targets`` are :class:`~data.store.Ragged` (flat token files and
+    offsets, read from the cache) or lists of token-id arrays, which are packed into one.
     """
 
     def __init__(

@@ -360,8 +360,8 @@ def _ragged(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tokenize_texts(texts, tokenizer, name: str, tok_key: str) -> np.ndarray:
-    """All texts as one flat int32 stream, each document followed by [SEP]; memory-mapped
-    from the cache."""
+    """All texts as one flat int32 stream, each document followed by [SEP]; read from the
+    cache (:class:`~data.store.FileArray`)."""
     docs = as_docs(texts)
     if not len(docs):
         return np.zeros(0, dtype=np.int32)
@@ -462,7 +462,7 @@ def _join_pairs(parts: list[Path], out: Path) -> None:
 
 
 def tokenize_pairs(pairs, tokenizer, name: str, tok_key: str) -> tuple[Ragged, Ragged]:
-    """Document/summary pairs as flat token arrays with offsets (memory-mapped)."""
+    """Document/summary pairs as flat token files with offsets, read from the cache."""
     docs = as_docs(pairs)
     if not len(docs):
         return Ragged.from_list([]), Ragged.from_list([])

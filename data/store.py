@@ -1,9 +1,10 @@
-"""Prepared data on disk, read memory-mapped.
+"""Prepared data on disk, read without loading it.
 
 * Documents and (document, summary) pairs are Arrow IPC files, opened with ``pa.memory_map``:
   :class:`TextTable` and :class:`PairTable` read them like lists without loading them.
-* Token ids are flat int32 files; sequence-to-sequence examples are a flat token file plus an
-  int64 offsets file (:class:`Ragged`), so no example is a Python object.
+* Token ids are flat int32 files, read a slice at a time (:class:`FileArray`);
+  sequence-to-sequence examples are a flat token file plus an int64 offsets file
+  (:class:`Ragged`), so no example is a Python object.
 * Every prepared folder is a :class:`CacheDir`: built under a temporary name, completed by a
   marker file, then renamed into place. A folder without its marker (a crash, ``kill -9``) is
   removed and rebuilt; temporary folders of dead processes are removed. Long preparations
