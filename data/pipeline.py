@@ -348,9 +348,15 @@ def _workers(docs) -> int:
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts``, no special tokens. The Rust tokenizer's ``encode_batch_fast``
+    (no character offsets) directly when it neither truncates nor pads: the transformers
+    wrapper's per-text Python cost 3.5 of 22 s tokenizing 100 MB, the offsets more."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _ragged(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
