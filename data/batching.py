@@ -176,7 +176,9 @@ def epoch_order(n: int, seed: int, objective: int, epoch: int, lengths, bucket: 
     examples of similar length (less padding) while the epoch stays random.
     """
     rng = _rng(seed, _ORDER, objective, epoch)
-    order = rng.permutation(n)
+    # int32 (the same shuffle as of an int64 range): the one array that grows with the corpus,
+    # 4 bytes per example or masked-LM block.
+    order = rng.permutation(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
     if lengths is None or bucket <= 1:
         return order
     window = bucket * 64

@@ -278,6 +278,15 @@ def test_length_buckets_stay_whole_when_the_epoch_is_not_whole_batches():
         assert 1 - full.sum() / (full.max(1) * 32).sum() < 0.03  # padding share
 
 
+def test_epoch_order_is_four_bytes_an_example_and_the_order_it_always_was():
+    """A run resumed across versions keeps its order: the int32 shuffle is the int64 one."""
+    from data.batching import _ORDER, _rng
+
+    order = epoch_order(10_007, 3, 0, 2, None, 32)
+    assert order.dtype == np.int32
+    assert np.array_equal(order, _rng(3, _ORDER, 0, 2).permutation(10_007))
+
+
 def test_objective_without_data_is_a_clear_error(streams):
     with pytest.raises(ValueError, match="no data for objective"):
         MixtureLoader(streams, {"gap_summary": 1.0}, 4, seed=0)
