@@ -412,7 +412,8 @@ class Ragged:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return np.asarray(self.flat[self.offsets[index] : self.offsets[index + 1]])
+        start, end = self.offsets[index : index + 2]  # one read of a token file's offsets
+        return np.asarray(self.flat[start:end])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
