@@ -7,7 +7,9 @@ Both trainers get the learning-rate schedule ``train.py --time-budget`` uses: li
 over min(100, total // 10) steps, then cosine decay to 10% of the peak at ``total``, where
 ``total`` is fixed after 20 steps from the speed so far (budget / seconds a step). Everything
 else is HF's default (AdamW betas 0.9/0.999, no weight decay, gradient clipping at 1.0), except
-dropout, which is 0 as in our trainer's defaults, and the batch size, ours (32).
+the batch size, ours (32), and the regularisation, which is our trainer's defaults (dropout on
+residual branches and embeddings, on attention probabilities, and BART's label smoothing) unless
+``bench/quality.py`` is told otherwise.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def bart_layers(num_layers: int) -> tuple[int, int]:
     return enc, max(1, num_layers - enc)
 
 
-def build_bart(shape: dict, tokenizer, seed: int):
+def build_bart(shape: dict, tokenizer, seed: int, dropout: float = 0.0, attention_dropout=0.0):
     """BART at our width, heads and FFN, our layers split between encoder and decoder; decoder
     layers add cross-attention, so it has somewhat more parameters than ours (see the table)."""
     from transformers import BartConfig, BartForConditionalGeneration
@@ -85,8 +87,8 @@ def build_bart(shape: dict, tokenizer, seed: int):
         encoder_ffn_dim=shape["ffn_size"],
         decoder_ffn_dim=shape["ffn_size"],
         max_position_embeddings=shape["max_positions"],
-        dropout=0.0,
-        attention_dropout=0.0,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
         activation_dropout=0.0,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -99,7 +101,7 @@ def build_bart(shape: dict, tokenizer, seed: int):
     return BartForConditionalGeneration(config)
 
 
-def build_bert(shape: dict, tokenizer, seed: int):
+def build_bert(shape: dict, tokenizer, seed: int, dropout: float = 0.0, attention_dropout=0.0):
     """BERT at exactly our shape: layers, width, heads, FFN, positions."""
     from transformers import BertConfig, BertForMaskedLM
 
@@ -110,8 +112,8 @@ def build_bert(shape: dict, tokenizer, seed: int):
         num_attention_heads=shape["num_heads"],
         intermediate_size=shape["ffn_size"],
         max_position_embeddings=shape["max_positions"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -238,13 +240,14 @@ def mlm_blocks(texts, tokenizer, seq_len: int):
     return Dataset.from_dict({"input_ids": blocks})
 
 
-def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size):
+def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size, label_smoothing=0.0):
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
     # Length-grouped batches, as ours buckets summarization pairs by length.
     return _train(Seq2SeqTrainer, Seq2SeqTrainingArguments, model, data, collator, seconds,
-                  lr, seed, batch_size, "BART", train_sampling_strategy="group_by_length")  # fmt: skip
+                  lr, seed, batch_size, "BART", train_sampling_strategy="group_by_length",
+                  label_smoothing_factor=label_smoothing)  # fmt: skip
 
 
 def train_bert(model, data, tokenizer, seconds, lr, seed, batch_size, mask_rate=0.15):

@@ -41,6 +41,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,10 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bart-lr", type=float, default=5e-4, help="BART's peak learning rate")
     p.add_argument("--bert-lr", type=float, default=5e-4, help="BERT's peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="both HF trainers (ours: 32)")
+    p.add_argument("--hf-dropout", type=float, default=None,
+                   help="BART's and BERT's dropout (default: train.py's --dropout)")  # fmt: skip
+    p.add_argument("--hf-attention-dropout", type=float, default=None,
+                   help="their attention dropout (default: train.py's --attention-dropout)")  # fmt: skip
+    p.add_argument("--bart-label-smoothing", type=float, default=None,
+                   help="Seq2SeqTrainer's label_smoothing_factor (default: train.py's)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap, both")
     p.add_argument("--skip-hf", action="store_true", help="no BART or BERT")
     p.add_argument("--skip-mlm", action="store_true", help="no BERT and no cloze test")
     p.add_argument("--skip-ours", action="store_true", help="HF side and baselines only")
+    p.add_argument(
+        "--ours-flags", default="", metavar="FLAGS",
+        help="more train.py flags for ours, one quoted string (e.g. '--dropout 0.1')",
+    )  # fmt: skip
     data = p.add_argument_group("data (default: the embedded corpus and its held-out split)")
     data.add_argument("--pairs", nargs="+", default=[], help="training document/summary pairs")
     data.add_argument("--test-pairs", nargs="+", default=[], help="test pairs (with --pairs)")
@@ -190,7 +201,7 @@ def our_command(args: argparse.Namespace, seconds: float, out: Path) -> list[str
     for name in SHAPE_FLAGS:
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return [sys.executable, str(ROOT / "train.py"), *flags]
+    return [sys.executable, str(ROOT / "train.py"), *flags, *shlex.split(args.ours_flags)]
 
 
 def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
@@ -247,6 +258,24 @@ def our_fill(lm, texts: list[str], batch_size: int = 32) -> list[str]:
     return out
 
 
+def hf_dropout(args: argparse.Namespace) -> tuple[float, float]:
+    """(dropout, attention dropout) of BART and BERT: the flags, else train.py's defaults."""
+    from trainer.config import ModelOptions
+
+    ours = ModelOptions()
+    dropout = ours.dropout if args.hf_dropout is None else args.hf_dropout
+    attention = ours.attention_dropout if ours.attention_dropout is not None else ours.dropout
+    return dropout, attention if args.hf_attention_dropout is None else args.hf_attention_dropout
+
+
+def bart_label_smoothing(args: argparse.Namespace) -> float:
+    from trainer.config import OptimConfig
+
+    if args.bart_label_smoothing is None:
+        return OptimConfig().label_smoothing
+    return args.bart_label_smoothing
+
+
 def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     import _quality_hf as hf
 
@@ -264,11 +293,11 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         start = time.perf_counter()
         data = hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
         prep = tok_seconds + time.perf_counter() - start
-        bart = hf.build_bart(shape, tokenizer, args.seed)
+        bart = hf.build_bart(shape, tokenizer, args.seed, *hf_dropout(args))
         print(f"[quality] BART {hf.bart_layers(shape['num_layers'])}: {hf.n_params(bart) / 1e6:.2f}M"
               f" params, {len(data)} pairs, lr {args.bart_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
         info = hf.train_bart(bart, data, tokenizer, max(seconds - prep, 1.0), args.bart_lr,
-                             args.seed, args.batch_size)  # fmt: skip
+                             args.seed, args.batch_size, bart_label_smoothing(args))  # fmt: skip
         info.update(params=hf.n_params(bart), prep_seconds=prep, lr=args.bart_lr)
         info["total_seconds"] = prep + info["train_seconds"]
         if test_pairs:
@@ -285,7 +314,7 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         start = time.perf_counter()
         data = hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
         prep = tok_seconds + time.perf_counter() - start
-        bert = hf.build_bert(shape, tokenizer, args.seed)
+        bert = hf.build_bert(shape, tokenizer, args.seed, *hf_dropout(args))
         print(f"[quality] BERT: {hf.n_params(bert) / 1e6:.2f}M params, {len(data)} blocks of "
               f"{shape['seq_len']}, lr {args.bert_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
         info = hf.train_bert(bert, data, tokenizer, max(seconds - prep, 1.0), args.bert_lr,
@@ -415,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             f"budget {seconds:g}s of preparation and training on each side (HF's loop gets the "
             "budget less its tokenizer training and tokenization); ours trains one model on every objective in it, HF one model per task, each "
             f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
-            "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout 0, batch "
-            f"{args.batch_size}); BERT token-level masking, ours whole-word (its default)",
+            "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout "
+            f"{hf_dropout(args)[0]:g}, attention dropout {hf_dropout(args)[1]:g}, BART label "
+            f"smoothing {bart_label_smoothing(args):g}, batch {args.batch_size}); BERT token-level masking, ours whole-word (its default)",
             "in all: ours the whole train.py process (start-up, data prep, training, its final "
             "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
             "set not counted; ~: train.py logged no record at its last step, its training "

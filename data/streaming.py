@@ -246,6 +246,12 @@ def build_streamed(
 # ---------------------------------------------------------------------------- the loader
 
 
+def _launched() -> bool:
+    """Several processes under torch.distributed (torchrun), each with its own stream."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class StreamingLoader:
     """:class:`~data.batching.MixtureLoader`'s interface over streamed masked-LM blocks.
 
@@ -275,7 +281,13 @@ class StreamingLoader:
         self.position = DataPosition(0, {"masked_lm": 0})
 
     def state_dict(self) -> dict:
-        return {**self.position.to_dict(), "stream": self.stream.state_dict()}
+        """The data position, with every process's place in the stream (``ranks``): each
+        reads its own part, so under torchrun this gathers them, and every rank must call it."""
+        state = {**self.position.to_dict(), "stream": self.stream.state_dict()}
+        if _launched():
+            state["ranks"] = [None] * self.world_size
+            torch.distributed.all_gather_object(state["ranks"], state["stream"])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "stream" not in state:
@@ -283,9 +295,18 @@ class StreamingLoader:
                 "the checkpoint's data position is not a streamed one (the run was trained "
                 "without --streaming); resume it without --streaming"
             )
+        saved_by = len(state.get("ranks", [None]))
+        if saved_by != (self.world_size if _launched() else 1):
+            raise ValueError(
+                f"this streamed run was saved by {saved_by} process(es) and is resumed by "
+                f"{self.world_size}: each process holds its own place in the stream, so resume "
+                f"it with {saved_by}"
+            )
         self.position = DataPosition.from_dict(state)
         self.position.consumed.setdefault("masked_lm", 0)
-        self.stream.load_state_dict(state["stream"])
+        self.stream.load_state_dict(
+            state["ranks"][self.rank] if "ranks" in state else state["stream"]
+        )
 
     def next_batch(self) -> tuple[str, dict[str, torch.Tensor]]:
         start = self.position.consumed["masked_lm"]

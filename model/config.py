@@ -38,6 +38,7 @@ class MiniTuringConfig(PretrainedConfig):
         ffn_size: int = 1024,
         max_position_embeddings: int = 512,
         dropout: float = 0.0,
+        attention_dropout: float | None = None,
         hidden_act: str = "gelu",
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -67,6 +68,9 @@ class MiniTuringConfig(PretrainedConfig):
         self.ffn_size = ffn_size
         self.max_position_embeddings = max_position_embeddings
         self.dropout = dropout
+        # Dropout on the attention probabilities; None: ``dropout`` (as written before the two
+        # were separate).
+        self.attention_dropout = attention_dropout
         # "gelu" is the exact (erf) GELU of BERT and BART; "gelu_tanh" its tanh approximation.
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps

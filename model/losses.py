@@ -41,7 +41,7 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype):
+    def forward(ctx, h, weight, targets, dtype, smoothing):
         rows = len(h)
         x, w = h.to(dtype), weight.to(dtype)
         # Zero rows up to the multiple: no loss, no gradient.
@@ -55,10 +55,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             part, t = z[start:end], targets[start:end].unsqueeze(1)
             logits = part.float()  # part itself when already fp32
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += (lse - logits.gather(1, t)).sum()
-            # d loss / d logits = softmax - one-hot
-            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
+            loss += (1 - smoothing) * (lse - logits.gather(1, t)).sum()
+            if smoothing:  # the cross-entropy against the uniform distribution
+                loss += smoothing * (lse - logits.mean(-1, keepdim=True)).sum()
+            # d loss / d logits = softmax - (1 - smoothing) one-hot - smoothing / vocabulary
+            one_hot = torch.full_like(t, smoothing - 1, dtype=logits.dtype)
             grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)
+            if smoothing:
+                grad.sub_(smoothing / logits.shape[1])
             if grad.data_ptr() != part.data_ptr():
                 part.copy_(grad)
         needs = ctx.needs_input_grad
@@ -75,21 +79,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w * grad_loss if grad_w is not None else None,
             None,
             None,
+            None,
         )
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")`` in value and
-    gradients, taken together in the forward pass (backward only scales them): the logits in the
-    autocast dtype, if on, and their softmax in fp32 a chunk of rows at a time, written back
-    over the logits as their gradient. No fp32 copy of the (rows, vocabulary) logits, their
-    log-softmax or its gradient is ever held whole; those cost a tenth of a summarization
-    training step on a CPU.
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+):
+    """``F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum",
+    label_smoothing=label_smoothing)`` in value and gradients, taken together in the forward
+    pass (backward only scales them): the logits in the autocast dtype, if on, and their softmax
+    in fp32 a chunk of rows at a time, written back over the logits as their gradient. No fp32
+    copy of the (rows, vocabulary) logits, their log-softmax or its gradient is ever held whole;
+    those cost a tenth of a summarization training step on a CPU.
     """
     kind = h.device.type
     dtype = autocast_dtype(kind, h.dtype)
     with torch.autocast(kind, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, dtype)
+        return _LinearCrossEntropy.apply(h, weight, targets, dtype, float(label_smoothing))
 
 
 class _LinearLogProb(torch.autograd.Function):
@@ -98,29 +105,35 @@ class _LinearLogProb(torch.autograd.Function):
         rows = len(h)
         x, w = h.to(dtype), weight.to(dtype)
         x = pad_rows(x)
-        z = F.linear(x, w)  # the logits; each chunk is then overwritten by -d logp / d logits
+        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its softmax
         z[rows:] = 0
         chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
-        out = torch.empty(rows, dtype=torch.float32, device=h.device)
+        log_p = torch.empty(rows, dtype=torch.float32, device=h.device)
+        uniform = torch.empty(rows, dtype=torch.float32, device=h.device)
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
             part, t = z[start:end], targets[start:end].unsqueeze(1)
             logits = part.float()
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            out[start:end] = (logits.gather(1, t) - lse).squeeze(1)
-            one_hot = torch.full_like(t, -1, dtype=logits.dtype)
-            grad = logits.sub_(lse).exp_().scatter_add_(1, t, one_hot)  # softmax - one-hot
-            if grad.data_ptr() != part.data_ptr():
-                part.copy_(grad)
-        ctx.save_for_backward(x, w, z)
+            log_p[start:end] = (logits.gather(1, t) - lse).squeeze(1)
+            uniform[start:end] = (lse - logits.mean(-1, keepdim=True)).squeeze(1)
+            probs = logits.sub_(lse).exp_()
+            if probs.data_ptr() != part.data_ptr():
+                part.copy_(probs)
+        ctx.save_for_backward(x, w, z, targets)
         ctx.rows, ctx.dtypes = rows, (h.dtype, weight.dtype)
-        return out
+        return log_p, uniform
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, w, z = ctx.saved_tensors
-        scale = F.pad(-grad_out, (0, len(z) - ctx.rows)).to(z.dtype).unsqueeze(1)
-        gz = z * scale  # d loss / d logits, row by row
+    def backward(ctx, grad_log_p, grad_uniform):
+        x, w, z, targets = ctx.saved_tensors
+        pad = (0, len(z) - ctx.rows)
+        g_log_p = F.pad(grad_log_p.float(), pad).unsqueeze(1)
+        g_uniform = F.pad(grad_uniform.float(), pad).unsqueeze(1)
+        # d log_p / d logits = one-hot - softmax; d uniform / d logits = softmax - 1 / vocabulary
+        gz = z * (g_uniform - g_log_p).to(z.dtype)
+        gz[: ctx.rows].scatter_add_(1, targets.unsqueeze(1), g_log_p[: ctx.rows].to(z.dtype))
+        gz.sub_((g_uniform / z.shape[1]).to(z.dtype))
         needs = ctx.needs_input_grad
         grad_h = (gz @ w)[: ctx.rows].to(ctx.dtypes[0]) if needs[0] else None
         grad_w = (gz.t() @ x).to(ctx.dtypes[1]) if needs[1] else None
@@ -128,11 +141,13 @@ class _LinearLogProb(torch.autograd.Function):
 
 
 def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """``F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]``,
-    (rows,) fp32, in value and gradients, as ``linear_cross_entropy`` computes it (logits in
-    the autocast dtype, their softmax in fp32 a chunk at a time, never held whole in fp32);
-    each row's gradient is kept to be scaled by its own upstream gradient (the copy mixture
-    weighs rows differently), so the two products run in the backward pass."""
+    """``(log_softmax(logits).gather(1, targets[:, None])[:, 0], -log_softmax(logits).mean(1))``
+    of ``logits = F.linear(h, weight).float()``: the log-probability of each row's target and its
+    cross-entropy against the uniform distribution (label smoothing's term), (rows,) fp32 each, in
+    value and gradients, as ``linear_cross_entropy`` computes them (logits in the autocast dtype,
+    their softmax in fp32 a chunk at a time, never held whole in fp32); each row's gradient is
+    scaled by its own upstream gradient (the copy mixture weighs rows differently), so the two
+    products run in the backward pass."""
     kind = h.device.type
     dtype = autocast_dtype(kind, h.dtype)
     with torch.autocast(kind, enabled=False):

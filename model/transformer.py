@@ -40,7 +40,8 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.out.is_residual_projection = True
-        self.dropout = config.dropout
+        attention_dropout = getattr(config, "attention_dropout", None)
+        self.dropout = config.dropout if attention_dropout is None else attention_dropout
         self.attention = config.attention
 
     def forward(
@@ -428,17 +429,20 @@ class MiniTuringModel(PreTrainedModel):
         copied: torch.Tensor,
         source_ids: torch.Tensor,
         targets: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(target) of the copy mixture (rows,), fp32: ``copy_log_probs`` read at
         ``targets`` (rows,), with neither distribution over the whole vocabulary kept: the
         output layer's log-probability of the target chunk by chunk (``linear_log_prob``), the
-        copy probability of a token as the attention on the source positions that hold it."""
+        copy probability of a token as the attention on the source positions that hold it.
+        Also the output layer's cross-entropy against the uniform distribution (rows,), label
+        smoothing's term, which smooths the words the model writes, not those it copies."""
         gate = self._copy_gate(h, previous)
-        log_vocab = linear_log_prob(h, self.embed.weight, targets)
+        log_vocab, uniform = linear_log_prob(h, self.embed.weight, targets)
         p_copy = (copied * (source_ids == targets.unsqueeze(-1))).sum(-1)
-        return torch.logaddexp(
+        log_p = torch.logaddexp(
             F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + log_of_probs(p_copy)
         )
+        return log_p, uniform
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer tied to the input embedding."""
@@ -453,11 +457,14 @@ class MiniTuringModel(PreTrainedModel):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_token_only: bool = False,
+        label_smoothing: float = 0.0,
         **kwargs,
     ) -> MiniTuringOutput:
         """With ``labels`` (IGNORE_INDEX where there is nothing to predict), returns the mean
         cross-entropy over labelled positions; the last block and the output layer run at those
-        positions only, which for masked LM is ~15% of the sequence.
+        positions only, which for masked LM is ~15% of the sequence. In training,
+        ``label_smoothing`` mixes that much of the cross-entropy against the uniform
+        distribution into the loss (as ``F.cross_entropy`` does); evaluation never smooths.
 
         With copy attention, sequence-to-sequence calls (``prefix_lengths`` or ``cache``) give
         the copy mixture's log-probabilities as ``logits`` and its -log p(label) as the loss."""
@@ -487,6 +494,7 @@ class MiniTuringModel(PreTrainedModel):
             labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
         count = valid.sum()
         training = self.training and torch.is_grad_enabled() and h.requires_grad
+        smoothing = label_smoothing if training else 0.0
         if copy:
             # The labelled positions as rows, each with its row's source token ids.
             rows = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
@@ -494,8 +502,10 @@ class MiniTuringModel(PreTrainedModel):
             targets, source_ids = labels[valid], source_ids[rows[valid]]
             if training:
                 # Only the labels' probabilities: no copy distribution over the vocabulary.
-                logp = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
-                loss = -logp.sum()
+                logp, uniform = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
+                loss = -(1 - smoothing) * logp.sum()
+                if smoothing:
+                    loss = loss + smoothing * uniform.sum()
                 return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
             logits = self.copy_log_probs(h, previous, copied, source_ids)
             loss = -logits.gather(1, targets.unsqueeze(1)).sum()
@@ -505,14 +515,14 @@ class MiniTuringModel(PreTrainedModel):
         targets, h = labels[valid], h[valid]
         if training and self.config.chunked_loss:
             # Training: the loss and its gradients chunk by chunk, no logits kept.
-            loss = linear_cross_entropy(h, self.embed.weight, targets)
+            loss = linear_cross_entropy(h, self.embed.weight, targets, smoothing)
             if self.config.copy_attention:
                 # A masked-LM batch leaves the copy gate out of the graph; data parallelism
                 # (DDP without find_unused_parameters) wants a gradient for every parameter.
                 loss = loss + 0.0 * sum(p.sum() for p in self.copy_gate.parameters())
             return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
         logits = self.logits_from_hidden(h)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=smoothing)
         return MiniTuringOutput(
             loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
         )

@@ -156,30 +156,55 @@ def test_labelled_positions_only_change_nothing_with_copy(monkeypatch, copy_laye
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_chunked_log_prob_equals_the_whole_log_softmax_one(monkeypatch, autocast):
-    """linear_log_prob: the targets' log_softmax of the full logits, in value and in gradients
-    under an upstream gradient that differs row by row; several chunks and a short last one."""
+    """linear_log_prob: the targets' log_softmax of the full logits and the cross-entropy
+    against the uniform distribution, in value and in gradients under upstream gradients that
+    differ row by row and between the two outputs; several chunks and a short last one."""
     torch.manual_seed(0)
     monkeypatch.setitem(losses._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
     h = torch.randn(31, 16, requires_grad=True)
     weight = (torch.randn(50, 16) * 0.5).requires_grad_()
     targets = torch.randint(0, 50, (31,))
-    upstream = torch.randn(31)
+    up_log_p, up_uniform = torch.randn(31), torch.randn(31)
 
     def value_and_grads(fn):
         h.grad = weight.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            value = fn()
-        (value * upstream).sum().backward()
-        return value, h.grad, weight.grad
+            log_p, uniform = fn()
+        ((log_p * up_log_p).sum() + (uniform * up_uniform).sum()).backward()
+        return log_p, uniform, h.grad, weight.grad
+
+    def whole():
+        log_softmax = F.log_softmax(F.linear(h, weight).float(), -1)
+        return log_softmax.gather(1, targets[:, None])[:, 0], -log_softmax.mean(-1)
 
     chunked = value_and_grads(lambda: losses.linear_log_prob(h, weight, targets))
-    whole = value_and_grads(
-        lambda: F.log_softmax(F.linear(h, weight).float(), -1).gather(1, targets[:, None])[:, 0]
-    )
+    reference = value_and_grads(whole)
     tol = dict(atol=0.05, rtol=0.02) if autocast else {}
-    for a, b in zip(chunked, whole, strict=True):
+    for a, b in zip(chunked, reference, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_label_smoothing_of_the_copy_loss_smooths_the_output_layer_only():
+    """In training, the copy mixture's loss with label smoothing e is (1 - e) x its NLL plus e x
+    the output layer's cross-entropy against the uniform distribution, per label token;
+    evaluation reports the plain NLL whatever is asked."""
+    model = copy_model().train()
+    x, padding, prefix, labels = seq2seq_batch()
+    batch = dict(input_ids=x, attention_mask=padding, prefix_lengths=prefix, labels=labels)
+    plain = model(**batch).loss
+    smoothed = model(**batch, label_smoothing=0.1).loss
+    # The uniform term, from the full logits at the labelled positions.
+    with torch.no_grad():
+        h = model.hidden_states(x, attention_mask=padding, prefix_lengths=prefix)
+        log_softmax = F.log_softmax(model.logits_from_hidden(h).float(), -1)
+        uniform = -log_softmax.mean(-1)[labels != IGNORE_INDEX].mean()
+    torch.testing.assert_close(smoothed, 0.9 * plain + 0.1 * uniform, rtol=1e-4, atol=1e-4)
+    smoothed.backward()
+    assert model.embed.weight.grad is not None and model.copy_gate.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, label_smoothing=0.1).loss, model(**batch).loss)
 
 
 # ---------------------------------------------------------------------------- decoding

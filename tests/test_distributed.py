@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, train_flags
+from conftest import TINY_FLAGS, metrics, train_flags
 from safetensors.torch import load_file
 
 import train
@@ -221,6 +221,19 @@ def test_sharded_checkpoint_reshards_for_fsdp_on_one_process(runs, tmp_path):
     launch([["--resume", str(resumed), "--batch-size", "8"]], tmp_path, nproc=1)
     assert_same_run(runs["reference"], resumed)
     assert (resumed / "checkpoints" / "step-0000006" / "dcp").is_dir()
+
+
+def test_streamed_run_under_two_processes_resumes_exactly(tmp_path, corpus_files):
+    """--streaming under torchrun: each process reads its own part of the stream, and a run
+    stopped after its step-3 save and resumed by two processes equals the run never stopped."""
+    text_file, _ = corpus_files
+    stream = ["--train-text", str(text_file), "--streaming", "--objectives", "masked_lm=1"]
+    straight = tmp_path / "straight"
+    run = [*TINY_FLAGS, *stream, *STEPS, *LOGS, "--batch-size", "4"]
+    launch([[*run, "--output-dir", str(straight)]], tmp_path)
+    resumed = interrupted_copy(straight, tmp_path / "resumed", step=3)
+    launch([["--resume", str(resumed)]], tmp_path)
+    assert_same_run(straight, resumed)
 
 
 def test_unknown_strategy_is_a_clear_error(tmp_path, corpus_files):

@@ -282,6 +282,7 @@ FLAG_CASES = [
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--dropout", "1.5"], "--dropout must be in \\[0, 1\\)"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in \\[0, 1\\)"),
     (["--beta1", "1"], "--beta1 and --beta2 must be in \\[0, 1\\)"),
     (["--hidden-size", "0"], "--hidden-size must be >= 1"),
     (["--num-layers", "0"], "--num-layers must be >= 1"),

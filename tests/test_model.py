@@ -161,10 +161,12 @@ def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, pref
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_chunked_cross_entropy_equals_the_whole_logits_one(monkeypatch, autocast):
-    """linear_cross_entropy: F.cross_entropy of the full logits, in value and gradients, with
-    several chunks and a short last one; in bf16 autocast within bf16 rounding."""
+def test_chunked_cross_entropy_equals_the_whole_logits_one(monkeypatch, autocast, smoothing):
+    """linear_cross_entropy: F.cross_entropy of the full logits (with or without label
+    smoothing), in value and gradients, with several chunks and a short last one; in bf16
+    autocast within bf16 rounding."""
     torch.manual_seed(0)
     monkeypatch.setitem(losses._CE_CHUNK_ELEMENTS, "cpu", 50 * 7)  # 7 rows a chunk
     h = torch.randn(31, 16, requires_grad=True)
@@ -178,10 +180,13 @@ def test_chunked_cross_entropy_equals_the_whole_logits_one(monkeypatch, autocast
         (loss * 3).backward()  # the upstream gradient scales both
         return loss, h.grad, weight.grad
 
-    chunked = loss_and_grads(lambda: losses.linear_cross_entropy(h, weight, targets))
+    chunked = loss_and_grads(lambda: losses.linear_cross_entropy(h, weight, targets, smoothing))
     whole = loss_and_grads(
         lambda: torch.nn.functional.cross_entropy(
-            torch.nn.functional.linear(h, weight).float(), targets, reduction="sum"
+            torch.nn.functional.linear(h, weight).float(),
+            targets,
+            reduction="sum",
+            label_smoothing=smoothing,
         )
     )
     tol = dict(atol=0.05, rtol=0.02) if autocast else {}
@@ -485,3 +490,21 @@ def test_cache_is_kept_in_the_autocast_dtype():
     assert [len(o) for o in out] == [4, 4]
     dec = Decoder(model, sources, DecodingConfig(max_new_tokens=4))
     assert dec.encode(1)[1].keys[0].dtype == torch.float32
+
+
+def test_attention_dropout_is_its_own_rate_and_defaults_to_dropout():
+    """--attention-dropout drops attention probabilities alone: at 0 with dropout on, a training
+    forward differs from evaluation only through the residual branches; unset (configs written
+    before the field), attention takes --dropout's rate."""
+    x = torch.randint(6, 100, (2, 10))
+    assert small_model(dropout=0.1).blocks[0].attn.dropout == 0.1
+    assert small_model(dropout=0.1, attention_dropout=0.0).blocks[0].attn.dropout == 0.0
+    assert small_model(dropout=0.0, attention_dropout=0.2).blocks[0].attn.dropout == 0.2
+    only_attention = small_model(dropout=0.0, attention_dropout=0.5).train()
+    torch.manual_seed(1)
+    dropped = only_attention.hidden_states(x)
+    with torch.no_grad():
+        assert not torch.allclose(dropped, only_attention.eval().hidden_states(x))
+    neither = small_model(dropout=0.0, attention_dropout=0.0).train()
+    with torch.no_grad():
+        torch.testing.assert_close(neither.hidden_states(x), neither.eval().hidden_states(x))

@@ -118,6 +118,9 @@ def test_hf_models_are_about_our_size(texts, tokenizer):
     assert bert.config.num_hidden_layers == 4 and bert.config.intermediate_size == 1024
     for model in (bart, bert):
         assert 0.8 < hf.n_params(model) / ours < 1.5
+    bart, bert = hf.build_bart(shape, tok, 0, 0.1, 0.0), hf.build_bert(shape, tok, 0, 0.1, 0.0)
+    assert (bart.config.dropout, bart.config.attention_dropout) == (0.1, 0.0)
+    assert (bert.config.hidden_dropout_prob, bert.config.attention_probs_dropout_prob) == (0.1, 0)
 
 
 def test_hf_schedule_is_train_py_schedule():
@@ -138,6 +141,11 @@ def test_our_command_is_train_py_with_its_defaults():
     assert not any(f"--{name.replace('_', '-')}" in cmd for name in quality.SHAPE_FLAGS)
     with pytest.raises(SystemExit):
         quality.main(["--test-pairs", "t.jsonl"])
+
+
+def test_ours_flags_reach_train_py_last():
+    args = quality.build_parser().parse_args(["--ours-flags", "--dropout 0.1 --lr '3e-3'"])
+    assert quality.our_command(args, 90, Path("run"))[-4:] == ["--dropout", "0.1", "--lr", "3e-3"]
 
 
 # ---------------------------------------------------------------------------- the race
@@ -162,3 +170,18 @@ def test_race_runs_end_to_end(tmp_path, corpus_files, capsys):
     for name in ("ours train.py", "HF BERT"):
         assert 0 <= rows[name]["cloze"] <= 100
     assert rows["HF BART"]["train_seconds"] < 3 + 5  # stopped by the budget (3 s)
+
+
+def test_hf_side_gets_our_regularisation_unless_told_otherwise():
+    from trainer.config import ModelOptions, OptimConfig
+
+    ours = ModelOptions()
+    attention = ours.dropout if ours.attention_dropout is None else ours.attention_dropout
+    args = quality.build_parser().parse_args([])
+    assert quality.hf_dropout(args) == (ours.dropout, attention)
+    assert quality.bart_label_smoothing(args) == OptimConfig().label_smoothing
+    args = quality.build_parser().parse_args(
+        ["--hf-dropout", "0.2", "--hf-attention-dropout", "0.05", "--bart-label-smoothing", "0.3"]
+    )
+    assert quality.hf_dropout(args) == (0.2, 0.05)
+    assert quality.bart_label_smoothing(args) == 0.3

@@ -251,3 +251,15 @@ def test_a_stream_with_nothing_after_the_held_out_documents_is_named(tmp_path, t
     argv = TINY_FLAGS + ["--train-text", str(text_file), "--streaming", "--max-steps", "2"]
     with pytest.raises(SystemExit, match=f"after the first {HELD_OUT_DOCS}, held out"):
         train.main(argv + ["--output-dir", str(tmp_path / "x"), "--vocab-size", "300"])
+
+
+def test_a_streamed_position_saved_by_two_processes_is_refused_by_one(small_corpus, tokenizer):
+    """Each process holds its own place in the stream: a state with two of them (a two-process
+    run's) cannot be resumed by one process, and says so."""
+    train_file, eval_file = small_corpus
+    cfg = DataConfig(train_text=[str(train_file)], eval_text=[str(eval_file)], streaming=True)
+    loader = StreamingLoader({"masked_lm": packed(cfg, tokenizer)}, {"masked_lm": 1.0}, 8, seed=3)
+    state = loader.state_dict()
+    assert "ranks" not in state  # one process: nothing to gather
+    with pytest.raises(ValueError, match="saved by 2 process.*resume it with 2"):
+        loader.load_state_dict({**state, "ranks": [state["stream"], state["stream"]]})

@@ -35,6 +35,26 @@ def test_loss_falls_for_every_objective(tmp_path, corpus_files):
     assert evals and {"eval/summarize/rougeL", "eval/gap_summary/loss"} <= set(evals[-1])
 
 
+@pytest.mark.parametrize(
+    ("objective", "smoothed"), [("summarize", True), ("gap_summary", True), ("masked_lm", False)]
+)
+def test_label_smoothing_reaches_the_summaries_only(tmp_path, corpus_files, objective, smoothed):
+    """--label-smoothing changes a summarization run's training loss from its first step, and
+    leaves a masked-LM run exactly as it was."""
+
+    def losses(smoothing: str) -> list[float]:
+        flags = ["--objectives", f"{objective}=1", "--max-steps", "3", "--log-every", "1"]
+        out = run(tmp_path, corpus_files, *flags, "--label-smoothing", smoothing, name=smoothing)
+        return [m[f"loss/{objective}"] for m in metrics(out) if f"loss/{objective}" in m]
+
+    plain, with_smoothing = losses("0"), losses("0.3")
+    assert len(plain) == len(with_smoothing) == 3
+    if smoothed:
+        assert all(a != b for a, b in zip(plain, with_smoothing, strict=True))
+    else:
+        assert plain == with_smoothing
+
+
 def test_run_folder_is_complete_and_loadable(tiny_run):
     for name in (
         "config.json",

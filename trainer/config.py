@@ -38,7 +38,10 @@ class ModelOptions:
     ffn_size: int | None = None
     """Override the preset's feed-forward width."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention and residual branches."""
+    """Dropout on embeddings and residual branches (and attention, unless
+    --attention-dropout says otherwise)."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities (default: --dropout's value)."""
     seq_len: int | None = None
     """Masked-LM block length in tokens (default: the preset's)."""
     max_positions: int = 512
@@ -73,6 +76,10 @@ class OptimConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the summaries' targets (summarize, gap_summary) in training: this
+    share of the loss is the output layer's cross-entropy against the uniform distribution.
+    Masked LM and every evaluation are never smoothed."""
     beta1: float = 0.9
     beta2: float = 0.98
     clip_grad: float = 1.0
@@ -220,6 +227,7 @@ def build_model_config(cfg: TrainConfig, tokenizer=None) -> MiniTuringConfig:
         target_len=cfg.data.target_len,
         max_position_embeddings=m.max_positions,
         dropout=m.dropout,
+        attention_dropout=m.attention_dropout,
         copy_attention=m.copy_attention,
         hidden_act=m.hidden_act,
         attention=m.attention,
@@ -244,10 +252,18 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}"),
         (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
+        (
+            0 <= o.label_smoothing < 1,
+            f"--label-smoothing must be in [0, 1), got {o.label_smoothing}",
+        ),
         (o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {o.clip_grad}"),
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (math.isfinite(o.lr), f"--lr must be a finite number, got {o.lr}"),
         (0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}"),
+        (
+            m.attention_dropout is None or 0 <= m.attention_dropout < 1,
+            f"--attention-dropout must be in [0, 1), got {m.attention_dropout}",
+        ),
         (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
         (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
         (

@@ -265,7 +265,8 @@ def train_step(run: Run, batches: list, lr: float) -> tuple[dict, float]:
         last = i == len(batches) - 1 or not env.distributed
         with contextlib.nullcontext() if last else no_sync(run.wrapped):
             with autocast(env):
-                out = run.wrapped(**batch)
+                smoothing = optim.label_smoothing if name != "masked_lm" else 0.0
+                out = run.wrapped(**batch, label_smoothing=smoothing)
             loss = out.loss * out.num_label_tokens / global_count * env.world_size
             loss.backward()
         loss_sums.setdefault(name, []).append(out.loss.detach().double() * out.num_label_tokens)
