@@ -78,8 +78,8 @@ class OptimConfig:
     """AdamW weight decay (not applied to biases, norms and embeddings)."""
     label_smoothing: float = 0.1
     """Label smoothing of the summaries' targets (summarize, gap_summary) in training: this
-    share of the loss is the output layer's cross-entropy against the uniform distribution.
-    Masked LM and every evaluation are never smoothed."""
+    share of the loss is the output layer's cross-entropy against the uniform distribution
+    (and of the training loss logged). Masked LM and every evaluation are never smoothed."""
     beta1: float = 0.9
     beta2: float = 0.98
     clip_grad: float = 1.0
