@@ -14,7 +14,6 @@ training text too, so masked LM never reads a development summary.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -23,13 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data.corpus import docstring_pair, group_key  # noqa: E402
+from data.corpus import docstring_pair, group_key, is_held_out  # noqa: E402
 from data.pipeline import DataConfig, load_raw  # noqa: E402
 
 
 def is_dev(text: str, fraction: float) -> bool:
-    digest = hashlib.sha256(b"minituring/dev\0" + group_key(text).encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+    return is_held_out(group_key(text), fraction, salt=b"minituring/dev")
 
 
 def split(texts, pairs, fraction: float):
@@ -38,8 +36,9 @@ def split(texts, pairs, fraction: float):
     for text in texts:
         (dev_texts if is_dev(text, fraction) else train_texts).append(text)
     dev_docs = {docstring_pair(t) for t in dev_texts} - {None}
-    train_pairs = [p for p in pairs if p not in dev_docs and not is_dev(p[0], fraction)]
-    dev_pairs = [p for p in pairs if p in dev_docs or is_dev(p[0], fraction)]
+    train_pairs, dev_pairs = [], []
+    for pair in pairs:
+        (dev_pairs if pair in dev_docs or is_dev(pair[0], fraction) else train_pairs).append(pair)
     # As the held-out split does: a development summary that is also a training target would
     # measure recall.
     targets = {s for _, s in train_pairs}

@@ -258,26 +258,24 @@ def our_fill(lm, texts: list[str], batch_size: int = 32) -> list[str]:
     return out
 
 
-def hf_dropout(args: argparse.Namespace) -> tuple[float, float]:
-    """(dropout, attention dropout) of BART and BERT: the flags, else train.py's defaults."""
-    from trainer.config import ModelOptions
+def hf_regularisation(args: argparse.Namespace) -> dict:
+    """BART's and BERT's dropout and attention dropout and BART's label smoothing: the flags,
+    else what train.py's defaults give ours."""
+    from trainer.config import TrainConfig, build_model_config
 
-    ours = ModelOptions()
-    dropout = ours.dropout if args.hf_dropout is None else args.hf_dropout
-    attention = ours.attention_dropout if ours.attention_dropout is not None else ours.dropout
-    return dropout, attention if args.hf_attention_dropout is None else args.hf_attention_dropout
-
-
-def bart_label_smoothing(args: argparse.Namespace) -> float:
-    from trainer.config import OptimConfig
-
-    if args.bart_label_smoothing is None:
-        return OptimConfig().label_smoothing
-    return args.bart_label_smoothing
+    cfg = TrainConfig()
+    ours = build_model_config(cfg)
+    chosen = (args.hf_dropout, args.hf_attention_dropout, args.bart_label_smoothing)
+    defaults = (ours.dropout, ours.attention_dropout, cfg.optim.label_smoothing)
+    names = ("dropout", "attention_dropout", "label_smoothing")
+    return {n: d if c is None else c for n, c, d in zip(names, chosen, defaults, strict=True)}
 
 
 def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     import _quality_hf as hf
+
+    reg = hf_regularisation(args)
+    dropouts = reg["dropout"], reg["attention_dropout"]
 
     results: dict = {}
     start = time.perf_counter()
@@ -293,11 +291,11 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         start = time.perf_counter()
         data = hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
         prep = tok_seconds + time.perf_counter() - start
-        bart = hf.build_bart(shape, tokenizer, args.seed, *hf_dropout(args))
+        bart = hf.build_bart(shape, tokenizer, args.seed, *dropouts)
         print(f"[quality] BART {hf.bart_layers(shape['num_layers'])}: {hf.n_params(bart) / 1e6:.2f}M"
               f" params, {len(data)} pairs, lr {args.bart_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
         info = hf.train_bart(bart, data, tokenizer, max(seconds - prep, 1.0), args.bart_lr,
-                             args.seed, args.batch_size, bart_label_smoothing(args))  # fmt: skip
+                             args.seed, args.batch_size, reg["label_smoothing"])  # fmt: skip
         info.update(params=hf.n_params(bart), prep_seconds=prep, lr=args.bart_lr)
         info["total_seconds"] = prep + info["train_seconds"]
         if test_pairs:
@@ -314,7 +312,7 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         start = time.perf_counter()
         data = hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
         prep = tok_seconds + time.perf_counter() - start
-        bert = hf.build_bert(shape, tokenizer, args.seed, *hf_dropout(args))
+        bert = hf.build_bert(shape, tokenizer, args.seed, *dropouts)
         print(f"[quality] BERT: {hf.n_params(bert) / 1e6:.2f}M params, {len(data)} blocks of "
               f"{shape['seq_len']}, lr {args.bert_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
         info = hf.train_bert(bert, data, tokenizer, max(seconds - prep, 1.0), args.bert_lr,
@@ -432,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     r for r in rows if r["name"].startswith("ours" if key == "ours" else "HF BERT")
                 )
                 row["cloze"] = accuracy(predict([t for t, _ in items]), [w for _, w in items])
+        reg = hf_regularisation(args)
         notes = [
             f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} "
             f"heads, FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block "
@@ -445,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             "budget less its tokenizer training and tokenization); ours trains one model on every objective in it, HF one model per task, each "
             f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
             "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout "
-            f"{hf_dropout(args)[0]:g}, attention dropout {hf_dropout(args)[1]:g}, BART label "
-            f"smoothing {bart_label_smoothing(args):g}, batch {args.batch_size}); BERT token-level masking, ours whole-word (its default)",
+            f"{reg['dropout']:g}, attention dropout {reg['attention_dropout']:g}, BART label "
+            f"smoothing {reg['label_smoothing']:g}, batch {args.batch_size}); BERT token-level masking, ours whole-word (its default)",
             "in all: ours the whole train.py process (start-up, data prep, training, its final "
             "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
             "set not counted; ~: train.py logged no record at its last step, its training "

@@ -129,13 +129,14 @@ class Corpus:
         )
 
 
-def is_held_out(key: str, fraction: float) -> bool:
+def is_held_out(key: str, fraction: float, salt: bytes = b"minituring/held-out") -> bool:
     """Whether ``key`` belongs to the held-out ``fraction``: a stable hash of the key, the same
-    on every machine and run, and independent of any position in a list."""
+    on every machine and run, and independent of any position in a list. Another ``salt``
+    draws another, unrelated split."""
     if fraction <= 0:
         return False
     # Salted so the held-out set is unrelated to the sha256 order used to pick a capped subset.
-    digest = hashlib.sha256(b"minituring/held-out\0" + _utf8(key)).digest()
+    digest = hashlib.sha256(salt + b"\0" + _utf8(key)).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 

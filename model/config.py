@@ -68,9 +68,9 @@ class MiniTuringConfig(PretrainedConfig):
         self.ffn_size = ffn_size
         self.max_position_embeddings = max_position_embeddings
         self.dropout = dropout
-        # Dropout on the attention probabilities; None: ``dropout`` (as written before the two
-        # were separate).
-        self.attention_dropout = attention_dropout
+        # Dropout on the attention probabilities; None: ``dropout`` (config.json files written
+        # before the two were separate have none).
+        self.attention_dropout = dropout if attention_dropout is None else attention_dropout
         # "gelu" is the exact (erf) GELU of BERT and BART; "gelu_tanh" its tanh approximation.
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps

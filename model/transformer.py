@@ -40,8 +40,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.out.is_residual_projection = True
-        attention_dropout = getattr(config, "attention_dropout", None)
-        self.dropout = config.dropout if attention_dropout is None else attention_dropout
+        self.dropout = config.attention_dropout
         self.attention = config.attention
 
     def forward(

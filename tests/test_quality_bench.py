@@ -178,10 +178,16 @@ def test_hf_side_gets_our_regularisation_unless_told_otherwise():
     ours = ModelOptions()
     attention = ours.dropout if ours.attention_dropout is None else ours.attention_dropout
     args = quality.build_parser().parse_args([])
-    assert quality.hf_dropout(args) == (ours.dropout, attention)
-    assert quality.bart_label_smoothing(args) == OptimConfig().label_smoothing
+    assert quality.hf_regularisation(args) == {
+        "dropout": ours.dropout,
+        "attention_dropout": attention,
+        "label_smoothing": OptimConfig().label_smoothing,
+    }
     args = quality.build_parser().parse_args(
         ["--hf-dropout", "0.2", "--hf-attention-dropout", "0.05", "--bart-label-smoothing", "0.3"]
     )
-    assert quality.hf_dropout(args) == (0.2, 0.05)
-    assert quality.bart_label_smoothing(args) == 0.3
+    assert quality.hf_regularisation(args) == {
+        "dropout": 0.2,
+        "attention_dropout": 0.05,
+        "label_smoothing": 0.3,
+    }
