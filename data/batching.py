@@ -24,6 +24,7 @@ from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_
 from data.objectives.summarize import build_example, collate
 from data.store import Ragged
 from data.tokenizer import SpecialIds
+from model.losses import round_up
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
 # Sequence-to-sequence batches are padded to a multiple of this many positions (see collate):
@@ -163,6 +164,38 @@ class Seq2SeqStream:
             multiple=self.pad_multiple,
             limit=self.source_len + self.target_len,
         )
+
+
+def pieces_for(batch: dict[str, torch.Tensor], max_tokens: int) -> int:
+    """How many pieces ``batch`` runs as so that none holds more than ``max_tokens`` positions
+    (rows x length): the rows are halved until a piece fits (a power of two, so the set of
+    piece shapes stays small), down to one row each. ``max_tokens`` 0: one, the batch whole."""
+    rows, length = batch["input_ids"].shape
+    pieces = 1
+    while max_tokens and pieces < rows and rows * length > max_tokens * pieces:
+        pieces *= 2
+    return min(pieces, rows)
+
+
+def split_batch(batch: dict[str, torch.Tensor], pieces: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` as ``pieces`` pieces of consecutive rows, for memory. A right-padded piece (one
+    with an ``attention_mask``) is cut to its own longest row, rounded up to PAD_MULTIPLE.
+    Every labelled token is in exactly one piece, so the sum of the pieces' summed losses is
+    the batch's: training on the pieces gives the batch's gradient."""
+    rows, length = batch["input_ids"].shape
+    pieces = min(pieces, rows)
+    if pieces <= 1:
+        return [batch]
+    out = []
+    for i in range(pieces):
+        piece = {k: v.tensor_split(pieces)[i] for k, v in batch.items()}
+        mask = piece.get("attention_mask")
+        if mask is not None:
+            longest = int(mask.sum(1).max())
+            keep = min(length, max(round_up(longest, PAD_MULTIPLE), longest))
+            piece = {k: v[:, :keep] if v.dim() == 2 else v for k, v in piece.items()}
+        out.append(piece)
+    return out
 
 
 # ---------------------------------------------------------------------------- ordering

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from data.batching import MaskedLMStream, MixtureLoader, Seq2SeqStream, epoch_order
+from data.batching import (
+    PAD_MULTIPLE,
+    MaskedLMStream,
+    MixtureLoader,
+    Seq2SeqStream,
+    epoch_order,
+    pieces_for,
+    split_batch,
+)
 from data.objectives.gap_summary import gap_sentences, sentence_scores, split_sentences
 from data.objectives.masked_lm import MaskingConfig, mask_sequence
 from data.objectives.summarize import build_example, collate
@@ -265,6 +274,30 @@ def test_seq2seq_batches_pad_to_a_multiple_of_16_within_the_limit():
         batch = collate([example(n) for n in lengths], 0, multiple=16, limit=limit)
         assert batch["input_ids"].shape == (len(lengths), expected)
         assert batch["attention_mask"].sum(1).tolist() == lengths  # padding is masked out
+
+
+def test_a_long_batch_splits_into_row_pieces_cut_to_their_own_length():
+    """Sorted by length as the buckets make them: the short rows' piece drops the padding only
+    the long rows need, and every label and real token is in exactly one piece."""
+    lengths = [10, 12, 20, 30, 70, 90, 100, 200]
+    examples = [(np.arange(6, 6 + n), np.arange(n) % 5 - 1, 3) for n in lengths]
+    whole = {k: torch.from_numpy(v) for k, v in collate(examples, 0, multiple=PAD_MULTIPLE).items()}
+    assert whole["input_ids"].shape == (8, 256)
+    assert pieces_for(whole, 0) == 1 and pieces_for(whole, 8 * 256) == 1
+    assert pieces_for(whole, 1024) == 2 and pieces_for(whole, 512) == 4
+    assert pieces_for(whole, 1) == 8  # never less than a row
+    pieces = split_batch(whole, 4)
+    assert [p["input_ids"].shape for p in pieces] == [(2, 64), (2, 64), (2, 128), (2, 256)]
+    assert torch.equal(torch.cat([p["prefix_lengths"] for p in pieces]), whole["prefix_lengths"])
+    for key in ("input_ids", "labels", "attention_mask"):
+        joined = [row for p in pieces for row in p[key]]
+        for row, original in zip(joined, whole[key], strict=True):
+            assert torch.equal(row, original[: len(row)])
+            assert (original[len(row) :] == (IGNORE_INDEX if key == "labels" else 0)).all()
+    assert split_batch(whole, 1) == [whole]
+    # A masked-LM batch (whole blocks, no padding) splits by rows only.
+    block = {"input_ids": torch.ones(8, 32, dtype=torch.long), "labels": torch.ones(8, 32)}
+    assert [p["input_ids"].shape for p in split_batch(block, 2)] == [(4, 32), (4, 32)]
 
 
 def test_length_buckets_stay_whole_when_the_epoch_is_not_whole_batches():

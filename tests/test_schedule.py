@@ -7,7 +7,7 @@ import pytest
 
 from trainer.config import OptimConfig
 from trainer.optim import lr_at
-from trainer.schedule import DEFAULT_STEPS, FIRST_PLAN_AT, Plan
+from trainer.schedule import DEFAULT_BUDGET, DEFAULT_STEPS, FIRST_PLAN_AT, Plan
 
 
 def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0, save_cost=0.0):
@@ -36,10 +36,24 @@ def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0
 
 
 def test_without_a_budget_the_plan_is_max_steps():
-    assert Plan(None, None, None).total == DEFAULT_STEPS
     assert Plan(None, 77, None).total == 77
+    assert not Plan(None, 77, None).due(FIRST_PLAN_AT)
     assert Plan(100.0, 77, 50).total == 50  # a resumed run keeps its saved plan
-    assert not Plan(None, None, None).due(FIRST_PLAN_AT)
+    # ... unless it is given --max-steps alone: then it trains to that.
+    assert Plan(None, 4000, 350).total == 4000
+
+
+def test_with_neither_flag_a_run_is_the_default_steps_or_the_default_budget():
+    plan = Plan(None, None, None)
+    assert (plan.total, plan.cap, plan.budget) == (DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_BUDGET)
+    assert plan.due(FIRST_PLAN_AT)
+    # Fast steps: the default step count ends it, well inside the budget.
+    steps, seconds, _ = simulate(None, lambda s: 0.3, eval_every=400, eval_cost=8.0)
+    assert steps == DEFAULT_STEPS and seconds < DEFAULT_BUDGET
+    # Slow steps: the budget ends it, with the schedule fitted to the steps that fit.
+    steps, seconds, plans = simulate(None, lambda s: 1.3, eval_every=400, eval_cost=8.0)
+    assert 300 < steps < DEFAULT_STEPS and seconds <= DEFAULT_BUDGET
+    assert plans[-1][1] == steps
 
 
 def test_the_whole_run_fits_the_budget_and_uses_it():

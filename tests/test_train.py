@@ -155,6 +155,18 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, corpus_files):
     assert 0 < summary["first_step_seconds"] < summary["elapsed"]
 
 
+def test_long_batches_run_as_pieces_with_the_same_result(tmp_path, corpus_files):
+    """--max-batch-tokens runs a micro-batch as pieces for memory (the test flags' default,
+    batch 8 x block 32, already splits the 80-position summary batches in four; 40 splits every
+    batch): the same losses, gradient norms, evaluations and weights as the batches whole."""
+    steps = ["--max-steps", "6", "--log-every", "1", "--eval-every", "3"]
+    whole = run(tmp_path, corpus_files, *steps, "--max-batch-tokens", "0", name="whole")
+    default = run(tmp_path, corpus_files, *steps, name="default")
+    small = run(tmp_path, corpus_files, *steps, "--max-batch-tokens", "40", name="small")
+    assert_same_run(whole, default)
+    assert_same_run(whole, small)
+
+
 def test_existing_run_is_not_overwritten(tiny_run, corpus_files):
     with pytest.raises(TrainingError, match="already holds a run"):
         train.train(train.config_from_args(TINY_FLAGS + ["--output-dir", str(tiny_run)]))

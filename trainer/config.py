@@ -68,6 +68,11 @@ class OptimConfig:
     """Micro-batch size per process, in sequences."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (gradients summed; no sync until the last)."""
+    max_batch_tokens: int | None = None
+    """Positions (rows x length) one forward pass holds at most: a micro-batch longer than
+    this (a batch of long documents) runs as pieces of it, with the same gradient and a
+    fraction of the activation memory. Default: batch size x --seq-len, what a masked-LM
+    batch holds; 0: never split."""
     lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
@@ -110,7 +115,8 @@ class RunConfig:
     compile: bool = False
     """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
     max_steps: int | None = None
-    """Optimizer steps to train for (default: 1200; with --time-budget, as many as fit)."""
+    """Optimizer steps to train for (with --time-budget, at most this many). With neither
+    flag, 1200 steps or 540 seconds, whichever ends first."""
     time_budget: float | None = None
     """Seconds the whole run takes, data preparation, evaluations and checkpoints included;
     the learning-rate schedule is fitted to the steps that fit, and refitted as the speed is

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.batching import MixtureLoader
+from data.batching import MixtureLoader, pieces_for, split_batch
 from model.generate import DecodingConfig
 from model.transformer import IGNORE_INDEX
 from trainer.checkpoint import intact, save_checkpoint
@@ -214,7 +214,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
             plan.save_seconds = meter.timed(save, run, meter)
         if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
-            reason = f"time budget of {cfg.run.time_budget:g}s reached at step {state.step}"
+            reason = f"time budget of {plan.budget:g}s reached at step {state.step}"
             if state.step % cfg.run.log_every:  # the steps since the last log line
                 meter.maybe_log(grad_norm, last=True)
     return finish(run, meter, reason)
@@ -238,8 +238,8 @@ def finish(run: Run, meter: Meter, reason: str) -> str:
         save(run, meter)
     if run.env.main:
         write_summary(run.folder, summary(run, meter))
-    if run.cfg.run.time_budget:
-        reason += f" ({meter.elapsed():.0f}s of the {run.cfg.run.time_budget:g}s budget)"
+    if meter.plan.budget:
+        reason += f" ({meter.elapsed():.0f}s of the {meter.plan.budget:g}s budget)"
     if state.skipped_steps:
         plural = "s" if state.skipped_steps > 1 else ""
         reason += f" ({state.skipped_steps} step{plural} skipped: non-finite loss or gradient)"
@@ -251,6 +251,7 @@ def train_step(run: Run, batches: list, lr: float) -> tuple[dict, float]:
     global batch and the gradient norm; a non-finite loss or gradient leaves the weights
     untouched (``skip_step``)."""
     env, optim = run.env, run.cfg.optim
+    batches = split_batches(run, batches)
     # Normalise by the label tokens of the whole global batch, so N processes x b equal one
     # process x N*b and accumulation equals a bigger batch exactly.
     label_counts = [int((b["labels"] != IGNORE_INDEX).sum()) for _, b in batches]
@@ -280,6 +281,23 @@ def train_step(run: Run, batches: list, lr: float) -> tuple[dict, float]:
         skip_step(run)
     run.optimizer.zero_grad(set_to_none=True)
     return losses, grad_norm
+
+
+def split_batches(run: Run, batches: list) -> list:
+    """The micro-batches as pieces of at most --max-batch-tokens positions. Every rank runs as
+    many pieces as the rank that needs most, so collectives (FSDP's gathers, DDP's last-piece
+    sync) pair up."""
+    limit = run.cfg.optim.max_batch_tokens
+    if limit is None:
+        limit = run.cfg.optim.batch_size * run.model.config.seq_len
+    counts = torch.tensor([pieces_for(b, limit) for _, b in batches], device=run.env.device)
+    if run.env.distributed:
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    return [
+        (name, piece)
+        for (name, batch), n in zip(batches, counts.tolist(), strict=True)
+        for piece in split_batch(batch, int(n))
+    ]
 
 
 def reduce_losses(
