@@ -349,10 +349,15 @@ class _InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
+# One forward pass a step: no batch split into pieces (--max-batch-tokens).
+WHOLE = ["--max-batch-tokens", "0"]
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """poison({step: "loss" | "grad"}): at those (1-based) training steps the forward pass gives
-    a NaN loss, or a finite loss whose gradient is infinite."""
+    a NaN loss, or a finite loss whose gradient is infinite. It counts forward passes, so the
+    runs it poisons keep each batch whole (WHOLE)."""
 
     def apply(bad: dict[int, str]) -> None:
         real = MiniTuringModel.forward
@@ -381,7 +386,7 @@ def all_finite(weights: dict[str, torch.Tensor]) -> bool:
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, corpus_files, poison, capsys):
     poison({3: "loss", 4: "loss", 7: "grad"})
     out = tmp_path / "run"
-    train.train(train.config_from_args(flags(out, corpus_files, "--max-bad-steps", "3")))
+    train.train(train.config_from_args(flags(out, corpus_files, *WHOLE, "--max-bad-steps", "3")))
     output = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient, step skipped" in output
     assert "step 7: non-finite" in output and "3 steps skipped" in output
@@ -400,7 +405,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(
 ):
     poison({step: "loss" for step in range(5, 100)})
     out = tmp_path / "run"
-    argv = flags(out, corpus_files, "--save-every", "2", "--keep-checkpoints", "3")
+    argv = flags(out, corpus_files, *WHOLE, "--save-every", "2", "--keep-checkpoints", "3")
     with pytest.raises(SystemExit) as stop:
         train.main(argv + ["--max-bad-steps", "3"])
     message = str(stop.value.code)
