@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -275,29 +276,20 @@ def _prepare_split(
 
 def _embedded_corpus(cfg: DataConfig) -> RawData:
     """The embedded corpus as memory-mapped tables, converted once from its own cache."""
-    from data.corpus import DEFAULT_MAX_CHARS, _cache_key, build_default_corpus
+    from data.corpus import DEFAULT_MAX_CHARS, _cache_key, _mp_context
 
     kwargs = {} if cfg.corpus_max_chars is None else {"max_chars": cfg.corpus_max_chars}
     max_chars = kwargs.get("max_chars", DEFAULT_MAX_CHARS)
     key = digest("corpus", PREP_VERSION, _cache_key(cfg.eval_fraction, max_chars))
     cache = CacheDir(_prepared(), f"corpus-{key}")
-    names = ("train_texts", "eval_texts", "train_pairs", "eval_pairs")
+    names = _EMBEDDED_TABLES
     if not cache.ready():
-        corpus = build_default_corpus(
-            cache_dir=cache_root(), eval_fraction=cfg.eval_fraction, **kwargs
-        )
-        meta = {"describe": corpus.describe(), "chars": {}}
-        with cache.build(meta) as tmp:
-            for name in names:
-                pairs = name.endswith("pairs")
-                w = TableWriter(
-                    tmp / f"{name}.arrow", ("document", "summary") if pairs else ("text",)
-                )
-                for row in getattr(corpus, name):
-                    w.add(*(row if pairs else (row,)))
-                w.close()
-                meta["chars"][name] = sum(len(r[0] if pairs else r) for r in getattr(corpus, name))
-        del corpus
+        # In a child process: the build holds every document as a Python string (1.3 GB at its
+        # peak for the default 20M characters), and a process seldom hands freed memory back
+        # to the system, so the trainer would carry that peak for its whole run. The child
+        # leaves only the tables; its errors are raised here.
+        with ProcessPoolExecutor(1, mp_context=_mp_context()) as pool:
+            pool.submit(_build_embedded, cache, cfg.eval_fraction, kwargs).result()
     meta = cache.meta()
     tables = [
         (PairTable if name.endswith("pairs") else TextTable)(
@@ -306,6 +298,25 @@ def _embedded_corpus(cfg: DataConfig) -> RawData:
         for name in names
     ]
     return RawData(*tables, f"embedded corpus: {meta['describe']}")
+
+
+_EMBEDDED_TABLES = ("train_texts", "eval_texts", "train_pairs", "eval_pairs")
+
+
+def _build_embedded(cache: CacheDir, eval_fraction: float, kwargs: dict) -> None:
+    """The embedded corpus (:func:`data.corpus.build_default_corpus`) written as tables."""
+    from data.corpus import build_default_corpus
+
+    corpus = build_default_corpus(cache_dir=cache_root(), eval_fraction=eval_fraction, **kwargs)
+    meta = {"describe": corpus.describe(), "chars": {}}
+    with cache.build(meta) as tmp:
+        for name in _EMBEDDED_TABLES:
+            pairs = name.endswith("pairs")
+            w = TableWriter(tmp / f"{name}.arrow", ("document", "summary") if pairs else ("text",))
+            for row in getattr(corpus, name):
+                w.add(*(row if pairs else (row,)))
+            w.close()
+            meta["chars"][name] = sum(len(r[0] if pairs else r) for r in getattr(corpus, name))
 
 
 def load_raw(cfg: DataConfig) -> RawData:

@@ -168,3 +168,25 @@ def test_is_held_out_is_stable_and_proportional() -> None:
 
 
 EXPECTED_HALF_SPLIT = [True, False, False, True, True, True, True, False]
+
+
+def test_the_embedded_corpus_is_built_in_a_child_whose_errors_reach_the_caller(
+    tmp_path, monkeypatch
+):
+    """The build runs in a child process (so its peak memory ends with it); what it raises is
+    raised to the trainer, and no table is left as if complete."""
+    import os
+
+    from data.pipeline import DataConfig, load_raw
+    from data.store import DONE
+
+    monkeypatch.setenv("MINITURING_CACHE", str(tmp_path))
+    parent = os.getpid()
+
+    def broken(**kwargs):
+        raise ValueError(f"built in {'the parent' if os.getpid() == parent else 'a child'}")
+
+    monkeypatch.setattr(corpus_module, "build_default_corpus", broken)
+    with pytest.raises(ValueError, match="built in a child"):
+        load_raw(DataConfig(corpus_max_chars=12345))
+    assert not list((tmp_path / "prepared").glob(f"corpus-*/{DONE}"))
