@@ -287,8 +287,14 @@ class MixtureLoader:
         self.position = DataPosition(0, {n: 0 for n in self.names})
         self._orders: dict[tuple[str, int], np.ndarray] = {}
 
-    def state_dict(self) -> dict:
+    def local_state(self) -> dict:
+        """This process's position now, as a copy: no collectives, so a prefetching thread
+        (:mod:`data.prefetch`) may take it after each batch it draws."""
         return self.position.to_dict()
+
+    def state_dict(self, local: dict | None = None) -> dict:
+        """The position to save: ``local`` (a :meth:`local_state` taken earlier) or now's."""
+        return local if local is not None else self.local_state()
 
     def load_state_dict(self, state: dict) -> None:
         if "stream" in state:

@@ -27,6 +27,7 @@ and :func:`check_objectives` refuses them before any data is read.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from itertools import islice
 
@@ -280,10 +281,16 @@ class StreamingLoader:
         self.rank, self.world_size = rank, world_size
         self.position = DataPosition(0, {"masked_lm": 0})
 
-    def state_dict(self) -> dict:
-        """The data position, with every process's place in the stream (``ranks``): each
-        reads its own part, so under torchrun this gathers them, and every rank must call it."""
-        state = {**self.position.to_dict(), "stream": self.stream.state_dict()}
+    def local_state(self) -> dict:
+        """This process's position and place in the stream now, as a copy: no collectives, so
+        a prefetching thread (:mod:`data.prefetch`) may take it after each batch it draws."""
+        return {**self.position.to_dict(), "stream": copy.deepcopy(self.stream.state_dict())}
+
+    def state_dict(self, local: dict | None = None) -> dict:
+        """The data position to save (``local``, a :meth:`local_state` taken earlier, or now's),
+        with every process's place in the stream (``ranks``): each reads its own part, so under
+        torchrun this gathers them, and every rank must call it."""
+        state = dict(local if local is not None else self.local_state())
         if _launched():
             state["ranks"] = [None] * self.world_size
             torch.distributed.all_gather_object(state["ranks"], state["stream"])

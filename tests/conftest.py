@@ -120,6 +120,16 @@ def corpus_files(tmp_path_factory, texts):
 
 
 @pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, texts):
+    """Training text of a few passes' worth for a 12-step streamed run (about 10 micro-batches
+    of 8 blocks a pass), and separate held-out text."""
+    folder = tmp_path_factory.mktemp("stream-corpus")
+    train_file, _ = write_corpus(folder / "train", texts[:16])
+    eval_file, _ = write_corpus(folder / "eval", texts[500:540])
+    return train_file, eval_file
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus_files) -> Path:
     """A run folder trained for a few steps with every objective."""
     import train

@@ -35,16 +35,6 @@ STEPS = 12
 SEQ_LEN = 32  # TINY_FLAGS' --seq-len
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory, texts):
-    """Training text of a few passes' worth for a 12-step run (about 10 micro-batches of 8
-    blocks a pass), and separate held-out text."""
-    folder = tmp_path_factory.mktemp("stream-corpus")
-    train_file, _ = write_corpus(folder / "train", texts[:16])
-    eval_file, _ = write_corpus(folder / "eval", texts[500:540])
-    return train_file, eval_file
-
-
 def encoded(tokenizer, docs: list[str]) -> np.ndarray:
     """The documents' tokens, each followed by [SEP]: what the mapped path's flat array holds."""
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]

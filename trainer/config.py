@@ -114,6 +114,10 @@ class RunConfig:
     """Recompute each block's activations during the backward pass: less memory, more compute."""
     compile: bool = False
     """torch.compile each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
+    prefetch: int | None = None
+    """Batches a background thread prepares ahead of the step (0: none, the step draws its own).
+    Unset: 2 on CUDA, where the step would otherwise wait on the CPU; 0 on CPU, where the
+    thread would take a core from the step's own math."""
     max_steps: int | None = None
     """Optimizer steps to train for (with --time-budget, at most this many). With neither
     flag, 1200 steps or 540 seconds, whichever ends first."""
@@ -254,6 +258,10 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (r.eval_batches >= 0, f"--eval-batches must be >= 0, got {r.eval_batches}"),
         (r.rouge_samples >= 0, f"--rouge-samples must be >= 0, got {r.rouge_samples}"),
         (r.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {r.keep_checkpoints}"),
+        (
+            r.prefetch is None or r.prefetch >= 0,
+            f"--prefetch must be >= 0 (0: off), got {r.prefetch}",
+        ),
         (o.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {o.max_bad_steps}"),
         (o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}"),
         (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}"),
