@@ -72,12 +72,16 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
 _PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
 
 
-def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]) -> dict:
+def run_child(
+    corpus: Path, out: Path, cache: Path, steps: int, extra: list[str], env: dict | None = None
+) -> dict:
+    """Train on ``corpus`` in a child process (``env``: more environment variables); what
+    it measured."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "train.py"), "--train-text", str(corpus)]
     cmd += ["--objectives", "masked_lm=1", "--max-steps", str(steps), "--output-dir", str(out)]
     cmd += extra
-    env = dict(os.environ, MINITURING_CACHE=str(cache), PYTHONPATH=str(REPO))
+    env = dict(os.environ, **(env or {}), MINITURING_CACHE=str(cache), PYTHONPATH=str(REPO))
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
@@ -116,6 +120,8 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
         "peak_rss_mib": usage.ru_maxrss / 1024,  # kilobytes on Linux
         "first_step_s": summary["first_step_seconds"],
         "tokens_per_s": tokens_per_s,
+        "data_wait": summary["data_wait"],  # after the first log window, as is:
+        "timed_tokens_per_s": summary["tokens_per_s"],
     }
 
 

@@ -330,3 +330,30 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
     # bf16 asked for: HF's forward passes really ran under bf16 autocast, as ours did.
     assert results["mlm_hf"]["autocast"] and results["seq2seq_hf"]["autocast"]
     assert results["mlm_ours"]["precision"] == report["settings"]["precision"] == "bf16"
+
+
+def test_prefetch_bench_runs_both_depths_and_reports_their_ratio(tmp_path, small_corpus, capsys):
+    from conftest import TINY_FLAGS
+
+    prefetch = _load("prefetch")
+    train_file, eval_file = small_corpus
+    extra = [*TINY_FLAGS, "--eval-text", str(eval_file)]
+    results = prefetch.main(
+        [
+            "--corpus",
+            str(train_file),
+            "--steps",
+            "12",
+            "--workdir",
+            str(tmp_path),
+            "--extra",
+            *extra,
+        ]
+    )
+    assert [r["prefetch"] for r in results] == [0, 2]
+    for r in results:
+        assert 0 <= r["data_wait"] < 1 and r["timed_tokens_per_s"] > 0
+    ratio = results[1]["timed_tokens_per_s"] / results[0]["timed_tokens_per_s"]
+    out = capsys.readouterr().out
+    assert f"tokens/s with the thread / without: {ratio:.3f}" in out
+    assert out.count("\n| ") == 3  # the header and one row per depth
