@@ -23,7 +23,7 @@ from data.objectives import OBJECTIVES
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
 from data.objectives.summarize import build_example, collate
 from data.store import Ragged
-from data.tokenizer import SpecialIds
+from data.tokenizer import SpecialIds, layout_ids, special_ids, word_start_table
 from model.losses import round_up
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
@@ -61,13 +61,31 @@ class MaskedLMStream:
         *,
         word_start: np.ndarray | None,
         vocab_size: int,
+        layout: np.ndarray | None = None,
     ) -> None:
+        """``layout``: token ids never masked besides the special tokens (whitespace-only
+        tokens, :func:`~data.tokenizer.layout_ids`)."""
         self.flat, self.seq_len, self.ids, self.masking = flat, seq_len, ids, masking
         self.word_start = word_start
         self.special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
-        pool = np.setdiff1d(np.arange(vocab_size), self.special)
-        self.random_pool = pool
+        self.random_pool = np.setdiff1d(np.arange(vocab_size), self.special)
+        self.never_masked = np.union1d(self.special, layout if layout is not None else [])
         self.size = pack_blocks(flat, seq_len)
+
+    @classmethod
+    def from_tokenizer(
+        cls, flat: np.ndarray, seq_len: int, tokenizer, masking: MaskingConfig
+    ) -> MaskedLMStream:
+        """Blocks of ``flat`` masked with ``tokenizer``'s special ids, word starts and layout."""
+        return cls(
+            flat,
+            seq_len,
+            special_ids(tokenizer),
+            masking,
+            word_start=word_start_table(tokenizer),
+            vocab_size=len(tokenizer),
+            layout=layout_ids(tokenizer),
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -94,7 +112,7 @@ class MaskedLMStream:
                 _rng(seed, _SAMPLE, obj, key),
                 self.masking,
                 mask_id=self.ids.mask,
-                special=self.special,
+                special=self.never_masked,
                 random_pool=self.random_pool,
                 word_start=self.word_start,
             )

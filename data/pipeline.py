@@ -38,7 +38,7 @@ from data.store import (
     open_array,
     write_array,
 )
-from data.tokenizer import special_ids, word_start_table
+from data.tokenizer import special_ids
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +529,6 @@ def build_streams(
     ids = special_ids(tokenizer)
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     masking = cfg.masking()
-    word_start = word_start_table(tokenizer)
     train, evals = {}, {}
     for name in objectives:
         if name not in OBJECTIVES:
@@ -540,9 +539,7 @@ def build_streams(
             ("eval", raw.eval_texts, evals),
         ):
             flat = tokenize_texts(texts, tokenizer, f"text-{split}", tok_key)
-            out["masked_lm"] = MaskedLMStream(
-                flat, seq_len, ids, masking, word_start=word_start, vocab_size=len(tokenizer)
-            )
+            out["masked_lm"] = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
     lengths = dict(
         source_len=cfg.source_len, target_len=cfg.target_len, pad_multiple=cfg.pad_multiple
     )

@@ -46,7 +46,7 @@ from data.pipeline import (
     tokenize_texts,
 )
 from data.store import digest
-from data.tokenizer import SAMPLE_CHARS, special_ids, word_start_table
+from data.tokenizer import SAMPLE_CHARS
 
 # Documents held out from the start of the stream when no --eval-text is given.
 HELD_OUT_DOCS = 256
@@ -151,17 +151,11 @@ class PackedText:
     ) -> None:
         self.make_dataset, self.tokenizer, self.seq_len = make_dataset, tokenizer, seq_len
         self.held_out = held_out
-        ids = special_ids(tokenizer)
         # The mapped stream's masking (and its tables), applied to blocks this class packs.
-        self.masker = MaskedLMStream(
-            np.zeros(0, dtype=np.int32),
-            seq_len,
-            ids,
-            masking,
-            word_start=word_start_table(tokenizer),
-            vocab_size=len(tokenizer),
+        self.masker = MaskedLMStream.from_tokenizer(
+            np.zeros(0, dtype=np.int32), seq_len, tokenizer, masking
         )
-        self.cls, self.sep = ids.cls, ids.sep
+        self.cls, self.sep = self.masker.ids.cls, self.masker.ids.sep
         self.epoch = 0
         self.buffer = np.zeros(0, dtype=np.int32)
         self._dataset = None
@@ -233,14 +227,7 @@ def build_streamed(
     train = PackedText(make_dataset, tokenizer, seq_len, masking, held_out=_held_out(cfg))
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     flat = tokenize_texts(raw.eval_texts, tokenizer, "text-eval", tok_key)
-    held = MaskedLMStream(
-        flat,
-        seq_len,
-        train.masker.ids,
-        masking,
-        word_start=train.masker.word_start,
-        vocab_size=len(tokenizer),
-    )
+    held = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
     return StreamedStreams({"masked_lm": train}, {"masked_lm": held})
 
 

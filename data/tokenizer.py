@@ -177,3 +177,19 @@ def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
             table[index] = token[:1] in ("Ġ", "Ċ") or not token[:1].isalnum()
     table[special_ids(tokenizer).as_list()] = True
     return table
+
+
+def layout_ids(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
+    """Tokens that are layout, not words: those that decode to whitespace alone (line breaks,
+    indentation, a lone space marker). Masked-LM never masks them: on text with line breaks they
+    are a tenth of all tokens, and a model that predicts a line break at every mask scores that
+    tenth while learning no word (a WordPiece tokenizer, as BERT's, drops them in the first place).
+    """
+    n = len(tokenizer)
+    texts = tokenizer.backend_tokenizer.decode_batch(
+        [[i] for i in range(n)], skip_special_tokens=False
+    )
+    special = set(special_ids(tokenizer).as_list())
+    return np.array(
+        [i for i, t in enumerate(texts) if t.strip() == "" and i not in special], dtype=np.int64
+    )

@@ -19,7 +19,7 @@ from data.batching import (
 from data.objectives.gap_summary import gap_sentences, sentence_scores, split_sentences
 from data.objectives.masked_lm import MaskingConfig, mask_sequence
 from data.objectives.summarize import build_example, collate
-from data.tokenizer import special_ids, word_start_table
+from data.tokenizer import layout_ids, special_ids, word_start_table
 from model.transformer import IGNORE_INDEX
 
 
@@ -168,6 +168,24 @@ def test_seq2seq_example_layout():
     assert batch["input_ids"].shape == (2, 9)
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1] + [0] * 5
     assert (batch["labels"][0, 4:] == IGNORE_INDEX).all()
+
+
+def test_layout_tokens_are_whitespace_and_never_masked(tokenizer, texts):
+    layout = layout_ids(tokenizer)
+    decoded = [tokenizer.decode([int(i)]) for i in layout]
+    assert decoded and all(t.strip() == "" for t in decoded)
+    assert tokenizer("a\nb", add_special_tokens=False)["input_ids"][1] in layout
+    assert not set(layout) & set(special_ids(tokenizer).as_list())
+    # Text laid out in lines and indented, as docstrings and code are.
+    text = "\n".join("    " + t for t in texts[:60])
+    flat = np.array(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    stream = MaskedLMStream.from_tokenizer(flat, 64, tokenizer, MaskingConfig())
+    batch = stream.batch(np.arange(len(stream)), np.arange(len(stream)), seed=0)
+    labels = batch["labels"][batch["labels"] != IGNORE_INDEX]
+    assert np.isin(batch["input_ids"], layout).mean() > 0.05  # present, so could be masked
+    assert not np.isin(labels, layout).any()
+    maskable = ~np.isin(batch["input_ids"], stream.never_masked) | (batch["labels"] != IGNORE_INDEX)
+    assert 0.12 < len(labels) / maskable.sum() < 0.18  # the rate is of the words
 
 
 # ---------------------------------------------------------------------------- loader
