@@ -25,7 +25,6 @@ from data.streaming import (
     held_out_texts,
     text_dataset,
 )
-from data.tokenizer import special_ids
 from trainer.errors import TrainingError
 from trainer.loop import Stopped
 
@@ -132,15 +131,11 @@ def test_a_streamed_batch_looks_like_a_mapped_one(small_corpus, tokenizer):
     """Same keys, dtypes and shapes as the prepared path's masked-LM batch; the same block
     under the same sample key is masked the same way."""
     from data.batching import MaskedLMStream
-    from data.tokenizer import word_start_table
 
     train_file, eval_file = small_corpus
     cfg = DataConfig(train_text=[str(train_file)], eval_text=[str(eval_file)], streaming=True)
     flat = encoded(tokenizer, train_file.read_text().splitlines()).astype(np.int32)
-    mapped = MaskedLMStream(
-        flat, SEQ_LEN, special_ids(tokenizer), MaskingConfig(),
-        word_start=word_start_table(tokenizer), vocab_size=len(tokenizer),
-    )  # fmt: skip
+    mapped = MaskedLMStream.from_tokenizer(flat, SEQ_LEN, tokenizer, MaskingConfig())
     # The mixture loader shuffles the blocks of an epoch; ask it for blocks 0..7 in order.
     expected = mapped.batch(np.arange(8), np.arange(8), seed=0)
     streamed = StreamingLoader(

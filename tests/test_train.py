@@ -32,7 +32,8 @@ def test_loss_falls_for_every_objective(tmp_path, corpus_files):
     lines = [m for m in metrics(out) if "lr" in m]
     for name in ("masked_lm", "gap_summary", "summarize"):
         curve = [m[f"loss/{name}"] for m in lines if f"loss/{name}" in m]
-        assert curve[-1] < curve[0] - 0.5, (name, curve)
+        # The end is the last two 10-step windows: one window of one objective is a few batches.
+        assert sum(curve[-2:]) / 2 < curve[0] - 0.5, (name, curve)
     evals = [m for m in metrics(out) if "eval/masked_lm/accuracy" in m]
     assert evals and {"eval/summarize/rougeL", "eval/gap_summary/loss"} <= set(evals[-1])
 
