@@ -120,7 +120,8 @@ def run_child(
         "peak_rss_mib": usage.ru_maxrss / 1024,  # kilobytes on Linux
         "first_step_s": summary["first_step_seconds"],
         "tokens_per_s": tokens_per_s,
-        "data_wait": summary["data_wait"],  # after the first log window, as is:
+        # Over the steps after the first log window (summary.json), not the last window:
+        "data_wait": summary["data_wait"],
         "timed_tokens_per_s": summary["tokens_per_s"],
     }
 

@@ -14,6 +14,7 @@ processes, which makes N-process training see exactly what one process would.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,9 +68,9 @@ class MaskedLMStream:
         tokens, :func:`~data.tokenizer.layout_ids`)."""
         self.flat, self.seq_len, self.ids, self.masking = flat, seq_len, ids, masking
         self.word_start = word_start
-        self.special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
-        self.random_pool = np.setdiff1d(np.arange(vocab_size), self.special)
-        self.never_masked = np.union1d(self.special, layout if layout is not None else [])
+        special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
+        self.random_pool = np.setdiff1d(np.arange(vocab_size), special)
+        self.never_masked = np.union1d(special, layout if layout is not None else [])
         self.size = pack_blocks(flat, seq_len)
 
     @classmethod
@@ -86,6 +87,12 @@ class MaskedLMStream:
             vocab_size=len(tokenizer),
             layout=layout_ids(tokenizer),
         )
+
+    def over(self, flat: np.ndarray) -> MaskedLMStream:
+        """The same masking (its tables built once) over other text, e.g. the held-out split."""
+        other = copy.copy(self)
+        other.flat, other.size = flat, pack_blocks(flat, self.seq_len)
+        return other
 
     def __len__(self) -> int:
         return self.size
@@ -112,7 +119,7 @@ class MaskedLMStream:
                 _rng(seed, _SAMPLE, obj, key),
                 self.masking,
                 mask_id=self.ids.mask,
-                special=self.never_masked,
+                never_masked=self.never_masked,
                 random_pool=self.random_pool,
                 word_start=self.word_start,
             )

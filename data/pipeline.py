@@ -534,12 +534,10 @@ def build_streams(
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
     if "masked_lm" in objectives:
-        for split, texts, out in (
-            ("train", raw.train_texts, train),
-            ("eval", raw.eval_texts, evals),
-        ):
-            flat = tokenize_texts(texts, tokenizer, f"text-{split}", tok_key)
-            out["masked_lm"] = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
+        flat = tokenize_texts(raw.train_texts, tokenizer, "text-train", tok_key)
+        train["masked_lm"] = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
+        flat = tokenize_texts(raw.eval_texts, tokenizer, "text-eval", tok_key)
+        evals["masked_lm"] = train["masked_lm"].over(flat)
     lengths = dict(
         source_len=cfg.source_len, target_len=cfg.target_len, pad_multiple=cfg.pad_multiple
     )

@@ -27,7 +27,6 @@ and :func:`check_objectives` refuses them before any data is read.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from itertools import islice
 
@@ -163,6 +162,7 @@ class PackedText:
         self._saved: dict | None = None  # a loaded dataset state, until reading starts
 
     def state_dict(self) -> dict:
+        """A copy: the dataset's ``state_dict()`` is one, and the buffer is listed."""
         dataset = self._dataset.state_dict() if self._dataset is not None else self._saved
         return {"epoch": self.epoch, "dataset": dataset, "buffer": self.buffer.tolist()}
 
@@ -227,7 +227,7 @@ def build_streamed(
     train = PackedText(make_dataset, tokenizer, seq_len, masking, held_out=_held_out(cfg))
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     flat = tokenize_texts(raw.eval_texts, tokenizer, "text-eval", tok_key)
-    held = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
+    held = train.masker.over(flat)
     return StreamedStreams({"masked_lm": train}, {"masked_lm": held})
 
 
@@ -271,7 +271,7 @@ class StreamingLoader:
     def local_state(self) -> dict:
         """This process's position and place in the stream now, as a copy: no collectives, so
         a prefetching thread (:mod:`data.prefetch`) may take it after each batch it draws."""
-        return {**self.position.to_dict(), "stream": copy.deepcopy(self.stream.state_dict())}
+        return {**self.position.to_dict(), "stream": self.stream.state_dict()}
 
     def state_dict(self, local: dict | None = None) -> dict:
         """The data position to save (``local``, a :meth:`local_state` taken earlier, or now's),

@@ -38,7 +38,7 @@ def mask_many(encoded, tokenizer, cfg, n=200, seq=64):
     for i in range(n):
         x = np.concatenate([[ids.cls], encoded[i * seq : (i + 1) * seq]]).astype(np.int64)
         inp, lab = mask_sequence(
-            x, np.random.default_rng(i), cfg, mask_id=ids.mask, special=special,
+            x, np.random.default_rng(i), cfg, mask_id=ids.mask, never_masked=special,
             random_pool=pool, word_start=table,
         )  # fmt: skip
         results.append((x, inp, lab))

@@ -93,7 +93,7 @@ def test_masking_labels_only_chosen_tokens(setup, text, seed, rate, whole_word, 
     seq = np.concatenate([[ids_.cls], tokens[:63]])
     cfg = MaskingConfig(rate=rate, whole_word=whole_word, span=span)
     inputs, labels = mask_sequence(
-        seq, np.random.default_rng(seed), cfg, mask_id=ids_.mask, special=setup["special"],
+        seq, np.random.default_rng(seed), cfg, mask_id=ids_.mask, never_masked=setup["special"],
         random_pool=setup["pool"], word_start=setup["word_start"],
     )  # fmt: skip
     assert inputs.shape == labels.shape == seq.shape

@@ -55,7 +55,7 @@ def _word_groups(ids: np.ndarray, maskable: np.ndarray, word_start: np.ndarray |
     if word_start is None:
         return np.arange(len(ids))
     starts = word_start[ids] | ~maskable
-    starts[1:] |= ~maskable[:-1]  # a word never continues across a special token
+    starts[1:] |= ~maskable[:-1]  # a word never continues across an unmaskable token
     starts[0] = True
     return np.cumsum(starts) - 1
 
@@ -102,13 +102,13 @@ def mask_sequence(
     cfg: MaskingConfig,
     *,
     mask_id: int,
-    special: np.ndarray,
+    never_masked: np.ndarray,
     random_pool: np.ndarray,
     word_start: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (inputs, labels) for one sequence: labels hold the original token at the chosen
     positions and IGNORE_INDEX elsewhere; inputs get 80% [MASK], 10% a random token, 10% kept."""
-    maskable = ~np.isin(ids, special)
+    maskable = ~np.isin(ids, never_masked)
     chosen = choose_masked(ids, rng, cfg, maskable, word_start)
     labels = np.where(chosen, ids, IGNORE_INDEX)
     inputs = ids.copy()
