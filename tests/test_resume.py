@@ -11,7 +11,10 @@ comparison is step by step whatever logging window the interruption falls in.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +221,24 @@ def test_time_budgeted_run_resumes_with_the_same_schedule(tmp_path, corpus_files
     resume(stopped, **clocked())
     assert latest_step(stopped) == 28
     assert_same_run(straight, stopped)
+
+
+def test_the_commands_start_up_counts_in_the_budget(tmp_path, corpus_files):
+    """What the process spent before training (train.py's imports: ``startup``) is part of
+    the budget: 5 of 30 seconds gone leaves the steps that fit in 25."""
+    budget = ["--max-steps", "1000", "--time-budget", "30", "--warmup-steps", "3"]
+    out = tmp_path / "late"
+    run_to_end(flags(out, corpus_files, *budget), startup=5.0, **clocked())
+    assert latest_step(out) == int(30 - 5 - 2 * UNMEASURED_FINAL_SHARE * 30) == 23
+
+
+def test_process_age_counts_what_ran_before_it():
+    code = "import time; time.sleep(0.6); import train; print(train.process_age())"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert 0.6 <= float(out.stdout) < 60
 
 
 def test_a_stopped_run_keeps_the_checkpoints_of_one_never_stopped(

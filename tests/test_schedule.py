@@ -10,8 +10,17 @@ from trainer.optim import lr_at
 from trainer.schedule import DEFAULT_BUDGET, DEFAULT_STEPS, FIRST_PLAN_AT, Plan
 
 
-def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0, save_cost=0.0):
-    """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans)."""
+def simulate(
+    budget,
+    seconds_per_step,
+    eval_every=0,
+    eval_cost=0.0,
+    save_every=0,
+    save_cost=0.0,
+    final_eval_cost=None,
+):
+    """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans).
+    ``final_eval_cost``: the final evaluation's time, when it differs from the periodic ones."""
     plan = Plan(budget, None, None)
     step, now, plans = 0, 0.0, []
     while step < plan.total:
@@ -31,7 +40,7 @@ def simulate(budget, seconds_per_step, eval_every=0, eval_cost=0.0, save_every=0
             plan.save_seconds = save_cost
         if not last and plan.out_of_time(now):
             plan.total = step
-    now += eval_cost + save_cost  # the final evaluation and checkpoint
+    now += (eval_cost if final_eval_cost is None else final_eval_cost) + save_cost  # the final ones
     return step, now, plans
 
 
@@ -48,7 +57,7 @@ def test_with_neither_flag_a_run_is_the_default_steps_or_the_default_budget():
     assert (plan.total, plan.cap, plan.budget) == (DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_BUDGET)
     assert plan.due(FIRST_PLAN_AT)
     # Fast steps: the default step count ends it, well inside the budget.
-    steps, seconds, _ = simulate(None, lambda s: 0.3, eval_every=400, eval_cost=8.0)
+    steps, seconds, _ = simulate(None, lambda s: 0.2, eval_every=400, eval_cost=8.0)
     assert steps == DEFAULT_STEPS and seconds < DEFAULT_BUDGET
     # Slow steps: the budget ends it, with the schedule fitted to the steps that fit.
     steps, seconds, plans = simulate(None, lambda s: 1.3, eval_every=400, eval_cost=8.0)
@@ -64,6 +73,20 @@ def test_the_whole_run_fits_the_budget_and_uses_it():
     # Nearly all of it: at most a few steps' worth and the unmeasured guesses left over.
     assert seconds >= 600.0 - 0.03 * 600 * 2 - 1.0
     assert 2500 < steps < 3000
+
+
+def test_a_final_evaluation_longer_than_the_periodic_ones_still_ends_in_time():
+    # Its summaries can run longer than the last periodic evaluation's: a fifth longer here.
+    steps, seconds, _ = simulate(
+        600.0,
+        lambda s: 0.2,
+        eval_every=400,
+        eval_cost=10.0,
+        save_every=400,
+        save_cost=2.0,
+        final_eval_cost=12.0,
+    )
+    assert steps > 2500 and seconds <= 600.0
 
 
 def test_a_slowdown_is_refitted_and_the_run_still_ends_in_time():

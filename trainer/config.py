@@ -120,7 +120,7 @@ class RunConfig:
     thread would take a core from the step's own math."""
     max_steps: int | None = None
     """Optimizer steps to train for (with --time-budget, at most this many). With neither
-    flag, 1200 steps or 540 seconds, whichever ends first."""
+    flag, 2000 steps or 540 seconds, whichever ends first."""
     time_budget: float | None = None
     """Seconds the whole run takes, data preparation, evaluations and checkpoints included;
     the learning-rate schedule is fitted to the steps that fit, and refitted as the speed is

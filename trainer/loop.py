@@ -80,16 +80,19 @@ def train(
     *,
     clock: Callable[[], float] = time.perf_counter,
     make_loader: Callable[..., MixtureLoader] | None = None,
+    startup: float = 0.0,
 ) -> Run:
     """Run training as configured; returns the finished run. Raises ``Stopped`` when a signal
     ended it early (checkpoint saved) and ``TrainingError`` for what the user must fix.
 
-    ``clock`` (seconds) times the steps and the budget, and ``make_loader`` builds the data
-    loader (by default the one the configuration asks for), for tests that drive a run by a fake
-    clock or watch its batches."""
+    ``startup`` is the seconds this process spent before the call (the interpreter and its
+    imports: the command's), counted in the time budget. ``clock`` (seconds) times the steps
+    and the budget, and ``make_loader`` builds the data loader (by default the one the
+    configuration asks for), for tests that drive a run by a fake clock or watch its batches."""
     started = clock()
     with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
         run = prepare(cfg, held, make_loader=make_loader)
+        run.state.elapsed += startup  # the run's seconds before this process's clock
         stop = StopSignal()
         try:
             reason = loop(run, stop, clock, started)
