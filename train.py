@@ -18,12 +18,12 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from model.files import atomic_write_text
@@ -151,13 +151,8 @@ def print_samples(samples: dict) -> None:
 
 
 def process_age() -> float:
-    """Seconds since this process started, its imports included (Linux; elsewhere 0)."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, since boot
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return 0.0
+    """Seconds since this process started, its imports included."""
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def main(argv: list[str] | None = None, **seams) -> None:

@@ -122,9 +122,9 @@ class RunConfig:
     """Optimizer steps to train for (with --time-budget, at most this many). With neither
     flag, 2000 steps or 540 seconds, whichever ends first."""
     time_budget: float | None = None
-    """Seconds the whole run takes, data preparation, evaluations and checkpoints included;
-    the learning-rate schedule is fitted to the steps that fit, and refitted as the speed is
-    measured (with --max-steps as a cap, when given)."""
+    """Seconds the whole run takes, start-up, data preparation, evaluations and checkpoints
+    included; the learning-rate schedule is fitted to the steps that fit, and refitted as the
+    speed is measured (with --max-steps as a cap, when given)."""
     objectives: str = "auto"
     """Mixture, e.g. masked_lm=1,gap_summary=0.5,summarize=1. auto: with document/summary
     pairs, summarize=1,masked_lm=0.5 (the pairs first, masked LM kept for the fill-mask skill;
