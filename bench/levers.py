@@ -12,7 +12,9 @@ labelled; summarization: one length bucket of sources, full targets, prefix-LM),
 round. Variants run round-robin, ``--rounds`` times, each round led by the next variant, so a
 machine whose speed drifts slows all alike; a variant's tokens over its seconds, over all rounds,
 is reported with its speed relative to the defaults. ``--variants compiled`` adds
-``--compile`` (each block under ``torch.compile``), a lever that is off by default.
+``--compile`` (each block under ``torch.compile``), a lever that is off by default; ``--variants
+"dropout 0.1"`` and ``"residual dropout 0.1"`` time what dropout costs a step (everywhere, or on
+embeddings and residual branches only).
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ VARIANTS = {
     "fp32": ["--precision", "fp32"],
     "default adamw": ["--no-fused-adamw"],
 }
-OPT_IN = {"compiled": ["--compile"]}
+OPT_IN = {
+    "compiled": ["--compile"],
+    "dropout 0.1": ["--dropout", "0.1"],
+    "residual dropout 0.1": ["--dropout", "0.1", "--attention-dropout", "0"],
+}
 IDS = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, sentence_mask=5)
 
 
