@@ -73,7 +73,7 @@ class OptimConfig:
     this (a batch of long documents) runs as pieces of it, with the same gradient and a
     fraction of the activation memory. Default: batch size x --seq-len, what a masked-LM
     batch holds; 0: never split."""
-    lr: float = 2e-3
+    lr: float = 5e-4
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (cosine decay)."""
