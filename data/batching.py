@@ -114,18 +114,22 @@ class MaskedLMStream:
         inputs, labels = [], []
         obj = OBJECTIVES.index(self.name)
         for ids, key in zip(blocks, keys, strict=True):
-            x, y = mask_sequence(
-                ids,
-                _rng(seed, _SAMPLE, obj, key),
-                self.masking,
-                mask_id=self.ids.mask,
-                never_masked=self.never_masked,
-                random_pool=self.random_pool,
-                word_start=self.word_start,
-            )
+            x, y = self.mask(ids, _rng(seed, _SAMPLE, obj, key))
             inputs.append(x)
             labels.append(y)
         return {"input_ids": np.stack(inputs), "labels": np.stack(labels)}
+
+    def mask(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) of one token sequence masked with this stream's tables."""
+        return mask_sequence(
+            ids,
+            rng,
+            self.masking,
+            mask_id=self.ids.mask,
+            never_masked=self.never_masked,
+            random_pool=self.random_pool,
+            word_start=self.word_start,
+        )
 
 
 class Seq2SeqStream:
@@ -133,6 +137,11 @@ class Seq2SeqStream:
 
     ``sources`` and ``targets`` are :class:`~data.store.Ragged` (flat token files and
     offsets, read from the cache) or lists of token-id arrays, which are packed into one.
+
+    ``source_masker`` (a :class:`MaskedLMStream`, for its tables and masking) also masks each
+    source, as masked LM would, and labels the masked positions with their tokens: the same
+    step then learns both to fill the source's gaps and to summarize it (as UniLM's and
+    PEGASUS's sources carry masked words). Each example is masked by its sample key.
     """
 
     def __init__(
@@ -145,8 +154,10 @@ class Seq2SeqStream:
         source_len: int,
         target_len: int,
         pad_multiple: int = PAD_MULTIPLE,
+        source_masker: MaskedLMStream | None = None,
     ) -> None:
         self.name = name
+        self.source_masker = source_masker
         if not isinstance(sources, Ragged):
             sources = Ragged.from_list(sources)
         if not isinstance(targets, Ragged):
@@ -183,8 +194,17 @@ class Seq2SeqStream:
         )
 
     def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        examples = [self.example(int(i)) for i in indices]
+        if self.source_masker is not None:
+            obj = OBJECTIVES.index(self.name)
+            for (ids, labels, prefix), key in zip(examples, keys, strict=True):
+                # Between [CLS] and [SEP]; labels there were IGNORE_INDEX.
+                source = slice(1, prefix - 1)
+                ids[source], labels[source] = self.source_masker.mask(
+                    ids[source], _rng(seed, _SAMPLE, obj, key)
+                )
         return collate(
-            [self.example(int(i)) for i in indices],
+            examples,
             self.ids.pad,
             multiple=self.pad_multiple,
             limit=self.source_len + self.target_len,

@@ -15,7 +15,7 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
@@ -80,6 +80,9 @@ class DataConfig:
     gap_ratio: float = 0.3
     """Share of sentences hidden by gap-sentence generation."""
     mask_rate: float = 0.15
+    source_mask_rate: float = 0.15
+    """Share of each training source's words also masked and predicted in sequence-to-sequence
+    steps (masked-LM signal in every summarization step, as in UniLM); 0: sources stay whole."""
     whole_word: bool = True
     span_masking: bool = False
     corpus_max_chars: int | None = None
@@ -541,18 +544,30 @@ def build_streams(
     lengths = dict(
         source_len=cfg.source_len, target_len=cfg.target_len, pad_multiple=cfg.pad_multiple
     )
+    source_masker = None
+    if cfg.source_mask_rate:
+        at_rate = replace(masking, rate=cfg.source_mask_rate)
+        at_rate.validate()
+        no_text = np.zeros(0, dtype=np.int64)
+        source_masker = MaskedLMStream.from_tokenizer(no_text, seq_len, tokenizer, at_rate)
     if "gap_summary" in objectives:
         for split, texts, out in (
             ("train", raw.train_texts, train),
             ("eval", raw.eval_texts, evals),
         ):
             src, tgt = gap_pairs(texts, cfg, tokenizer, f"gaps-{split}", tok_key)
-            out["gap_summary"] = Seq2SeqStream("gap_summary", src, tgt, ids, **lengths)
+            masker = source_masker if split == "train" else None
+            out["gap_summary"] = Seq2SeqStream(
+                "gap_summary", src, tgt, ids, **lengths, source_masker=masker
+            )
     if "summarize" in objectives:
         for split, pairs, out in (
             ("train", raw.train_pairs, train),
             ("eval", raw.eval_pairs, evals),
         ):
             src, tgt = tokenize_pairs(pairs, tokenizer, f"pairs-{split}", tok_key)
-            out["summarize"] = Seq2SeqStream("summarize", src, tgt, ids, **lengths)
+            masker = source_masker if split == "train" else None
+            out["summarize"] = Seq2SeqStream(
+                "summarize", src, tgt, ids, **lengths, source_masker=masker
+            )
     return Streams(train, evals)

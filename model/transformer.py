@@ -489,24 +489,41 @@ class MiniTuringModel(PreTrainedModel):
             wanted, valid = None, selected
         h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
         previous = input_ids
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(labels)
         if wanted is not None:
             labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
+            positions = wanted
         count = valid.sum()
         training = self.training and torch.is_grad_enabled() and h.requires_grad
         smoothing = label_smoothing if training else 0.0
         if copy:
+            # Labels inside the source (masked words, filled in place) come from the output
+            # layer alone; the copy mixture predicts the target.
+            in_source = torch.zeros_like(valid)
+            if prefix_lengths is not None:
+                in_source = positions < prefix_lengths.view(-1, 1) - 1
+            filled = in_source[valid]
             # The labelled positions as rows, each with its row's source token ids.
             rows = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
             h, previous, copied = h[valid], previous[valid], copied[valid]
             targets, source_ids = labels[valid], source_ids[rows[valid]]
+            any_filled = bool(filled.any())
             if training:
+                loss = h.new_zeros((), dtype=torch.float32)
+                if any_filled:
+                    loss = linear_cross_entropy(h[filled], self.embed.weight, targets[filled])
+                    h, previous, copied = h[~filled], previous[~filled], copied[~filled]
+                    targets, source_ids = targets[~filled], source_ids[~filled]
                 # Only the labels' probabilities: no copy distribution over the vocabulary.
                 logp, uniform = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
-                loss = -(1 - smoothing) * logp.sum()
+                loss = loss - (1 - smoothing) * logp.sum()
                 if smoothing:
                     loss = loss + smoothing * uniform.sum()
                 return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
             logits = self.copy_log_probs(h, previous, copied, source_ids)
+            if any_filled:
+                plain = F.log_softmax(self.logits_from_hidden(h[filled]).float(), dim=-1)
+                logits = logits.masked_scatter(filled.unsqueeze(1), plain)
             loss = -logits.gather(1, targets.unsqueeze(1)).sum()
             return MiniTuringOutput(
                 loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count

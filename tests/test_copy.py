@@ -86,6 +86,8 @@ def reference_loss(model: MiniTuringModel, x, padding, prefix, labels) -> torch.
             gate_in = torch.cat([h[row, pos], model.embed.weight[x[row, pos]]])
             p_gen = torch.sigmoid(weight @ gate_in + bias)
             p = p_gen * p_vocab + (1 - p_gen) * p_copy
+            if pos < src - 1:  # a masked source word, filled in place: the output layer alone
+                p = p_vocab
             total -= float(torch.log(p[target]))
             count += 1
     return torch.tensor(total / count)
@@ -111,6 +113,29 @@ def test_loss_equals_the_mixture_computed_by_hand(overrides):
     # Evaluation's logits are the mixture's log-probabilities at the labelled positions.
     assert evaluated.logits.shape == (int((labels >= 0).sum()), 128)
     torch.testing.assert_close(evaluated.logits.exp().sum(-1), torch.ones(len(evaluated.logits)))
+
+
+def test_masked_source_words_are_predicted_by_the_output_layer_alone():
+    """A summarization batch whose sources are also masked (--source-mask-rate): labels inside
+    the source come from the output layer, the target's from the mixture, in one mean."""
+    model = copy_model(1, initializer_range=0.2)
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(0.5)
+    x, padding, prefix, labels = seq2seq_batch()
+    for row, positions in enumerate([[1, 4], [2], [3, 5, 10]]):
+        for pos in positions:
+            labels[row, pos] = x[row, pos]
+            x[row, pos] = 4  # [MASK]
+    expected = reference_loss(model, x, padding, prefix, labels)
+    with torch.no_grad():
+        evaluated = model(x, attention_mask=padding, prefix_lengths=prefix, labels=labels)
+    trained = model.train()(x, attention_mask=padding, prefix_lengths=prefix, labels=labels)
+    torch.testing.assert_close(evaluated.loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained.loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert int(evaluated.num_label_tokens) == int((labels >= 0).sum())
+    torch.testing.assert_close(evaluated.logits.exp().sum(-1), torch.ones(len(evaluated.logits)))
+    trained.loss.backward()
+    assert model.copy_gate.weight.grad.abs().sum() > 0
 
 
 def test_copy_is_off_for_masked_lm_batches_and_by_default():

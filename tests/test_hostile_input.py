@@ -283,6 +283,7 @@ FLAG_CASES = [
     (["--lr", "-1"], "--lr must be > 0"),
     (["--dropout", "1.5"], "--dropout must be in \\[0, 1\\)"),
     (["--label-smoothing", "1"], "--label-smoothing must be in \\[0, 1\\)"),
+    (["--source-mask-rate", "1"], "--source-mask-rate must be in \\[0, 1\\)"),
     (["--beta1", "1"], "--beta1 and --beta2 must be in \\[0, 1\\)"),
     (["--hidden-size", "0"], "--hidden-size must be >= 1"),
     (["--num-layers", "0"], "--num-layers must be >= 1"),

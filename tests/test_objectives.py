@@ -254,6 +254,43 @@ def test_sharding_covers_an_epoch_exactly_once(streams, name):
     assert set(seen) <= set(range(n))
 
 
+def test_masked_sources_label_their_words_and_leave_the_target_alone(encoded, tokenizer):
+    """--source-mask-rate: each source is masked as masked LM masks a block and its masked
+    positions are labelled with their tokens; [CLS], [SEP] and the target are untouched; the
+    same sample key gives the same mask."""
+    ids = special_ids(tokenizer)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(encoded) - 60, 40)
+    src = [encoded[s : s + rng.integers(20, 60)] for s in starts]
+    tgt = [encoded[s : s + 6] for s in starts]
+    masker = MaskedLMStream.from_tokenizer(
+        np.zeros(0, np.int64), 32, tokenizer, MaskingConfig(rate=0.3)
+    )
+    lengths = dict(source_len=64, target_len=8)
+    plain = Seq2SeqStream("summarize", src, tgt, ids, **lengths)
+    masked = Seq2SeqStream("summarize", src, tgt, ids, **lengths, source_masker=masker)
+    rows, keys = np.arange(40), np.arange(100, 140)
+    a, b = plain.batch(rows, keys, seed=0), masked.batch(rows, keys, seed=0)
+    assert (masked.batch(rows, keys, seed=0)["input_ids"] == b["input_ids"]).all()
+    assert not (masked.batch(rows, keys + 1, seed=0)["input_ids"] == b["input_ids"]).all()
+    filled = chosen = as_mask = 0
+    for row, p in enumerate(b["prefix_lengths"]):
+        source = slice(1, p - 1)
+        new = b["labels"][row, source] != IGNORE_INDEX
+        # Masked-LM labels there: the original token, where the input changed (mostly).
+        assert (b["labels"][row, source][new] == a["input_ids"][row, source][new]).all()
+        assert (b["input_ids"][row, source][~new] == a["input_ids"][row, source][~new]).all()
+        as_mask += int((b["input_ids"][row, source][new] == ids.mask).sum())
+        # [CLS] and [SEP] kept, the target's inputs and labels as without masking.
+        for k in ("input_ids", "labels"):
+            assert (b[k][row, p - 1 :] == a[k][row, p - 1 :]).all()
+        assert b["input_ids"][row, 0] == ids.cls and b["input_ids"][row, p - 1] == ids.sep
+        filled += int(new.sum())
+        chosen += int((~np.isin(a["input_ids"][row, source], masker.never_masked)).sum())
+    assert 0.2 < filled / chosen < 0.4  # the rate is of the words
+    assert 0.7 < as_mask / filled < 0.9  # 80% become [MASK]
+
+
 def test_same_sample_same_mask_across_world_sizes(streams):
     one = MixtureLoader(streams, {"masked_lm": 1.0}, 4, seed=5)
     two = [

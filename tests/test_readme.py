@@ -54,7 +54,7 @@ def test_main_job_on_the_embedded_corpus(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "embedded corpus" in printed
-    assert "objectives: masked_lm=0.5, summarize=1" in printed
+    assert "objectives: masked_lm=0.25, summarize=1" in printed
     assert "fill-mask:" in printed and "Return the [MASK] value of a number." in printed
     assert "reference summary:" in printed and "generated summary:" in printed
     assert (out / "model.safetensors").is_file()

@@ -234,7 +234,7 @@ def test_the_auto_mixture_puts_the_pairs_first():
     from trainer.config import parse_objectives
 
     everything = ["masked_lm", "gap_summary", "summarize"]
-    assert parse_objectives("auto", everything) == {"masked_lm": 0.5, "summarize": 1.0}
+    assert parse_objectives("auto", everything) == {"masked_lm": 0.25, "summarize": 1.0}
     assert parse_objectives("auto", ["masked_lm", "gap_summary"]) == {
         "masked_lm": 1.0,
         "gap_summary": 1.0,
