@@ -496,32 +496,34 @@ class MiniTuringModel(PreTrainedModel):
         count = valid.sum()
         training = self.training and torch.is_grad_enabled() and h.requires_grad
         smoothing = label_smoothing if training else 0.0
+        # Labels inside a sequence-to-sequence source (its masked words, --source-mask-rate)
+        # are filled in place: from the output layer alone, never smoothed.
+        filled = None
+        if prefix_lengths is not None:
+            filled = (positions < prefix_lengths.view(-1, 1) - 1)[valid]
+            filled = filled if bool(filled.any()) else None
+        weight = self.embed.weight
         if copy:
-            # Labels inside the source (masked words, filled in place) come from the output
-            # layer alone; the copy mixture predicts the target.
-            in_source = torch.zeros_like(valid)
-            if prefix_lengths is not None:
-                in_source = positions < prefix_lengths.view(-1, 1) - 1
-            filled = in_source[valid]
             # The labelled positions as rows, each with its row's source token ids.
             rows = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
             h, previous, copied = h[valid], previous[valid], copied[valid]
             targets, source_ids = labels[valid], source_ids[rows[valid]]
-            any_filled = bool(filled.any())
             if training:
                 loss = h.new_zeros((), dtype=torch.float32)
-                if any_filled:
-                    loss = linear_cross_entropy(h[filled], self.embed.weight, targets[filled])
-                    h, previous, copied = h[~filled], previous[~filled], copied[~filled]
-                    targets, source_ids = targets[~filled], source_ids[~filled]
-                # Only the labels' probabilities: no copy distribution over the vocabulary.
+                if filled is not None:
+                    loss = linear_cross_entropy(h[filled], weight, targets[filled])
+                    target = ~filled
+                    h, previous, copied = h[target], previous[target], copied[target]
+                    targets, source_ids = targets[target], source_ids[target]
+                # The target's labels: the copy mixture's probabilities of the labels only, no
+                # copy distribution over the vocabulary.
                 logp, uniform = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
                 loss = loss - (1 - smoothing) * logp.sum()
                 if smoothing:
                     loss = loss + smoothing * uniform.sum()
                 return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
             logits = self.copy_log_probs(h, previous, copied, source_ids)
-            if any_filled:
+            if filled is not None:
                 plain = F.log_softmax(self.logits_from_hidden(h[filled]).float(), dim=-1)
                 logits = logits.masked_scatter(filled.unsqueeze(1), plain)
             loss = -logits.gather(1, targets.unsqueeze(1)).sum()
@@ -531,21 +533,28 @@ class MiniTuringModel(PreTrainedModel):
         targets, h = labels[valid], h[valid]
         if training and self.config.chunked_loss:
             # Training: the loss and its gradients chunk by chunk, no logits kept.
-            loss = linear_cross_entropy(h, self.embed.weight, targets, smoothing)
+            if filled is not None and smoothing:
+                loss = linear_cross_entropy(h[filled], weight, targets[filled])
+                loss = loss + linear_cross_entropy(h[~filled], weight, targets[~filled], smoothing)
+            else:
+                loss = linear_cross_entropy(h, weight, targets, smoothing)
             if self.config.copy_attention:
                 # A masked-LM batch leaves the copy gate out of the graph; data parallelism
                 # (DDP without find_unused_parameters) wants a gradient for every parameter.
                 loss = loss + 0.0 * sum(p.sum() for p in self.copy_gate.parameters())
             return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
         logits = self.logits_from_hidden(h)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=smoothing)
+        per_label = F.cross_entropy(
+            logits.float(), targets, reduction="none", label_smoothing=smoothing
+        )
+        if filled is not None and smoothing:
+            unsmoothed = F.cross_entropy(logits.float(), targets, reduction="none")
+            per_label = torch.where(filled, unsmoothed, per_label)
         return MiniTuringOutput(
-            loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
+            loss=per_label.sum() / count.clamp(min=1), logits=logits, num_label_tokens=count
         )
 
 
-# Rows of logits per chunk of linear_cross_entropy's softmax: 4 MiB of them in fp32, so that
-# each chunk stays in a CPU core's cache; on a GPU, large enough to keep it busy.
 class MiniTuringForMaskedLM(MiniTuringModel):
     """The same network as served to Hugging Face's ``AutoModelForMaskedLM`` and
     ``pipeline("fill-mask")``.

@@ -232,6 +232,27 @@ def test_label_smoothing_of_the_copy_loss_smooths_the_output_layer_only():
         torch.testing.assert_close(model(**batch, label_smoothing=0.1).loss, model(**batch).loss)
 
 
+@pytest.mark.parametrize("copy_attention", [True, False], ids=["copy", "plain"])
+@pytest.mark.parametrize("chunked_loss", [True, False], ids=["chunked", "whole"])
+def test_label_smoothing_never_touches_the_masked_source_words(copy_attention, chunked_loss):
+    """What smoothing adds to a batch's summed loss comes from its target labels alone: the
+    same with and without labels on masked source words (same inputs, so same hidden states)."""
+    model = copy_model(copy_attention=copy_attention, chunked_loss=chunked_loss).train()
+    x, padding, prefix, target_only = seq2seq_batch()
+    with_source = target_only.clone()
+    for row, pos in ((0, 3), (1, 2), (2, 5), (2, 7)):
+        with_source[row, pos], x[row, pos] = x[row, pos], 4
+
+    def smoothing_adds(labels):
+        batch = dict(input_ids=x, attention_mask=padding, prefix_lengths=prefix, labels=labels)
+        count = int((labels != IGNORE_INDEX).sum())
+        return (model(**batch, label_smoothing=0.1).loss - model(**batch).loss) * count
+
+    added = smoothing_adds(target_only)
+    assert abs(float(added)) > 1e-3
+    torch.testing.assert_close(smoothing_adds(with_source), added, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------- decoding
 
 
