@@ -173,7 +173,8 @@ class TrainConfig:
 
 # The mixture of --objectives auto. With pairs, the supervised objective gets most of the
 # budget: trained on the pairs alone for 10 minutes, held-out ROUGE-L was about twice the
-# mixture's; masked LM keeps a third, for the fill-mask skill.
+# mixture's. Masked LM keeps a fifth of the steps for the fill-mask skill, which the pairs'
+# masked source words (--source-mask-rate) train too (docs/performance.md, 2026-12-03).
 AUTO_WITH_PAIRS = {"summarize": 1.0, "masked_lm": 0.25}
 AUTO_TEXT_ONLY = {"masked_lm": 1.0, "gap_summary": 1.0}
 
