@@ -86,7 +86,7 @@ def install(phases: Phases) -> None:
         checkpoint, "save_file", lambda t, f, **k: "save:weights" if in_tmp(f) else "save:export"
     )
     around(checkpoint.Checkpointer, "_prune", "save:prune")
-    around(loop, "write_training_curves", "final")
+    around(loop, "write_training_curves", lambda folder, quiet=False: None if quiet else "final")
     torch_names = {"optimizer.pt": "save:optimizer", "rng.pt": "save:rng"}
     around(torch, "save", lambda obj, f, *a, **k: torch_names.get(Path(f).name))
     texts = {"state.json": "save:state", "latest": "save:pointer"}

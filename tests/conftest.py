@@ -60,7 +60,7 @@ def without_plot():
     from trainer import loop
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "write_training_curves", lambda folder: None)
+        patch.setattr(loop, "write_training_curves", lambda folder, **_: None)
         yield
 
 

@@ -65,6 +65,7 @@ def test_run_folder_is_complete_and_loadable(tiny_run):
         "tokenizer_config.json",
         "model.safetensors",
         "metrics.jsonl",
+        "training_curves.png",
     ):
         assert (tiny_run / name).is_file(), name
     latest = (tiny_run / "checkpoints" / "latest").read_text().strip()
@@ -85,6 +86,21 @@ def test_run_folder_is_complete_and_loadable(tiny_run):
     top = load_file(str(tiny_run / "model.safetensors"))
     inner = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.equal(top[k], inner[k]) for k in top)
+
+
+def test_training_curves_are_drawn_with_each_checkpoint(tmp_path, corpus_files, monkeypatch):
+    # Drawn with the checkpoint, its time is counted in the budget with the checkpoint's; the
+    # periodic ones quietly, the final one says where it is.
+    from trainer import loop
+
+    drawn = []
+
+    def draw(folder: Path, quiet: bool = False) -> None:
+        drawn.append(((folder / "checkpoints" / "latest").read_text().strip(), quiet))
+
+    monkeypatch.setattr(loop, "write_training_curves", draw)
+    run(tmp_path, corpus_files, "--max-steps", "12", "--save-every", "6")
+    assert drawn == [("step-0000006", True), ("step-0000012", False)]
 
 
 def test_config_json_reproduces_the_run(tmp_path, tiny_run):

@@ -107,7 +107,6 @@ def train(
         if run.env.main:
             print(reason, flush=True)
             run.metrics.close()
-            write_training_curves(run.folder)
         if run.env.distributed:
             torch.distributed.barrier()
     return run
@@ -214,7 +213,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
                 stop.received,
             )
         if due(state.step, cfg.run.save_every, last):
-            plan.save_seconds = meter.timed(save, run, meter)
+            plan.save_seconds = meter.timed(checkpoint, run, meter)
         if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {plan.budget:g}s reached at step {state.step}"
@@ -238,7 +237,7 @@ def finish(run: Run, meter: Meter, reason: str) -> str:
         # before this checkpoint; saving it again would replace the latest complete checkpoint
         # in place.)
         run_evaluation(run, meter.progress)
-        save(run, meter)
+        checkpoint(run, meter, final=True)
     if run.env.main:
         write_summary(run.folder, summary(run, meter))
     if meter.plan.budget:
@@ -406,6 +405,15 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
         progress.write(f"eval @ step {run.state.step}: {shown}")
     return results
+
+
+def checkpoint(run: Run, meter: Meter, final: bool = False) -> None:
+    """A checkpoint and the training curves up to it (drawn by the main process), so that a
+    running job's curves can be watched and the budget counts the plot's time with the
+    checkpoint's: the final plot is kept back with the final checkpoint."""
+    save(run, meter)
+    if run.env.main:
+        write_training_curves(run.folder, quiet=not final)
 
 
 def save(run: Run, meter: Meter) -> None:

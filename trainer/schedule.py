@@ -54,7 +54,8 @@ class Plan:
             del self.step_seconds[WARMUP_STEPS : -2 * REPLAN_EVERY]
 
     def final_cost(self) -> float:
-        """Seconds kept back for the final evaluation and checkpoint."""
+        """Seconds kept back for the final evaluation and checkpoint (a checkpoint's time holds
+        the training curves drawn with it)."""
         timed = (self.eval_seconds, self.save_seconds)
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
         return sum(FINAL_MARGIN * seconds if seconds else guess for seconds in timed)
