@@ -18,11 +18,22 @@ def simulate(
     save_every=0,
     save_cost=0.0,
     final_eval_cost=None,
+    plot_costs=(),
 ):
     """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans).
-    ``final_eval_cost``: the final evaluation's time, when it differs from the periodic ones."""
+    ``final_eval_cost``: the final evaluation's time, when it differs from the periodic ones;
+    ``plot_costs``: the training curves' drawings, one after another (appended to)."""
     plan = Plan(budget, None, None)
     step, now, plans = 0, 0.0, []
+    drawn = []
+
+    def draw():
+        nonlocal now
+        cost = plot_costs[min(len(drawn), len(plot_costs) - 1)]
+        now += cost
+        drawn.append(step)
+        plan.plotted(now, cost)
+
     while step < plan.total:
         cost = seconds_per_step(step)
         now += cost
@@ -38,9 +49,14 @@ def simulate(
         if save_every and step % save_every == 0 and not last:
             now += save_cost
             plan.save_seconds = save_cost
+            if plot_costs and plan.redraw_due(now):
+                draw()
         if not last and plan.out_of_time(now):
             plan.total = step
     now += (eval_cost if final_eval_cost is None else final_eval_cost) + save_cost  # the final ones
+    if plot_costs:
+        draw()
+        plot_costs[:] = drawn  # what the test reads: the steps drawn at
     return step, now, plans
 
 
@@ -95,6 +111,19 @@ def test_a_slowdown_is_refitted_and_the_run_still_ends_in_time():
     assert seconds <= 300.0
     assert plans[0][1] > plans[-1][1]  # planned long at first, then shortened
     assert steps == plans[-1][1]  # and the schedule still ends with the run
+
+
+def test_the_training_curves_are_redrawn_rarely_and_kept_back_for_the_end():
+    # Checkpoints every 5 s; the first drawing imports matplotlib (5 s), later ones take 0.5 s.
+    drawn = [5.0, 0.5]
+    steps, seconds, _ = simulate(
+        300.0, lambda s: 0.1, eval_every=100, eval_cost=1.0, save_every=50, save_cost=0.3,
+        plot_costs=drawn,
+    )  # fmt: skip
+    assert 300.0 - 1.0 < seconds <= 300.0
+    # Drawn at the first checkpoint, then about once a minute, and at the end.
+    assert drawn[0] == 50 and drawn[-1] == steps
+    assert 5 <= len(drawn) <= 7
 
 
 def test_the_learning_rate_ends_with_the_budget():

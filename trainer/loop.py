@@ -213,7 +213,8 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
                 stop.received,
             )
         if due(state.step, cfg.run.save_every, last):
-            plan.save_seconds = meter.timed(checkpoint, run, meter)
+            plan.save_seconds = meter.timed(save, run, meter)
+            draw_curves(run, meter)
         if not last and agreed(plan.out_of_time(meter.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {plan.budget:g}s reached at step {state.step}"
@@ -237,7 +238,8 @@ def finish(run: Run, meter: Meter, reason: str) -> str:
         # before this checkpoint; saving it again would replace the latest complete checkpoint
         # in place.)
         run_evaluation(run, meter.progress)
-        checkpoint(run, meter, final=True)
+        save(run, meter)
+        draw_curves(run, meter, final=True)
     if run.env.main:
         write_summary(run.folder, summary(run, meter))
     if meter.plan.budget:
@@ -407,13 +409,17 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
     return results
 
 
-def checkpoint(run: Run, meter: Meter, final: bool = False) -> None:
-    """A checkpoint and the training curves up to it (drawn by the main process), so that a
-    running job's curves can be watched and the budget counts the plot's time with the
-    checkpoint's: the final plot is kept back with the final checkpoint."""
-    save(run, meter)
-    if run.env.main:
-        write_training_curves(run.folder, quiet=not final)
+def draw_curves(run: Run, meter: Meter, final: bool = False) -> None:
+    """RUN/training_curves.png up to the checkpoint just saved, drawn by the main process: at the
+    end, and during the run at its first checkpoint and then at most every
+    ``schedule.REDRAW_SECONDS``. Its time (seconds: the first one imports matplotlib) is kept back
+    with the final checkpoint's."""
+    plan = meter.plan
+    if not run.env.main or not (final or plan.redraw_due(meter.elapsed())):
+        return
+    t = meter.clock()
+    write_training_curves(run.folder, quiet=not final)
+    plan.plotted(meter.elapsed(), meter.clock() - t)
 
 
 def save(run: Run, meter: Meter) -> None:

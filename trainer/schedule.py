@@ -31,6 +31,9 @@ UNMEASURED_FINAL_SHARE = 0.03
 # evaluation's summaries can be longer than the last periodic one's (a 30-minute run that kept
 # back exactly the latest ended 0.97 s past its budget).
 FINAL_MARGIN = 1.25
+# The training curves are redrawn with a checkpoint at most this often (0.5 s a drawing, 1 to 5
+# s for the first one in a process, which imports matplotlib).
+REDRAW_SECONDS = 60.0
 WARMUP_STEPS = 3  # this process's first steps, left out of the speed (warm-up)
 
 
@@ -46,6 +49,9 @@ class Plan:
         self.step_seconds: list[float] = []
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
+        # The training curves' latest drawing: when (elapsed seconds) and how long it took.
+        self.plot_at: float | None = None
+        self.plot_seconds = 0.0
 
     def record(self, seconds: float) -> None:
         """The time of one more step."""
@@ -54,11 +60,20 @@ class Plan:
             del self.step_seconds[WARMUP_STEPS : -2 * REPLAN_EVERY]
 
     def final_cost(self) -> float:
-        """Seconds kept back for the final evaluation and checkpoint (a checkpoint's time holds
-        the training curves drawn with it)."""
+        """Seconds kept back for the final evaluation, checkpoint and training curves."""
         timed = (self.eval_seconds, self.save_seconds)
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
-        return sum(FINAL_MARGIN * seconds if seconds else guess for seconds in timed)
+        jobs = sum(FINAL_MARGIN * seconds if seconds else guess for seconds in timed)
+        return jobs + FINAL_MARGIN * self.plot_seconds
+
+    def redraw_due(self, elapsed: float) -> bool:
+        """Whether a periodic checkpoint redraws the training curves: the first one does (which
+        times the drawing), later ones at most every REDRAW_SECONDS, so that frequent
+        checkpoints do not spend their time on plots."""
+        return self.plot_at is None or elapsed - self.plot_at >= REDRAW_SECONDS
+
+    def plotted(self, elapsed: float, seconds: float) -> None:
+        self.plot_at, self.plot_seconds = elapsed, seconds
 
     def due(self, step: int) -> bool:
         """Whether to (re)fit the plan after ``step``."""
@@ -76,6 +91,8 @@ class Plan:
         recent = measured[-REPLAN_EVERY:]
         per_step = sum(recent) / max(len(recent), 1)
         left = self.budget - elapsed - self.final_cost()
+        if save_every:  # the training curves redrawn with the checkpoints on the way
+            left *= REDRAW_SECONDS / (REDRAW_SECONDS + self.plot_seconds)
 
         def cost(n: int) -> float:
             """Seconds of ``n`` more steps, with the periodic jobs due at steps ``step`` (this
