@@ -1,0 +1,58 @@
+"""bench/decoding.py: every combination is decoded and scored against the run's own options,
+and the paired difference is the per-document one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+decoding = _load("decoding")
+
+
+def test_paired_difference_is_the_mean_per_document_one():
+    first = [{"rougeL": 10.0}, {"rougeL": 20.0}, {"rougeL": 30.0}]
+    other = [{"rougeL": 12.0}, {"rougeL": 20.0}, {"rougeL": 34.0}]
+    diff, error = decoding.paired(first, other)
+    assert diff == pytest.approx(2.0)
+    assert error == pytest.approx(2.0 / 3**0.5)  # stdev of (2, 0, 4) is 2
+
+
+def test_every_combination_is_scored_against_the_runs_own(tiny_run, corpus_files, tmp_path, capsys):
+    _, pairs = corpus_files
+    out = tmp_path / "rows.json"
+    own = json.loads((tiny_run / "generation_config.json").read_text())
+    argv = [str(tiny_run), "--pairs", str(pairs), "--limit", "6", "--json", str(out)]
+    argv += ["--length-penalty", str(own["length_penalty"]), "2"]
+    argv += ["--no-repeat-ngram", "0", str(own["no_repeat_ngram_size"])]
+    assert decoding.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 + 2 * 2
+    first = rows[0]
+    assert first["run's own"] and first["vs_own"] == 0
+    # The run's own options given explicitly decode the same summaries: the same scores.
+    same = [
+        r
+        for r in rows[1:]
+        if (r["length_penalty"], r["no_repeat_ngram_size"])
+        == (own["length_penalty"], own["no_repeat_ngram_size"])
+    ]
+    assert len(same) == 1 and same[0]["rougeL"] == first["rougeL"] and same[0]["vs_own"] == 0
+    for r in rows:
+        assert r["vs_own"] == pytest.approx(r["rougeL"] - first["rougeL"], abs=1e-9)
+    table = capsys.readouterr().out.rsplit("\n\n", 1)[-1]
+    assert table.count("\n| ") == 1 + len(rows)  # the header and a row each, printed last
