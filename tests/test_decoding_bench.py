@@ -1,5 +1,5 @@
 """bench/decoding.py: every combination is decoded and scored against the run's own options,
-and the paired difference is the per-document one."""
+and the paired difference is the per-document one; bench/debian_pairs.py reads a package list."""
 
 from __future__ import annotations
 
@@ -56,3 +56,31 @@ def test_every_combination_is_scored_against_the_runs_own(tiny_run, corpus_files
         assert r["vs_own"] == pytest.approx(r["rougeL"] - first["rougeL"], abs=1e-9)
     table = capsys.readouterr().out.rsplit("\n\n", 1)[-1]
     assert table.count("\n| ") == 1 + len(rows)  # the header and a row each, printed last
+
+
+def test_debian_pairs_are_long_descriptions_and_synopses(tmp_path):
+    debian = _load("debian_pairs")
+    status = tmp_path / "status"
+    status.write_text(
+        "Package: alpha\nStatus: install ok installed\nDescription: tool for alpha things\n"
+        " Alpha does one thing and does it well, on every\n machine it runs on.\n .\n"
+        " A second paragraph.\nHomepage: https://example.org\n\n"
+        "Package: beta\nDescription: too short\n Two words.\n\n"
+        "Package: gamma\nDescription: no long description\n"
+    )
+    assert debian.read_status(status) == [
+        (
+            "Alpha does one thing and does it well, on every machine it runs on.\n"
+            "A second paragraph.",
+            "tool for alpha things",
+        )
+    ]
+    assert debian.main(["--status", str(status), "--out", str(tmp_path / "out")]) == 0
+    rows = [
+        json.loads(line)
+        for name in ("train.jsonl", "test.jsonl")
+        for line in (tmp_path / "out" / name).read_text().splitlines()
+    ]
+    assert rows == [
+        {"document": debian.read_status(status)[0][0], "summary": "tool for alpha things"}
+    ]
