@@ -288,7 +288,7 @@ def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
 
 # Repeated bigrams are blocked in the summaries when at most this share of the training
 # summaries repeats a bigram of tokens (one-line summaries: 16% of the docstring summary lines),
-# repeated trigrams otherwise (longer, multi-sentence summaries repeat "of the" and the like).
+# repeated trigrams otherwise (the common setting for longer, multi-sentence summaries).
 # On 743 development docstring pairs, bigram blocking scored +0.47 ROUGE-L (+2.0 ROUGE-1)
 # over trigram blocking (bench/decoding.py, docs/performance.md).
 BIGRAM_BLOCKING_SHARE = 0.2
