@@ -22,8 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "bench"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from quality import ROUGE_KEYS, rouge_per_document  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,16 +53,6 @@ def load_pairs(sources: list[str], limit: int | None) -> list[tuple[str, str]]:
 
     pairs = read_pairs(sources, DataConfig())
     return pairs[:limit] if limit else pairs
-
-
-def per_document_rouge(predictions: list[str], references: list[str]) -> list[dict]:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    return [
-        {k: 100 * v.fmeasure for k, v in scorer.score(ref, pred).items()}
-        for pred, ref in zip(predictions, references, strict=True)
-    ]
 
 
 def paired(first: list[dict], other: list[dict]) -> tuple[float, float]:
@@ -90,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             documents, num_beams=beams, length_penalty=penalty, no_repeat_ngram_size=ngram
         )
         seconds = time.perf_counter() - start
-        scores = per_document_rouge(summaries, references)
+        scores = rouge_per_document(summaries, references)
         first = first or scores
         diff, error = paired(first, scores)
         row = {
             "length_penalty": own.get("length_penalty") if penalty is None else penalty,
             "no_repeat_ngram_size": own.get("no_repeat_ngram_size") if ngram is None else ngram,
             "run's own": penalty is None,
-            **{k: statistics.fmean(s[k] for s in scores) for k in ("rouge1", "rouge2", "rougeL")},
+            **{k: statistics.fmean(s[k] for s in scores) for k in ROUGE_KEYS},
             "vs_own": diff,
             "paired_se": error,
             "mean_words": statistics.fmean(len(s.split()) for s in summaries),

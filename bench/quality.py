@@ -104,16 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- scores
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F-measure x100 (rouge_score, Porter stemmer)."""
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_per_document(predictions: list[str], references: list[str]) -> list[dict]:
+    """ROUGE-1/2/L F-measure x100 of each prediction (rouge_score, Porter stemmer)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for prediction, reference in zip(predictions, references, strict=True):
-        for key, score in scorer.score(reference, prediction).items():
-            totals[key] += score.fmeasure
-    return {k: 100 * v / max(len(references), 1) for k, v in totals.items()}
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    return [
+        {key: 100 * score.fmeasure for key, score in scorer.score(reference, prediction).items()}
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measure x100 (rouge_score, Porter stemmer)."""
+    scores = rouge_per_document(predictions, references)
+    return {key: sum(s[key] for s in scores) / max(len(scores), 1) for key in ROUGE_KEYS}
 
 
 def lead(document: str, n: int) -> str:

@@ -4,27 +4,14 @@ measured numbers, the table keeps its shape, and the levers are train.py flags."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"bench_{name}"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compare, sides, levers = _load("compare"), _load("sides"), _load("levers")
+compare, sides, levers = load_bench("compare"), load_bench("sides"), load_bench("levers")
 
 TINY = [
     "--vocab-size", "400", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
@@ -335,7 +322,7 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
 def test_prefetch_bench_runs_both_depths_and_reports_their_ratio(tmp_path, small_corpus, capsys):
     from conftest import TINY_FLAGS
 
-    prefetch = _load("prefetch")
+    prefetch = load_bench("prefetch")
     train_file, eval_file = small_corpus
     extra = [*TINY_FLAGS, "--eval-text", str(eval_file)]
     results = prefetch.main(

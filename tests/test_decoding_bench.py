@@ -3,25 +3,12 @@ and the paired difference is the per-document one; bench/debian_pairs.py reads a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"bench_{name}"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-decoding = _load("decoding")
+decoding = load_bench("decoding")
 
 
 def test_paired_difference_is_the_mean_per_document_one():
@@ -59,7 +46,7 @@ def test_every_combination_is_scored_against_the_runs_own(tiny_run, corpus_files
 
 
 def test_debian_pairs_are_long_descriptions_and_synopses(tmp_path):
-    debian = _load("debian_pairs")
+    debian = load_bench("debian_pairs")
     status = tmp_path / "status"
     status.write_text(
         "Package: alpha\nStatus: install ok installed\nDescription: tool for alpha things\n"

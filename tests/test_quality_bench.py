@@ -3,27 +3,15 @@ schedule, and the whole race at a tiny size."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hf = _load("_quality_hf", "_quality_hf.py")
-quality = _load("bench_quality", "quality.py")
+hf = load_bench("_quality_hf", "_quality_hf")
+quality = load_bench("quality")
 
 TINY = [
     "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",

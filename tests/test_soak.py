@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, load_bench
 from safetensors.torch import save_file
 
 import train
@@ -18,15 +16,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load("soak", "soak.py")
+soak = load_bench("soak", "soak")
 
 
 def made_up_run(folder: Path, weight: float = 1.0, loss: float = 2.5, elapsed: float = 1.0):
