@@ -5,18 +5,26 @@ description (``/var/lib/dpkg/status``) as the document, its one-line synopsis as
     python bench/quality.py --minutes 10 --skip-mlm --pairs debian/train.jsonl \\
         --test-pairs debian/test.jsonl --text debian/corpus.jsonl
 
-For a generality check measured once, never for choosing a recipe. Packages are split by a
-stable hash of the description's normalised first 60 characters, so near-duplicates (a
-library and its -dev package sharing a description) fall on one side.
+For a generality check measured once, never for choosing a recipe. A fifth of the packages
+are held out as train.py holds out its split (``data.corpus.held_out_document``), so
+near-duplicates (a library and its -dev package sharing a description) fall on one side.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data.corpus import held_out_document  # noqa: E402
+
+TEST_FRACTION = 0.2
 
 MIN_WORDS = 8
 
@@ -47,12 +55,6 @@ def read_status(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def is_test(document: str) -> bool:
-    """A fifth of the groups of near-duplicates."""
-    key = re.sub(r"[^a-z]+", " ", document.lower())[:60]
-    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 5 == 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench/debian_pairs.py", description=__doc__.split("\n\n")[0]
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.status}: no such file (a Debian or Ubuntu machine's package list)")
     train, test = [], {}
     for document, summary in read_status(args.status):
-        if is_test(document):
+        if held_out_document(document, TEST_FRACTION):
             test.setdefault(document, summary)  # an identical description once
         else:
             train.append((document, summary))
