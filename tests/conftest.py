@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.plot import read_metrics
+
 TINY_FLAGS = [
     "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
     "--seq-len", "32", "--max-positions", "128", "--source-len", "64", "--target-len", "16",
@@ -50,8 +52,7 @@ def train_flags(out: Path, corpus_files, *extra: str) -> list[str]:
 
 def metrics(folder: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
-    path = Path(folder) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(Path(folder) / "metrics.jsonl")
 
 
 def latest_step(folder: Path) -> int:

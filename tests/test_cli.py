@@ -1,4 +1,4 @@
-"""``python -m model`` / ``minituring`` on a tiny trained run: fill-mask, summarize, evaluate and
+"""``python -m trainer.cli`` / ``minituring`` on a tiny trained run: fill-mask, summarize, evaluate and
 plot give what the Python API and the trainer give, and bad input gets one clear line."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def lm(tiny_run):
 
 def python_m_model(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "model", *args],
+        [sys.executable, "-m", "trainer.cli", *args],
         cwd=ROOT,
         input=stdin,
         capture_output=True,
@@ -91,11 +91,11 @@ def test_summarize_command_gives_an_empty_line_for_an_empty_document(tiny_run, l
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_run):
-    """``python -m model ... | head -n 1``: no error and no traceback once head has its line;
+    """``minituring ... | head -n 1``: no error and no traceback once head has its line;
     the status is 141 (128 + SIGPIPE), what ``cat`` or ``yes`` exit with in such a pipe."""
     texts = "\n".join(f"Return the [MASK] value of number {i}." for i in range(300))
     writer = subprocess.Popen(
-        [sys.executable, "-m", "model", "fill-mask", str(tiny_run), "-", "--top-k", "50"],
+        [sys.executable, "-m", "trainer.cli", "fill-mask", str(tiny_run), "-", "--top-k", "50"],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

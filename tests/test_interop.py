@@ -28,9 +28,9 @@ import model
 import train
 from data.tokenizer import load_tokenizer
 from model.hf import AUTO_MAP, REMOTE_CODE_FILES, _check_self_contained, save_remote_code
-from model.plot import PLOT_FILE
 from trainer import metrics
 from trainer.errors import TrainingError
+from trainer.plot import PLOT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
@@ -301,7 +301,7 @@ def test_missing_matplotlib_costs_one_line_not_the_run(tiny_run, tmp_path, monke
     metrics.write_training_curves(run)
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "pip install matplotlib" in printed[0]
-    assert f"python -m model plot {run}" in printed[0]
+    assert f"minituring plot {run}" in printed[0]
     assert not (run / PLOT_FILE).exists()
 
 

@@ -1,4 +1,4 @@
-"""The command line for using a trained run: ``minituring`` (or ``python -m model``).
+"""The command line for using a trained run: ``minituring`` (or ``python -m trainer.cli``).
 
     minituring fill-mask RUN "Return the [MASK] value of a number."
     minituring summarize RUN docs.txt --num-beams 4 --json
@@ -30,8 +30,8 @@ from data.sources import read_texts as read_source_texts
 from model.api import DEFAULT_GENERATION, LM, RunFolderError, load
 from model.config import PRESETS, resolve_shape
 from model.generate import DecodingConfig
-from model.plot import plot_run
 from trainer.evaluate import evaluate
+from trainer.plot import plot_run
 
 SPLITS = ("line", "block", "file")
 FILL_MASK_BATCH = 32
@@ -496,3 +496,7 @@ def _broken_pipe() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 128 + signal.SIGPIPE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

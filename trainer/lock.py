@@ -6,7 +6,7 @@ folder that belongs to neither. ``RunLock`` takes ``fcntl.flock(LOCK_EX | LOCK_N
 holds the folder. The kernel drops the lock when the holder's file is closed or the process
 dies (kill -9 included): a lock file left behind is never stale, it is simply taken again.
 
-Readers (``model.load``, ``python -m model``) never lock: the trainer publishes config,
+Readers (``model.load``, ``minituring``) never lock: the trainer publishes config,
 weights and checkpoints by atomic renames, so a reader always sees a whole file.
 """
 

@@ -108,13 +108,13 @@ class TensorBoardWriter:
 def write_training_curves(folder: Path, quiet: bool = False) -> None:
     """RUN/training_curves.png from metrics.jsonl. A run never fails for its plot. ``quiet``:
     redrawn with a checkpoint during the run, where a failure waits for the final one to say."""
-    from model.plot import plot_run
+    from trainer.plot import plot_run
 
     try:
         path = plot_run(folder)
     except Exception as err:  # matplotlib missing (the message names the extra), or a bad file
         if not quiet:
-            print(f"training curves not drawn: {err}; later: python -m model plot {folder}")
+            print(f"training curves not drawn: {err}; later: minituring plot {folder}")
         return
     if not quiet:
         print(f"training curves: {path}", flush=True)

@@ -11,11 +11,11 @@ import json
 import os
 from pathlib import Path
 
+from data.objectives import OBJECTIVES
 from model.files import atomic_path
 
 PLOT_FILE = "training_curves.png"
 PLOT_EXTRA = "pip install matplotlib"
-OBJECTIVE_ORDER = ("masked_lm", "gap_summary", "summarize")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -46,7 +46,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _objectives(keys: set[str]) -> list[str]:
     found = {k.split("/")[1] for k in keys if k.startswith("eval/")}
     found |= {k.split("/")[1] for k in keys if k.startswith("loss/")}
-    return sorted(found, key=lambda n: (OBJECTIVE_ORDER + (n,)).index(n))
+    return sorted(found, key=lambda n: (OBJECTIVES + (n,)).index(n))
 
 
 def _figure_class():
