@@ -113,7 +113,7 @@ def test_the_packages_are_layered():
 def test_a_planted_circle_an_upward_import_and_a_private_name_are_caught(tmp_path):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package)
-    assert layering_problems(tmp_path) == []
+    before = set(layering_problems(tmp_path))
     (tmp_path / "data" / "a.py").write_text("from data.b import thing\n")
     (tmp_path / "data" / "b.py").write_text("def f():\n    from data import a\n")
     (tmp_path / "model" / "up.py").write_text("import trainer.loop\n")
