@@ -1,6 +1,7 @@
 """The README's two commands stay true: the test command is what CI runs, and the main job
 (``python train.py``) runs, here with a tiny shape and a small slice of the embedded corpus,
-through the very function the command calls, ending with a fill-mask and a summary."""
+through the very function the command calls, ending with a fill-mask and a summary. The README
+stays short enough to read in five minutes, and its links (and the docs' links) lead somewhere."""
 
 from __future__ import annotations
 
@@ -18,8 +19,17 @@ MAIN_COMMAND = "pip install -e . && python train.py"
 TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest -q'
 
 
+MAX_README_LINES = 200
+
+
 def readme() -> str:
     return (ROOT / "README.md").read_text()
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def test_readme_shows_both_commands():
@@ -65,3 +75,24 @@ def test_default_configuration_is_the_tiny_preset_on_everything():
     assert cfg.model.preset == "tiny"
     assert cfg.data.train_text == [] and cfg.data.train_pairs == []  # the embedded corpus
     assert cfg.run.objectives == "auto"
+
+
+def test_readme_is_short():
+    assert len(readme().splitlines()) <= MAX_README_LINES
+
+
+def test_links_of_the_readme_and_docs_lead_somewhere():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in anchors(linked.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
