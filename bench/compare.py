@@ -1,8 +1,8 @@
 """minituring against Hugging Face, side by side, on this machine, in one run.
 
-    python bench/compare.py                                   # every part, tiny shape
-    python bench/compare.py --parts mlm --steps 40 --json bench.json
-    python bench/compare.py --device cuda --preset base       # GPU: BERT-base shape, sequence 512
+    python -m bench.compare                                   # every part, tiny shape
+    python -m bench.compare --parts mlm --steps 40 --json bench.json
+    python -m bench.compare --device cuda --preset base       # GPU: BERT-base shape, sequence 512
 
 Ours is ``python train.py`` as a user runs it, in a fresh folder, read back from its
 ``RUN/summary.json``; the Hugging Face side is ``bench/sides.py``, one process a contestant, on
@@ -31,15 +31,11 @@ import datetime
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SIDES = Path(__file__).resolve().parent / "sides.py"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.common import Failed, run, run_train, table
 
 PARTS = ("mlm", "seq2seq", "generate", "ceiling")
 SHAPES = {
@@ -50,7 +46,7 @@ SHAPES = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bench/compare.py",
+        prog="python -m bench.compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -213,32 +209,19 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     return spec
 
 
-def run_process(command: list[str], log: Path, timeout: float) -> str | None:
-    """None when the process succeeded, else why not (its log's tail printed)."""
-    with open(log, "w") as out:
-        try:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  timeout=timeout).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = None
-    if code == 0:
-        return None
-    why = f"timed out after {timeout:.0f}s" if code is None else f"exit status {code}"
-    tail = log.read_text(errors="replace").strip().splitlines()[-20:]
-    print(f" FAILED ({why}); {log}:\n" + "\n".join("      " + x for x in tail), flush=True)
-    return why
-
-
 def side(task: str, spec: dict, tmp: Path, timeout: float) -> dict:
     name = f"{task}-{len(list(tmp.glob(task + '-*.json')))}"
     spec_file, result = tmp / f"{name}.json", tmp / f"{name}.result"
     spec_file.write_text(json.dumps(spec))
-    why = run_process([sys.executable, str(SIDES), task, str(spec_file), str(result)],
-                      tmp / f"{name}.log", timeout)  # fmt: skip
-    return {"error": why} if why else json.loads(result.read_text())
+    try:
+        run([sys.executable, "-m", "bench.sides", task, str(spec_file), str(result)],
+            tmp / f"{name}.log", timeout=timeout)  # fmt: skip
+    except Failed as err:
+        return {"error": err.why}
+    return json.loads(result.read_text())
 
 
-def ours_flags(args: argparse.Namespace, spec: dict, part: str, out: Path) -> list[str]:
+def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
     """The train.py command line of our side of ``part``."""
     s, warmup, steps = spec["shape"], spec["warmup"], spec["steps"]
     flags = [
@@ -250,8 +233,7 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str, out: Path) -> li
         "--log-every", warmup,  # the first log window is the warm-up; the timed steps follow
         "--eval-every", 0, "--save-every", 0, "--eval-batches", 1, "--rouge-samples", 0,
         "--no-progress", "--device", spec["device"], "--precision", spec["precision"],
-        "--seed", args.seed, "--tokenizer", spec["tokenizer"], "--output-dir", out,
-        "--mask-rate", spec["mask_rate"],
+        "--seed", args.seed, "--tokenizer", spec["tokenizer"], "--mask-rate", spec["mask_rate"],
         "--objectives", "masked_lm=1" if part == "mlm" else "summarize=1",
     ]  # fmt: skip
     if args.corpus_max_chars is not None:
@@ -265,17 +247,16 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str, out: Path) -> li
 def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
     """``python train.py`` in a fresh folder; the timed window of its summary.json."""
     out = tmp / f"ours-{part}-{len(list(tmp.glob(f'ours-{part}-*.log')))}"
-    command = [sys.executable, str(ROOT / "train.py"), *ours_flags(args, spec, part, out)]
-    why = run_process(command, out.with_suffix(".log"), args.timeout)
-    if why:
-        return {"error": why}
-    s = json.loads((out / "summary.json").read_text())
+    try:
+        s = run_train(ours_flags(args, spec, part), out, timeout=args.timeout)
+    except Failed as err:
+        return {"error": err.why}
     return {
         "seconds": s["timed_seconds"],
         "tokens": s["timed_tokens"] if part == "mlm" else s["timed_real_tokens"],
         "padding_share": s["padding_share"], "data_wait": s["data_wait"],
         "peak_mem_mib": s["peak_memory_mb"], "nominal_flops_per_token": s["flops_per_token"],
-        "precision": s["precision"], "run": str(out), "command": ["train.py", *command[2:]],
+        "precision": s["precision"], "run": str(out), "command": s["command"],
     }  # fmt: skip
 
 
@@ -473,10 +454,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append((r["part"], r["contestant"], format_value(r), f"{ratio:.2f}x" if ratio else "",
                       f"{mem:,.0f} MiB" if mem else "", f"{100 * wait:.1f}%" if wait is not None else "",
                       ", ".join(note)))  # fmt: skip
-    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(x.rstrip() for x in out + [fmt.format(*line) for line in lines])
+    return table([header, *lines], rule=True)
 
 
 def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict) -> str:
@@ -522,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_rows({**spec, **task_specs(args, settings, spec, tmp)["generate"]}, results)
         if args.json:
             report = {
-                "command": ["bench/compare.py", *(sys.argv[1:] if argv is None else argv)],
+                "command": ["python", "-m", "bench.compare", *(sys.argv[1:] if argv is None else argv)],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "settings": settings, "results": results, "rows": rows,
             }  # fmt: skip

@@ -1,9 +1,9 @@
 """How data preparation scales with the corpus: memory, preparation time, warm start.
 
-    python bench/data_scale.py                       # 10 MB and 100 MB, cold and warm cache
-    python bench/data_scale.py --sizes 10 100 1000   # add 1 GB
-    python bench/data_scale.py --sizes 1000 --only cold
-    python bench/data_scale.py --sizes 100 1000 --streaming   # and --streaming on 1 GB
+    python -m bench.data_scale                       # 10 MB and 100 MB, cold and warm cache
+    python -m bench.data_scale --sizes 10 100 1000   # add 1 GB
+    python -m bench.data_scale --sizes 1000 --only cold
+    python -m bench.data_scale --sizes 100 1000 --streaming   # and --streaming on 1 GB
 
 Each corpus is real text: the embedded corpus's documents repeated in a shuffled order until
 the size is reached, one JSON object a line, written under ``--workdir`` (``/tmp`` by default,
@@ -29,14 +29,10 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import Failed, run_train
+from trainer.plot import read_metrics
 
 MB = 1_000_000
 
@@ -53,7 +49,7 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
     docs = list(raw.train_texts) + list(raw.eval_texts)
     rng = random.Random(seed)
     tmp = path.with_suffix(".tmp")
-    written, round_ = 0, 0
+    written = 0
     with open(tmp, "w", encoding="utf-8") as f:
         while written < size_mb * MB:
             order = list(range(len(docs)))
@@ -64,7 +60,6 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
                 written += len(line.encode())
                 if written >= size_mb * MB:
                     break
-            round_ += 1
     os.replace(tmp, path)
     return path
 
@@ -72,57 +67,25 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
 _PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
 
 
-def run_child(
-    corpus: Path, out: Path, cache: Path, steps: int, extra: list[str], env: dict | None = None
-) -> dict:
+def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str], env=None) -> dict:
     """Train on ``corpus`` in a child process (``env``: more environment variables); what
     it measured."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "train.py"), "--train-text", str(corpus)]
-    cmd += ["--objectives", "masked_lm=1", "--max-steps", str(steps), "--output-dir", str(out)]
-    cmd += extra
-    env = dict(os.environ, **(env or {}), MINITURING_CACHE=str(cache), PYTHONPATH=str(REPO))
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-
-    def pump(stream, name: str) -> None:
-        while block := stream.read1(65536):
-            chunks[name].append(block)
-
-    threads = [
-        threading.Thread(target=pump, args=(child.stdout, "stdout")),
-        threading.Thread(target=pump, args=(child.stderr, "stderr")),
-    ]
-    for t in threads:
-        t.start()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    stdout = b"".join(chunks["stdout"]).decode(errors="replace")
-    if child.returncode != 0:
-        stderr = b"".join(chunks["stderr"]).decode(errors="replace")
-        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr[-3000:]}")
-    prepared = _PREPARED.search(stdout)
-    summary = json.loads((out / "summary.json").read_text())
-    tokens_per_s = None
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if "tokens_per_s" in record:
-                tokens_per_s = record["tokens_per_s"]
+    flags = ["--train-text", str(corpus), "--objectives", "masked_lm=1", "--max-steps", str(steps)]
+    try:
+        s = run_train([*flags, *extra], out, env={**(env or {}), "MINITURING_CACHE": str(cache)})
+    except Failed as err:
+        raise SystemExit(f"{' '.join(flags)} failed: {err}") from None
+    prepared = _PREPARED.search(Path(out.parent / f"{out.name}.log").read_text())
+    logged = [m for m in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in m]
     return {
-        "wall_s": wall,
+        "wall_s": s["wall_s"],
         "prepare_s": float(prepared.group(1)) if prepared else None,
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # kilobytes on Linux
-        "first_step_s": summary["first_step_seconds"],
-        "tokens_per_s": tokens_per_s,
+        "peak_rss_mib": s["peak_rss_mib"],
+        "first_step_s": s["first_step_seconds"],
+        "tokens_per_s": logged[-1]["tokens_per_s"] if logged else None,
         # Over the steps after the first log window (summary.json), not the last window:
-        "data_wait": summary["data_wait"],
-        "timed_tokens_per_s": summary["tokens_per_s"],
+        "data_wait": s["data_wait"],
+        "timed_tokens_per_s": s["tokens_per_s"],
     }
 
 

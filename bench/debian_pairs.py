@@ -1,8 +1,8 @@
 """Real document/summary pairs from a Debian or Ubuntu machine: each installed package's long
 description (``/var/lib/dpkg/status``) as the document, its one-line synopsis as the summary.
 
-    python bench/debian_pairs.py --out debian
-    python bench/quality.py --minutes 10 --skip-mlm --pairs debian/train.jsonl \\
+    python -m bench.debian_pairs --out debian
+    python -m bench.quality --minutes 10 --skip-mlm --pairs debian/train.jsonl \\
         --test-pairs debian/test.jsonl --text debian/corpus.jsonl
 
 For a generality check measured once, never for choosing a recipe. A fifth of the packages
@@ -15,18 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from data.corpus import held_out_document
 
-from data.corpus import held_out_document  # noqa: E402
-
-TEST_FRACTION = 0.2
-
-MIN_WORDS = 8
+TEST_FRACTION, MIN_WORDS = 0.2, 8
 
 
 def read_status(path: Path) -> list[tuple[str, str]]:
@@ -57,7 +50,7 @@ def read_status(path: Path) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bench/debian_pairs.py", description=__doc__.split("\n\n")[0]
+        prog="python -m bench.debian_pairs", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--status", type=Path, default=Path("/var/lib/dpkg/status"))
     parser.add_argument("--out", type=Path, required=True)

@@ -65,7 +65,7 @@ part() {
 }
 
 finish() {
-    "$python" bench/gpu_report.py "$out" || cat "$out/parts.tsv"
+    "$python" -m bench.gpu_throughput --report "$out" || cat "$out/parts.tsv"
     echo
     echo "logs and results: $out"
     exit $((failures > 0))
@@ -96,7 +96,7 @@ else
     nproc="${GPU_CHECK_NPROC:-1}"
     label="tiny fp32 (cpu smoke)"
 fi
-bench=("$python" bench/gpu_throughput.py --device "$device" ${sizes[@]+"${sizes[@]}"})
+bench=("$python" -m bench.gpu_throughput --device "$device" ${sizes[@]+"${sizes[@]}"})
 
 # ---------------------------------------------------------------------------- tests
 part gpu-tests 300 "passed|failed|skipped|error|no tests" \
@@ -113,7 +113,7 @@ fi
 if ((nproc >= 2)); then
     part "throughput-fsdp-x$nproc" 240 "tokens/s" \
         "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-        bench/gpu_throughput.py --device "$device" ${sizes[@]+"${sizes[@]}"} --strategy fsdp \
+        -m bench.gpu_throughput --device "$device" ${sizes[@]+"${sizes[@]}"} --strategy fsdp \
         --label "$label, FSDP x$nproc" --run-dir "$out/fsdp" --json "$out/3-fsdp.json"
 fi
 

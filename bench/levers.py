@@ -1,7 +1,7 @@
 """One lever at a time: our training step with each speed option flipped, in one process.
 
-    python bench/levers.py                        # masked LM and summarization, every lever
-    python bench/levers.py --objectives summarize --rounds 5
+    python -m bench.levers                        # masked LM and summarization, every lever
+    python -m bench.levers --objectives summarize --rounds 5
 
 ``compare.py`` races whole trainers; this isolates *why* ours is fast. Every lever is a train.py
 flag (see ``python train.py --help``): each variant is the defaults plus its flags, turned into
@@ -23,21 +23,16 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import train  # noqa: E402
-from data.batching import Seq2SeqStream  # noqa: E402
-from data.tokenizer import SpecialIds  # noqa: E402
-from model.transformer import IGNORE_INDEX, MiniTuringModel  # noqa: E402
-from trainer.config import build_model_config  # noqa: E402
-from trainer.optim import make_optimizer  # noqa: E402
+import train
+from data.batching import Seq2SeqStream
+from data.tokenizer import SpecialIds
+from model.transformer import IGNORE_INDEX, MiniTuringModel
+from trainer.config import build_model_config
+from trainer.optim import make_optimizer
 
 VARIANTS = {
     "defaults": [],
@@ -60,7 +55,7 @@ IDS = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, sentence_mask=5)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bench/levers.py",
+        prog="python -m bench.levers",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,9 +1,9 @@
 """Data wait with and without the prefetching thread, side by side.
 
-    python bench/prefetch.py                               # streamed, tiny preset, 60 steps
-    python bench/prefetch.py --mapped --preset small --steps 20
-    python bench/prefetch.py --torch-threads 1             # a core left spare for the thread
-    python bench/prefetch.py --extra --device cuda         # on a GPU
+    python -m bench.prefetch                               # streamed, tiny preset, 60 steps
+    python -m bench.prefetch --mapped --preset small --steps 20
+    python -m bench.prefetch --torch-threads 1             # a core left spare for the thread
+    python -m bench.prefetch --extra --device cuda         # on a GPU
 
 Trains the same run (``train.py --objectives masked_lm=1`` on ``--size-mb`` MB of the embedded
 corpus's documents, as ``bench/data_scale.py`` builds it) once with ``--prefetch 0`` (the step
@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from data_scale import make_corpus, run_child  # noqa: E402 - after the path
+from bench.data_scale import make_corpus, run_child
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

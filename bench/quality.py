@@ -1,9 +1,9 @@
 """Quality at equal wall-clock time: minituring against Hugging Face models trained from scratch
 on the same data, on this machine, for the same time.
 
-    python bench/quality.py --minutes 10
-    python bench/quality.py --minutes 2 --test-limit 40 --json quality.json
-    python bench/quality.py --pairs train.jsonl --test-pairs test.jsonl --text docs.txt
+    python -m bench.quality --minutes 10
+    python -m bench.quality --minutes 2 --test-limit 40 --json quality.json
+    python -m bench.quality --pairs train.jsonl --test-pairs test.jsonl --text docs.txt
 
 Contestants, run one after the other:
 
@@ -14,7 +14,7 @@ Contestants, run one after the other:
   encoder + decoder) trained with ``Seq2SeqTrainer`` on the training pairs, and HF BERT
   (``BertForMaskedLM`` at our shape) trained with ``Trainer`` + ``DataCollatorForLanguageModeling``
   on the training text, each for the same wall-clock, with one byte-level BPE tokenizer trained
-  with ``tokenizers`` on the text ours trains its tokenizer on (see ``bench/_quality_hf.py``).
+  with ``tokenizers`` on the text ours trains its tokenizer on (see ``bench/quality_hf.py``).
 * baselines: lead-N (the document's first N words, N the reference's word count), lead-10, and
   the extractive oracle (the window of the document's words, of the reference's length, with the
   best ROUGE-L against the reference).
@@ -24,7 +24,8 @@ preparation (corpus, tokenizer training, tokenization), steps, evaluations and c
 HF side's training loop gets the budget less its own preparation (tokenizer training and
 tokenization), stopped by a callback. Test-set decoding is outside it on both sides.
 
-Summaries: ROUGE-1/2/L F-measure (``rouge_score``, stemmer on) x100, mean over the test pairs;
+Summaries: ROUGE-1/2/L F-measure x100 as the trainer scores them (``trainer.evaluate.rouge``:
+``rouge_score``, stemmer on), mean over the test pairs;
 beam 4, no repeated trigram, at most ``--max-new-tokens`` tokens of each model's own tokenizer.
 Cloze: one whole word masked in each held-out text (its first ``CONTEXT_WORDS`` words): a word of
 letters only, not the first, preceded by a space, drawn by a seeded shuffle among those that are a
@@ -43,16 +44,14 @@ import random
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for folder in (ROOT, ROOT / "bench"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+from bench import quality_hf
+from bench.common import run_train
+from trainer.evaluate import rouge, rouge_scores
 
 MASK = "[MASK]"
 CONTEXT_WORDS = 40  # about 60-100 tokens: inside both models' masked-LM block (128)
@@ -61,7 +60,7 @@ SHAPE_FLAGS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "seq_len", 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bench/quality.py",
+        prog="python -m bench.quality",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -104,50 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- scores
 
 
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
-
-
-def rouge_per_document(predictions: list[str], references: list[str]) -> list[dict]:
-    """ROUGE-1/2/L F-measure x100 of each prediction (rouge_score, Porter stemmer)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    return [
-        {key: 100 * score.fmeasure for key, score in scorer.score(reference, prediction).items()}
-        for prediction, reference in zip(predictions, references, strict=True)
-    ]
-
-
-def rouge(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F-measure x100 (rouge_score, Porter stemmer)."""
-    scores = rouge_per_document(predictions, references)
-    return {key: sum(s[key] for s in scores) / max(len(scores), 1) for key in ROUGE_KEYS}
-
-
 def lead(document: str, n: int) -> str:
     return " ".join(document.split()[:n])
 
 
-def oracle(document: str, reference: str, scorer=None) -> str:
+def oracle(document: str, reference: str) -> str:
     """The contiguous window of the document's words, as many as the reference has, with the
     highest ROUGE-L F-measure against the reference (the first such window on ties)."""
-    if scorer is None:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     words, n = document.split(), max(len(reference.split()), 1)
     windows = [" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))]
-    return max(windows, key=lambda w: scorer.score(reference, w)["rougeL"].fmeasure)
+    return max(windows, key=lambda w: rouge_scores(w, reference)[2])
 
 
 def baselines(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return {
         "lead-N (N = reference words)": [lead(d, len(s.split())) for d, s in pairs],
         "lead-10": [lead(d, 10) for d, _ in pairs],
-        "oracle window (best ROUGE-L)": [oracle(d, s, scorer) for d, s in pairs],
+        "oracle window (best ROUGE-L)": [oracle(d, s) for d, s in pairs],
     }
 
 
@@ -195,13 +167,8 @@ def load_data(args: argparse.Namespace):
     return load_raw(cfg), cfg
 
 
-def our_command(args: argparse.Namespace, seconds: float, out: Path) -> list[str]:
-    flags = [
-        "--time-budget", f"{seconds:g}",
-        "--seed", str(args.seed),
-        "--output-dir", str(out),
-        "--no-progress",
-    ]  # fmt: skip
+def our_flags(args: argparse.Namespace, seconds: float) -> list[str]:
+    flags = ["--time-budget", f"{seconds:g}", "--seed", str(args.seed), "--no-progress"]
     for flag, values in (("--train-text", args.text), ("--train-pairs", args.pairs),
                          ("--eval-text", args.test_text), ("--eval-pairs", args.test_pairs)):  # fmt: skip
         if values:
@@ -209,40 +176,16 @@ def our_command(args: argparse.Namespace, seconds: float, out: Path) -> list[str
     for name in SHAPE_FLAGS:
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return [sys.executable, str(ROOT / "train.py"), *flags, *shlex.split(args.ours_flags)]
+    return [*flags, *shlex.split(args.ours_flags)]
 
 
 def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
     """train.py as a user runs it, in its own process; its output echoed as progress."""
-    out = work / "ours"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = our_command(args, budget, out)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    start, lines = time.perf_counter(), []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=ROOT, env=env) as proc:  # fmt: skip
-        for line in proc.stdout:
-            lines.append(line)
-            print("  ours | " + line.rstrip(), flush=True)
-    (work / "ours.log").write_text("".join(lines))
-    if proc.returncode:
-        raise RuntimeError(
-            f"train.py exited with status {proc.returncode}: see {work / 'ours.log'}"
-        )
-    total = time.perf_counter() - start
-    summary = json.loads((out / "summary.json").read_text())
-    return {
-        "run": str(out),
-        "steps": summary["steps"],
-        "train_seconds": summary["elapsed"] - summary["data_seconds"],
-        "train_seconds_estimated": False,
-        "prep_seconds": summary["data_seconds"],
-        "total_seconds": total,
-        "command": cmd,
-    }
+    s = run_train(our_flags(args, budget), work / "ours", echo="  ours")
+    return {"run": str(work / "ours"), "steps": s["steps"],
+            "train_seconds": s["elapsed"] - s["data_seconds"], "train_seconds_estimated": False,
+            "prep_seconds": s["data_seconds"], "total_seconds": s["wall_s"],
+            "command": s["command"]}  # fmt: skip
 
 
 def run_ours(args, seconds, work, test_pairs) -> tuple[dict, object]:
@@ -280,8 +223,6 @@ def hf_regularisation(args: argparse.Namespace) -> dict:
 
 
 def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
-    import _quality_hf as hf
-
     reg = hf_regularisation(args)
     dropouts = reg["dropout"], reg["attention_dropout"]
 
@@ -290,25 +231,25 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     # The HF side takes plain lists, as a script written for it would (our tables are
     # memory-mapped and read batch by batch).
     texts, pairs = list(raw.train_texts), [tuple(p) for p in raw.train_pairs]
-    tokenizer = hf.train_tokenizer(texts + [d for d, _ in pairs],
+    tokenizer = quality_hf.train_tokenizer(texts + [d for d, _ in pairs],
                                    shape["vocab_size"])  # fmt: skip
     tok_seconds = time.perf_counter() - start
     print(f"[quality] HF tokenizer: {len(tokenizer)} entries in {tok_seconds:.0f}s", flush=True)
     results["tokenizer"] = tokenizer
     if pairs:
         start = time.perf_counter()
-        data = hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
+        data = quality_hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
         prep = tok_seconds + time.perf_counter() - start
-        bart = hf.build_bart(shape, tokenizer, args.seed, *dropouts)
-        print(f"[quality] BART {hf.bart_layers(shape['num_layers'])}: {hf.n_params(bart) / 1e6:.2f}M"
+        bart = quality_hf.build("bart", shape, tokenizer, args.seed, *dropouts)
+        print(f"[quality] BART {quality_hf.bart_layers(shape['num_layers'])}: {bart.num_parameters() / 1e6:.2f}M"
               f" params, {len(data)} pairs, lr {args.bart_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
-        info = hf.train_bart(bart, data, tokenizer, max(seconds - prep, 1.0), args.bart_lr,
+        info = quality_hf.train_bart(bart, data, tokenizer, max(seconds - prep, 1.0), args.bart_lr,
                              args.seed, args.batch_size, reg["label_smoothing"])  # fmt: skip
-        info.update(params=hf.n_params(bart), prep_seconds=prep, lr=args.bart_lr)
+        info.update(params=bart.num_parameters(), prep_seconds=prep, lr=args.bart_lr)
         info["total_seconds"] = prep + info["train_seconds"]
         if test_pairs:
             print(f"[quality] BART: summarizing {len(test_pairs)} test documents", flush=True)
-            summaries = hf.bart_summarize(
+            summaries = quality_hf.bart_summarize(
                 bart, tokenizer, [d for d, _ in test_pairs], num_beams=4,
                 max_new_tokens=args.max_new_tokens, source_len=cfg.source_len,
                 no_repeat_ngram_size=3,
@@ -318,14 +259,14 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         del bart
     if raw.train_texts and not args.skip_mlm:
         start = time.perf_counter()
-        data = hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
+        data = quality_hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
         prep = tok_seconds + time.perf_counter() - start
-        bert = hf.build_bert(shape, tokenizer, args.seed, *dropouts)
-        print(f"[quality] BERT: {hf.n_params(bert) / 1e6:.2f}M params, {len(data)} blocks of "
+        bert = quality_hf.build("bert", shape, tokenizer, args.seed, *dropouts)
+        print(f"[quality] BERT: {bert.num_parameters() / 1e6:.2f}M params, {len(data)} blocks of "
               f"{shape['seq_len']}, lr {args.bert_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
-        info = hf.train_bert(bert, data, tokenizer, max(seconds - prep, 1.0), args.bert_lr,
+        info = quality_hf.train_bert(bert, data, tokenizer, max(seconds - prep, 1.0), args.bert_lr,
                              args.seed, args.batch_size)  # fmt: skip
-        info.update(params=hf.n_params(bert), prep_seconds=prep, lr=args.bert_lr, model=bert)
+        info.update(params=bert.num_parameters(), prep_seconds=prep, lr=args.bert_lr, model=bert)
         info["total_seconds"] = prep + info["train_seconds"]
         results["bert"] = info
     return results
@@ -382,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 60 * args.minutes
     shape = {**PRESETS["tiny"](), "vocab_size": 8192, "max_positions": 512}
     shape.update({k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None})
-    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="minituring-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -419,10 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if lm is not None and raw.train_texts and not args.skip_mlm:
             fill["ours"] = (lm.tokenizer, lambda texts: our_fill(lm, texts))
         if hf and "bert" in hf:
-            import _quality_hf
-
             tok, bert = hf["tokenizer"], hf["bert"]["model"]
-            fill["bert"] = (tok, lambda texts: _quality_hf.bert_fill(
+            fill["bert"] = (tok, lambda texts: quality_hf.bert_fill(
                 bert, tok, [t.replace(MASK, tok.mask_token) for t in texts]))  # fmt: skip
         cloze_n = 0
         if fill and raw.eval_texts:

@@ -1,6 +1,6 @@
 """What ``bench/compare.py`` runs in a process of its own (ours trains as ``python train.py``):
 
-    python bench/sides.py TASK SPEC.json RESULT.json
+    python -m bench.sides TASK SPEC.json RESULT.json
 
 Tasks: ``ceiling``; ``mlm_hf`` and ``seq2seq_hf`` (a Hugging Face model + ``Trainer`` on the
 data compare.py prepared); ``count_ours`` (the FLOPs of one of our training steps, from a run
@@ -20,11 +20,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from trainer.metrics import peak_memory_mb  # noqa: E402
+from bench.common import grouped_by_length, hf_model
+from trainer.metrics import peak_memory_mb
 
 IGNORE_INDEX = -100
 
@@ -137,35 +134,11 @@ def train_hf(spec: dict, model, data, collator, count) -> dict:
     }
 
 
-def hf_config(spec: dict, kind: str):
-    from transformers import BartConfig, BertConfig
-
-    s, ids = spec["shape"], spec["ids"]
-    common = dict(vocab_size=s["vocab_size"], pad_token_id=ids["pad"])
-    if kind == "bert":  # no dropout, as ours trains by default: both do the same work
-        return BertConfig(
-            **common, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
-            num_attention_heads=s["num_heads"], intermediate_size=s["ffn_size"],
-            max_position_embeddings=s["max_positions"], hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-    enc, dec = spec["bart_layers"]
-    return BartConfig(
-        **common, d_model=s["hidden_size"], encoder_layers=enc, decoder_layers=dec,
-        encoder_attention_heads=s["num_heads"], decoder_attention_heads=s["num_heads"],
-        encoder_ffn_dim=s["ffn_size"], decoder_ffn_dim=s["ffn_size"],
-        max_position_embeddings=s["max_positions"], dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, bos_token_id=ids["cls"], eos_token_id=ids["sep"],
-        decoder_start_token_id=ids["cls"], forced_bos_token_id=None, forced_eos_token_id=None,
-    )  # fmt: skip
-
-
-def hf_model(spec: dict, kind: str):
-    from transformers import BartForConditionalGeneration, BertForMaskedLM
-
-    torch.manual_seed(spec["seed"])
-    cls = BertForMaskedLM if kind == "bert" else BartForConditionalGeneration
-    return cls._from_config(hf_config(spec, kind), attn_implementation="sdpa")
+def contestant(spec: dict, kind: str):
+    """HF's model at the benchmark's shape, without dropout, as ours trains by default."""
+    ids = spec["ids"]
+    ids = {"vocab": spec["shape"]["vocab_size"], "pad": ids["pad"], "bos": ids["cls"], "eos": ids["sep"]}  # fmt: skip
+    return hf_model(kind, spec["shape"], ids, spec["seed"], layers=spec["bart_layers"])
 
 
 def mlm_hf(spec: dict) -> dict:
@@ -181,23 +154,19 @@ def mlm_hf(spec: dict) -> dict:
     def count(kw):  # packed blocks: every position is a token
         return kw["input_ids"].numel(), kw["input_ids"].numel()
 
-    return train_hf(spec, hf_model(spec, "bert"), data, collator, count)
+    return train_hf(spec, contestant(spec, "bert"), data, collator, count)
 
 
 def seq2seq_hf(spec: dict) -> dict:
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq
 
     from data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec["tokenizer"])
-    model = hf_model(spec, "bart")
+    model = contestant(spec, "bart")
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
-    # HF's length-grouped sampler (ours buckets by length); transformers < 5: group_by_length.
-    grouped = {"train_sampling_strategy": "group_by_length"}
-    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
-        grouped = {"group_by_length": True}
-    spec["hf_extra"] = grouped
+    spec["hf_extra"] = grouped_by_length()
     return train_hf(spec, model, load_from_disk(spec["dataset"]), collator, seq2seq_tokens)
 
 
@@ -274,7 +243,7 @@ def generate_ours(spec: dict) -> dict:
 def generate_hf(spec: dict) -> dict:
     from transformers import GenerationConfig
 
-    model = hf_model(spec, "bart").to(spec["device"]).eval()
+    model = contestant(spec, "bart").to(spec["device"]).eval()
     ids, sources = spec["ids"], spec["sources"]
     longest = max(len(s) for s in sources)
     inputs = torch.tensor([s + [ids["pad"]] * (longest - len(s)) for s in sources])
@@ -302,7 +271,7 @@ TASKS = {
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3 or argv[0] not in TASKS:
-        raise SystemExit(f"usage: python bench/sides.py {{{','.join(TASKS)}}} SPEC RESULT")
+        raise SystemExit(f"usage: python -m bench.sides {{{','.join(TASKS)}}} SPEC RESULT")
     task, spec_file, result_file = argv
     spec = json.loads(Path(spec_file).read_text())
     Path(result_file).write_text(json.dumps(TASKS[task](spec), indent=1))

@@ -1,7 +1,7 @@
 """Kill soak: a tiny run killed again and again (SIGKILL, some SIGTERM) at moments drawn from a
 seeded RNG, resumed each time, must end up the same run as one never interrupted.
 
-    python bench/soak.py --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
+    python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
 
 1. Trains the reference: a tiny CPU fp32 run (one process, or two gloo processes under
    ``torch.distributed.run``), uninterrupted, timing its phases.
@@ -15,7 +15,7 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
    wall-clock fields, ``samples.json``, and no temporary file left in the folder.
 4. Prints the kills, where they landed, the resumes and the verdict; exits 1 on divergence.
 
-Kills land where they were aimed: ``bench/_soak_child.py`` announces the phase the run is in
+Kills land where they were aimed: ``bench/faults.py`` announces the phase the run is in
 (and, for the brief parts of a save, holds the chosen one open for a moment); the landing is
 read back at the moment of the kill, with whether a ``.step-*.tmp`` folder existed then.
 With two processes, a kill stops the whole job (every process of it), a SIGTERM reaches both
@@ -37,11 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
+from trainer.plot import read_metrics
 
-CHILD = ROOT / "bench" / "_soak_child.py"
 SAVE_PHASES = (
     "save:weights", "save:optimizer", "save:rng", "save:state",
     "save:rename", "save:pointer", "save:export", "save:prune",
@@ -63,13 +61,6 @@ def _timeless(record: dict, timing: frozenset = TIMING) -> dict:
     return {k: v for k, v in record.items() if k not in timing}
 
 
-def _read_metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _same_tensors(a: dict, b: dict, what: str, tol: float | None) -> list[str]:
     import torch
 
@@ -79,53 +70,30 @@ def _same_tensors(a: dict, b: dict, what: str, tol: float | None) -> list[str]:
     for key in a:
         x, y = a[key], b[key]
         if x.dtype != y.dtype or x.shape != y.shape:
-            problems.append(
-                f"{what}: {key} is {y.dtype}{list(y.shape)}, not {x.dtype}{list(x.shape)}"
-            )
-        elif tol is None and not torch.equal(x, y):
-            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else "?"
+            problems.append(f"{what}: {key} is {y.dtype}{list(y.shape)}, not {x.dtype}{list(x.shape)}")  # fmt: skip
+            continue
+        diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else "?"
+        if tol is None and not torch.equal(x, y):
             problems.append(f"{what}: {key} differs (max |diff| {diff})")
         elif tol is not None and not torch.allclose(x.double(), y.double(), rtol=0, atol=tol):
-            diff = (x.double() - y.double()).abs().max().item()
             problems.append(f"{what}: {key} differs by {diff:.3g} > {tol:g}")
     return problems
 
 
-def _flat_tensors(obj, prefix: str = "") -> dict:
-    """The tensors of a nested structure (an optimizer state dict), by path."""
+def _split(obj, prefix: str = "", tensors: dict | None = None):
+    """A nested structure (an optimizer state dict) without its tensors, and its tensors by
+    path."""
     import torch
 
+    tensors = {} if tensors is None else tensors
     if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    out = {}
+        tensors[prefix] = obj
+        return "<tensor>", tensors
     if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            out.update(_flat_tensors(v, f"{prefix}/{i}"))
-    return out
-
-
-def _non_tensors(obj):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return "<tensor>"
-    if isinstance(obj, dict):
-        return {k: _non_tensors(v) for k, v in obj.items()}
+        return {k: _split(v, f"{prefix}/{k}", tensors)[0] for k, v in obj.items()}, tensors
     if isinstance(obj, list | tuple):
-        return [_non_tensors(v) for v in obj]
-    return obj
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Temporary files and folders in a run folder (there must be none once a run ends)."""
-    return sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if p.name.endswith(".tmp") or p.name == ".write-test"
-    )
+        return [_split(v, f"{prefix}/{i}", tensors)[0] for i, v in enumerate(obj)], tensors
+    return obj, tensors
 
 
 def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[str]:
@@ -137,7 +105,8 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
 
     reference, run = Path(reference), Path(run)
     problems = []
-    ma, mb = _read_metrics(reference), _read_metrics(run)
+    ma, mb = ([*read_metrics(f / "metrics.jsonl")] if (f / "metrics.jsonl").is_file() else []
+              for f in (reference, run))  # fmt: skip
     if len(ma) != len(mb):
         problems.append(f"metrics.jsonl: {len(mb)} lines, the reference has {len(ma)}")
     for n, (x, y) in enumerate(zip(ma, mb, strict=False), 1):
@@ -146,53 +115,41 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
             keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
             problems.append(f"metrics.jsonl line {n} (step {x.get('step')}): {keys} differ")
             break
-    for name in ("model.safetensors",):
-        a, b = reference / name, run / name
-        if not b.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        problems += _same_tensors(load_file(str(a)), load_file(str(b)), name, tol)
+    if not (run / "model.safetensors").is_file():
+        problems.append("model.safetensors is missing")
+    else:
+        problems += _same_tensors(load_file(str(reference / "model.safetensors")),
+                                  load_file(str(run / "model.safetensors")), "model.safetensors", tol)  # fmt: skip
     pointer_a = (reference / "checkpoints" / "latest").read_text().strip()
     pointer_b = run / "checkpoints" / "latest"
     if not pointer_b.is_file() or pointer_b.read_text().strip() != pointer_a:
         problems.append(f"checkpoints/latest does not name {pointer_a}")
     else:
         ca, cb = reference / "checkpoints" / pointer_a, run / "checkpoints" / pointer_a
-        problems += _same_tensors(
-            load_file(str(ca / "model.safetensors")),
-            load_file(str(cb / "model.safetensors")),
-            f"checkpoints/{pointer_a}/model.safetensors",
-            tol,
-        )
-        oa = torch.load(ca / "optimizer.pt", weights_only=True)
-        ob = torch.load(cb / "optimizer.pt", weights_only=True)
-        problems += _same_tensors(
-            _flat_tensors(oa), _flat_tensors(ob), f"checkpoints/{pointer_a}/optimizer.pt", tol
-        )
-        if _non_tensors(oa) != _non_tensors(ob):
+        problems += _same_tensors(load_file(str(ca / "model.safetensors")),
+                                  load_file(str(cb / "model.safetensors")),
+                                  f"checkpoints/{pointer_a}/model.safetensors", tol)  # fmt: skip
+        (oa, ta), (ob, tb) = (_split(torch.load(c / "optimizer.pt", weights_only=True))
+                              for c in (ca, cb))  # fmt: skip
+        problems += _same_tensors(ta, tb, f"checkpoints/{pointer_a}/optimizer.pt", tol)
+        if oa != ob:
             problems.append(f"checkpoints/{pointer_a}/optimizer.pt: different settings")
         sa = json.loads((ca / "state.json").read_text())
         sb = json.loads((cb / "state.json").read_text())
         if _timeless(sa, STATE_TIMING) != _timeless(sb, STATE_TIMING):
             keys = sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k))
             problems.append(f"checkpoints/{pointer_a}/state.json: {keys} differ")
-    ra, rb = (
-        sorted(p.name for p in (reference / "checkpoints").glob("step-*")),
-        sorted(p.name for p in (run / "checkpoints").glob("step-*")),
-    )
+    ra, rb = (sorted(p.name for p in (f / "checkpoints").glob("step-*")) for f in (reference, run))
     if ra != rb:
         problems.append(f"checkpoints: {rb}, the reference kept {ra}")
     if (reference / "samples.json").is_file():
         if not (run / "samples.json").is_file():
             problems.append("samples.json is missing")
-        elif json.loads((reference / "samples.json").read_text()) != json.loads(
-            (run / "samples.json").read_text()
-        ):
+        elif (reference / "samples.json").read_text() != (run / "samples.json").read_text():
             problems.append("samples.json differs")
-    left = leftovers(run)
-    if left:
-        problems.append(f"temporary files left: {left}")
-    return problems
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if p.name.endswith(".tmp") or p.name == ".write-test")  # fmt: skip
+    return problems + ([f"temporary files left: {left}"] if left else [])
 
 
 # ---------------------------------------------------------------------------- running
@@ -246,11 +203,10 @@ class Job:
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
             "MINITURING_CACHE": str(work / "cache"),
             "SOAK_PHASE": str(self.phase_file),
             "SOAK_LOG": str(work / "phases.jsonl"),
-            "SOAK_PID_DIR": str(self.pids),
+            "MINITURING_PID_DIR": str(self.pids),
         }
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
@@ -263,14 +219,13 @@ class Job:
         self.log.write(f"\n$ {' '.join(argv)}\n")
         self.log.flush()
         self.proc = subprocess.Popen(
-            [*launcher, str(CHILD), *argv],
+            [*launcher, "-m", "bench.faults", *argv],
             cwd=ROOT,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a kill reaches the launcher and every worker
         )
-        self.started = time.monotonic()
 
     def phase(self) -> str | None:
         try:
@@ -313,16 +268,6 @@ def phase_timings(log: Path) -> dict[str, list[float]]:
     return dict(out)
 
 
-def broad(phase: str | None) -> str:
-    if phase is None:
-        return "startup"
-    return "save" if phase.startswith("save:") else phase
-
-
-def checkpoint_tmp(out: Path) -> bool:
-    return any((out / "checkpoints").glob(".step-*.tmp"))
-
-
 def loadable(out: Path) -> str | None:
     """None when ``model.load`` takes the folder (or it holds no weights yet), else why not."""
     if not (out / "model.safetensors").is_file():
@@ -344,19 +289,14 @@ def soak(args) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="minituring-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = write_corpus(work / "corpus")
-    tol = None
-    print(
-        f"soak: {args.kills} kills, {args.procs} process{'es' if args.procs > 1 else ''}, "
-        f"seed {args.seed}, {args.steps} steps; work folder {work}",
-        flush=True,
-    )
+    print(f"soak: {args.kills} kills, {args.procs} process{'es' if args.procs > 1 else ''}, "
+          f"seed {args.seed}, {args.steps} steps; work folder {work}", flush=True)  # fmt: skip
 
     # 1. The reference, timed.
     reference = work / "reference"
     (work / "phases.jsonl").unlink(missing_ok=True)
     t0 = time.monotonic()
-    job = Job(train_flags(reference, corpus, args.steps), work, args.procs)
-    if job.wait() != 0:
+    if Job(train_flags(reference, corpus, args.steps), work, args.procs).wait() != 0:
         print(f"the reference run failed; see {work / 'job.log'}")
         return 2
     timings = phase_timings(work / "phases.jsonl")
@@ -367,102 +307,69 @@ def soak(args) -> int:
         return max(values) if phase != "step" else sum(values)
 
     # 2. The same run, killed again and again.
-    landed = collections.Counter()
-    in_save_tmp = 0
-    sub_phases = collections.Counter()
-    kills = terms = resumes = fresh = rounds = 0
+    landed, sub_phases = collections.Counter(), collections.Counter()
+    kills = terms = resumes = fresh = rounds = in_save_tmp = 0
     load_failures, divergences = [], []
-    out = None
-    finished = True
+    out, finished = None, True
     while kills < args.kills or not finished:
         if finished:
             rounds += 1
-            out = work / f"round-{rounds}"
-            finished = False
-        latest = Checkpointer(out, KEEP).latest() if out.exists() else None
-        if latest is not None:
-            argv = ["--resume", str(out)]
-            resumes += 1
+            out, finished = work / f"round-{rounds}", False
+        if out.exists() and Checkpointer(out, KEEP).latest() is not None:
+            argv, resumes = ["--resume", str(out)], resumes + 1
         else:
-            argv = train_flags(out, corpus, args.steps)
-            fresh += 1
-        if kills >= args.kills:  # kills spent: let it finish
-            job = Job(argv, work, args.procs)
-            rc = job.wait()
-            if rc != 0:
-                print(f"round {rounds}: the final attempt failed ({rc}); see {work / 'job.log'}")
-                return 2
-            finished = True
-        else:
+            argv, fresh = train_flags(out, corpus, args.steps), fresh + 1
+        aimed = kills < args.kills  # else kills spent: let it finish
+        if aimed:
             sig = signal.SIGTERM if rng.random() < 0.15 else signal.SIGKILL
             target = "step" if sig == signal.SIGTERM else rng.choices(TARGETS, TARGET_WEIGHTS)[0]
             pause = rng.choice(SAVE_PHASES) if target == "save" else None
-            wanted = pause or target
-            if target == "startup":
-                delay = rng.uniform(0, span("startup"))
-            elif target == "save":
-                delay = rng.uniform(0, PAUSE_S * 0.6)
-            else:
-                delay = rng.uniform(0, span(target))
-            job = Job(argv, work, args.procs, pause=pause)
-            # Wait for the aimed-at phase (from the start, for startup), then the delay.
-            while job.alive() and target != "startup" and job.phase() != wanted:
+            delay = rng.uniform(0, PAUSE_S * 0.6 if target == "save" else span(target))
+        job = Job(argv, work, args.procs, pause=pause if aimed else None)
+        if aimed:  # wait for the aimed-at phase (from the start, for startup), then the delay
+            while job.alive() and target != "startup" and job.phase() != (pause or target):
                 time.sleep(0.002)
             deadline = time.monotonic() + delay
             while job.alive() and time.monotonic() < deadline:
                 time.sleep(0.002)
-            if job.alive():
-                phase, tmp = job.phase(), checkpoint_tmp(out)
-                job.kill(sig)
-                rc = job.wait()
-                if rc == 0:
-                    finished = True  # a SIGTERM at the very end: the run completed
-                kills += 1
-                terms += sig == signal.SIGTERM
-                where = broad(phase)
-                landed[where] += 1
-                if where == "save":
-                    sub_phases[phase] += 1
-                in_save_tmp += tmp
-            else:
-                rc = job.wait()
-                if rc != 0:
-                    print(
-                        f"round {rounds}: an attempt failed by itself ({rc}); see {work / 'job.log'}"
-                    )
-                    return 2
-                finished = True
+        if aimed and job.alive():
+            phase, tmp = job.phase(), any((out / "checkpoints").glob(".step-*.tmp"))
+            job.kill(sig)
+            finished = job.wait() == 0  # a SIGTERM at the very end: the run completed
+            kills, terms, in_save_tmp = (
+                kills + 1,
+                terms + (sig == signal.SIGTERM),
+                in_save_tmp + tmp,
+            )
+            where = "startup" if phase is None else "save" if phase.startswith("save:") else phase
+            landed[where] += 1
+            sub_phases[phase] += where == "save"
+        else:
+            rc = job.wait()
+            if rc != 0:
+                print(f"round {rounds}: an attempt failed by itself ({rc}); see {work / 'job.log'}")  # fmt: skip
+                return 2
+            finished = True
         problem = loadable(out)
         if problem:
             load_failures.append(f"round {rounds}, after kill {kills}: {problem}")
         if finished:
-            found = compare_runs(reference, out, tol)
+            found = compare_runs(reference, out)
             divergences += [f"round {rounds}: {p}" for p in found]
-            print(
-                f"round {rounds}: finished after {kills} kills so far; "
-                + ("same as the reference" if not found else f"{len(found)} differences"),
-                flush=True,
-            )
+            print(f"round {rounds}: finished after {kills} kills so far; "
+                  + (f"{len(found)} differences" if found else "same as the reference"), flush=True)  # fmt: skip
 
     # 3. The verdict.
     print(f"kills: {kills} ({kills - terms} SIGKILL, {terms} SIGTERM) over {rounds} round(s)")
-    print(
-        "landed: "
-        + ", ".join(
-            f"{p} {landed.get(p, 0)}" for p in ("startup", "data", "step", "eval", "save", "final")
-        )
-        + f" (with a .step-*.tmp folder present: {in_save_tmp})"
-    )
+    print("landed: " + ", ".join(f"{p} {landed.get(p, 0)}" for p in TARGETS)
+          + f" (with a .step-*.tmp folder present: {in_save_tmp})")  # fmt: skip
     print("in a save: " + ", ".join(f"{p[5:]} {sub_phases.get(p, 0)}" for p in SAVE_PHASES))
     print(f"restarts: {resumes} with --resume, {fresh} fresh (first attempts included)")
     for line in load_failures + divergences:
         print(f"  {line}")
     ok = not load_failures and not divergences
-    exact = "bitwise" if tol is None else f"to {tol:g}"
-    print(
-        f"verdict: {'PASS' if ok else 'FAIL'}: {rounds} round(s) compared {exact} with the "
-        f"reference; {len(load_failures)} unloadable folder states, {len(divergences)} divergences"
-    )
+    print(f"verdict: {'PASS' if ok else 'FAIL'}: {rounds} round(s) compared bitwise with the "
+          f"reference; {len(load_failures)} unloadable folder states, {len(divergences)} divergences")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -3,11 +3,9 @@ tokenizer, a 2-layer model, and one tiny trained run folder for the API tests.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pydoc_data.topics
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,20 +20,6 @@ TINY_FLAGS = [
     "--eval-every", "0", "--eval-batches", "2", "--rouge-samples", "4",
     "--log-every", "5", "--no-progress", "--device", "cpu", "--precision", "fp32",
 ]  # fmt: skip
-
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def load_bench(stem: str, name: str | None = None):
-    """bench/STEM.py as a module (bench/ is a folder of scripts, not a package), registered as
-    ``name`` (default ``bench_STEM``)."""
-    name = name or f"bench_{stem}"
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # Every objective, so that the tests train each (--objectives auto leaves gap_summary out when

@@ -15,11 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import train  # noqa: E402
+import train
 
 
 def main(runs_file: str) -> None:

@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_bench
 
-compare, sides, levers = load_bench("compare"), load_bench("sides"), load_bench("levers")
+from bench import compare, levers, prefetch, sides
 
 TINY = [
     "--vocab-size", "400", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
@@ -117,7 +116,7 @@ def test_our_side_is_train_py_with_the_benchmark_settings(tmp_path):
     spec = {"shape": {**compare.SHAPES["tiny"], "seq_len": 32, "max_positions": 128},
             "warmup": 2, "steps": 3, "lr_warmup": 1, "device": "cpu", "precision": "bf16",
             "tokenizer": "tok", "mask_rate": 0.15}  # fmt: skip
-    flags = compare.ours_flags(args, spec, "mlm", tmp_path / "run")
+    flags = compare.ours_flags(args, spec, "mlm")
     cfg = train.config_from_args(flags)
     assert cfg.run.max_steps == 5 and cfg.run.log_every == 2  # warm-up = the first log window
     assert cfg.run.precision == "bf16" and cfg.run.objectives == "masked_lm=1"
@@ -322,7 +321,6 @@ def test_benchmark_runs_every_part_and_reports_measured_ratios(tmp_path, corpus_
 def test_prefetch_bench_runs_both_depths_and_reports_their_ratio(tmp_path, small_corpus, capsys):
     from conftest import TINY_FLAGS
 
-    prefetch = load_bench("prefetch")
     train_file, eval_file = small_corpus
     extra = [*TINY_FLAGS, "--eval-text", str(eval_file)]
     results = prefetch.main(

@@ -3,7 +3,7 @@ SIGTERM / SIGINT, non-finite losses, gradients and weights, a full disk or an un
 folder, checkpoint retention, and run folders that are malicious or inconsistent.
 
 Kill tests run real training processes: a forked copy of this test process (cheap: nothing to
-import again) or, once, the command line itself. ``fault_runner`` freezes a process at an exact
+import again) or, once, the command line itself. ``bench.faults`` freezes a process at an exact
 moment of a save so that SIGKILL lands there.
 """
 
@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import latest_step, metrics, train_flags
-from fault_runner import assert_same_run, install, slow_down
+from fault_runner import assert_same_run
 from safetensors.torch import load_file, save_file
 
 import model as api
 import train
+from bench.faults import freeze, slow_down
 from data.batching import MixtureLoader
 from model.api import RunFolderError
 from model.transformer import MiniTuringModel
@@ -93,7 +94,7 @@ def _child(argv: list[str], point: str | None, n: int, ready: str, slow: float, 
         sys.stdout = sys.stderr = out
         torch.set_num_threads(1)
         if point:
-            install(point, n, Path(ready))
+            freeze(point, n, Path(ready))
         if slow:
             slow_down(slow)
         train.main(argv)
@@ -201,7 +202,7 @@ def test_kill_9_of_the_command_line_trainer(tmp_path, corpus_files, reference):
     }
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "tests/fault_runner.py", *flags(out, corpus_files)],
+            [sys.executable, "-m", "bench.faults", *flags(out, corpus_files)],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -229,7 +230,7 @@ def test_sigterm_checkpoints_says_how_to_resume_and_exits_143(tmp_path, corpus_f
     argv = flags(out, corpus_files, "--max-steps", "200", "--save-every", "1000")
     env = {**os.environ, "MINITURING_SLOW_STEPS": "0.1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "tests/fault_runner.py", *argv],
+        [sys.executable, "-m", "bench.faults", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -291,7 +292,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
         env.pop(var, None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen(
-        [*launcher, "tests/fault_runner.py", *argv],
+        [*launcher, "-m", "bench.faults", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

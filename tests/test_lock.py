@@ -197,7 +197,7 @@ def test_second_trainer_refused_while_the_first_trains_then_kill_frees_it(tmp_pa
     env = child_env(MINITURING_FAULT="pointer:2", MINITURING_FAULT_READY=str(ready))
     with open(tmp_path / "log", "w") as log:
         first = subprocess.Popen(
-            [sys.executable, "tests/fault_runner.py", *flags(out, corpus_files)],
+            [sys.executable, "-m", "bench.faults", *flags(out, corpus_files)],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -252,7 +252,7 @@ def test_readers_never_lock_and_load_a_whole_folder_while_a_run_writes(tmp_path,
     argv = flags(out, corpus_files, "--max-steps", "400", "--save-every", "1", "--log-every", "1")
     env = child_env(MINITURING_SLOW_STEPS="0.02")
     trainer = subprocess.Popen(
-        [sys.executable, "tests/fault_runner.py", *argv],
+        [sys.executable, "-m", "bench.faults", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -1,17 +1,16 @@
 """bench/quality.py: the scores and baselines, the cloze items, the HF contestants' shapes and
-schedule, and the whole race at a tiny size."""
+schedule, and the whole race at a tiny size; bench/debian_pairs.py reads a package list."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import load_bench
 
-hf = load_bench("_quality_hf", "_quality_hf")
-quality = load_bench("quality")
+from bench import debian_pairs as debian
+from bench import quality
+from bench import quality_hf as hf
 
 TINY = [
     "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
@@ -100,13 +99,16 @@ def test_hf_models_are_about_our_size(texts, tokenizer):
                                                      "ffn_size")})
     )  # fmt: skip
     ours = sum(math.prod(p.shape) for p in ours.parameters())
-    bart, bert = hf.build_bart(shape, tok, 0), hf.build_bert(shape, tok, 0)
+    bart, bert = hf.build("bart", shape, tok, 0), hf.build("bert", shape, tok, 0)
     assert hf.bart_layers(4) == (2, 2) and hf.bart_layers(1) == (1, 1)
     assert bart.config.encoder_layers == 2 and bart.config.d_model == 256
     assert bert.config.num_hidden_layers == 4 and bert.config.intermediate_size == 1024
     for model in (bart, bert):
-        assert 0.8 < hf.n_params(model) / ours < 1.5
-    bart, bert = hf.build_bart(shape, tok, 0, 0.1, 0.0), hf.build_bert(shape, tok, 0, 0.1, 0.0)
+        assert 0.8 < model.num_parameters() / ours < 1.5
+    bart, bert = (
+        hf.build("bart", shape, tok, 0, 0.1, 0.0),
+        hf.build("bert", shape, tok, 0, 0.1, 0.0),
+    )
     assert (bart.config.dropout, bart.config.attention_dropout) == (0.1, 0.0)
     assert (bert.config.hidden_dropout_prob, bert.config.attention_probs_dropout_prob) == (0.1, 0)
 
@@ -121,8 +123,7 @@ def test_hf_schedule_is_train_py_schedule():
 
 def test_our_command_is_train_py_with_its_defaults():
     args = quality.build_parser().parse_args(["--pairs", "p.jsonl", "--test-pairs", "t.jsonl"])
-    cmd = quality.our_command(args, 90, Path("run"))
-    assert cmd[1].endswith("train.py")
+    cmd = quality.our_flags(args, 90)
     assert cmd[cmd.index("--time-budget") + 1] == "90"
     assert "--max-steps" not in cmd  # a budget alone: the defaults a user gets
     assert "--train-pairs" in cmd and "--eval-pairs" in cmd
@@ -133,7 +134,7 @@ def test_our_command_is_train_py_with_its_defaults():
 
 def test_ours_flags_reach_train_py_last():
     args = quality.build_parser().parse_args(["--ours-flags", "--dropout 0.1 --lr '3e-3'"])
-    assert quality.our_command(args, 90, Path("run"))[-4:] == ["--dropout", "0.1", "--lr", "3e-3"]
+    assert quality.our_flags(args, 90)[-4:] == ["--dropout", "0.1", "--lr", "3e-3"]
 
 
 # ---------------------------------------------------------------------------- the race
@@ -148,7 +149,7 @@ def test_race_runs_end_to_end(tmp_path, corpus_files, capsys):
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     header = printed.index(next(x for x in printed if x.startswith("| contestant")))
-    assert "python bench/quality.py" in printed[header - 1]  # machine, date, command above
+    assert "python -m bench.quality" in printed[header - 1]  # machine, date, command above
     assert all(x.startswith("|") for x in printed[header:])  # the table comes last
     report = json.loads(out.read_text())
     rows = {r["name"].split(" (")[0].split(" 0.")[0]: r for r in report["rows"]}
@@ -179,3 +180,30 @@ def test_hf_side_gets_our_regularisation_unless_told_otherwise():
         "attention_dropout": 0.05,
         "label_smoothing": 0.3,
     }
+
+
+def test_debian_pairs_are_long_descriptions_and_synopses(tmp_path):
+    status = tmp_path / "status"
+    status.write_text(
+        "Package: alpha\nStatus: install ok installed\nDescription: tool for alpha things\n"
+        " Alpha does one thing and does it well, on every\n machine it runs on.\n .\n"
+        " A second paragraph.\nHomepage: https://example.org\n\n"
+        "Package: beta\nDescription: too short\n Two words.\n\n"
+        "Package: gamma\nDescription: no long description\n"
+    )
+    assert debian.read_status(status) == [
+        (
+            "Alpha does one thing and does it well, on every machine it runs on.\n"
+            "A second paragraph.",
+            "tool for alpha things",
+        )
+    ]
+    assert debian.main(["--status", str(status), "--out", str(tmp_path / "out")]) == 0
+    rows = [
+        json.loads(line)
+        for name in ("train.jsonl", "test.jsonl")
+        for line in (tmp_path / "out" / name).read_text().splitlines()
+    ]
+    assert rows == [
+        {"document": debian.read_status(status)[0][0], "summary": "tool for alpha things"}
+    ]

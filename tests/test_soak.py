@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, load_bench
+from conftest import TINY_FLAGS
 from safetensors.torch import save_file
 
 import train
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-soak = load_bench("soak", "soak")
+from bench import soak
 
 
 def made_up_run(folder: Path, weight: float = 1.0, loss: float = 2.5, elapsed: float = 1.0):

@@ -3,9 +3,10 @@
 ``BertForMaskedLM`` trained with ``Trainer`` + ``DataCollatorForLanguageModeling``, each from
 scratch for a wall-clock budget, then beam-search summaries and top-1 mask fills.
 
-Both trainers get the learning-rate schedule ``train.py --time-budget`` uses: linear warm-up
-over min(100, total // 10) steps, then cosine decay to 10% of the peak at ``total``, where
-``total`` is fixed after 20 steps from the speed so far (budget / seconds a step). Everything
+Both trainers get the learning-rate schedule ``train.py --time-budget`` uses (``trainer.optim
+.lr_at`` with train.py's defaults: linear warm-up over min(100, total // 10) steps, then cosine
+decay to 10% of the peak at ``total``), where ``total`` is fixed after 20 steps from the speed
+so far (budget / seconds a step) and refitted every 50. Everything
 else is HF's default (AdamW betas 0.9/0.999, no weight decay, gradient clipping at 1.0), except
 the batch size, ours (32), and the regularisation, which is our trainer's defaults (dropout on
 residual branches and embeddings, on attention probabilities, and BART's label smoothing) unless
@@ -14,16 +15,19 @@ residual branches and embeddings, on attention probabilities, and BART's label s
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from bench.common import grouped_by_length, hf_model
+from model.transformer import IGNORE_INDEX
+from trainer.config import OptimConfig
+from trainer.optim import lr_at
+from trainer.schedule import FIRST_PLAN_AT, REPLAN_EVERY
+
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-WARMUP_STEPS, MIN_LR_RATIO, PLAN_AT_STEP, REPLAN_EVERY = 100, 0.1, 20, 50
-IGNORE_INDEX = -100
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -71,69 +75,20 @@ def bart_layers(num_layers: int) -> tuple[int, int]:
     return enc, max(1, num_layers - enc)
 
 
-def build_bart(shape: dict, tokenizer, seed: int, dropout: float = 0.0, attention_dropout=0.0):
-    """BART at our width, heads and FFN, our layers split between encoder and decoder; decoder
-    layers add cross-attention, so it has somewhat more parameters than ours (see the table)."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    enc, dec = bart_layers(shape["num_layers"])
-    config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=shape["hidden_size"],
-        encoder_layers=enc,
-        decoder_layers=dec,
-        encoder_attention_heads=shape["num_heads"],
-        decoder_attention_heads=shape["num_heads"],
-        encoder_ffn_dim=shape["ffn_size"],
-        decoder_ffn_dim=shape["ffn_size"],
-        max_position_embeddings=shape["max_positions"],
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        activation_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return BartForConditionalGeneration(config)
-
-
-def build_bert(shape: dict, tokenizer, seed: int, dropout: float = 0.0, attention_dropout=0.0):
-    """BERT at exactly our shape: layers, width, heads, FFN, positions."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape["hidden_size"],
-        num_hidden_layers=shape["num_layers"],
-        num_attention_heads=shape["num_heads"],
-        intermediate_size=shape["ffn_size"],
-        max_position_embeddings=shape["max_positions"],
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=attention_dropout,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return BertForMaskedLM(config)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied weights count once
+def build(kind: str, shape: dict, tokenizer, seed: int, dropout=0.0, attention_dropout=0.0):
+    """BART (our layers split, ``bart_layers``) or BERT at our shape, for this tokenizer."""
+    ids = {"vocab": len(tokenizer), "pad": tokenizer.pad_token_id,
+           "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}  # fmt: skip
+    return hf_model(kind, shape, ids, seed, bart_layers(shape["num_layers"]), dropout,
+                    attention_dropout)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- training
 
 
 def lr_factor(step: int, total: int) -> float:
-    """train.py's schedule as a fraction of the peak: linear warm-up, cosine to 10%."""
-    warmup = min(WARMUP_STEPS, max(total // 10, 1))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+    """train.py's schedule (its defaults) as a fraction of the peak."""
+    return lr_at(step, total, OptimConfig(lr=1.0))
 
 
 def _budget_callback(seconds: float, plan: dict, name: str):
@@ -151,11 +106,11 @@ def _budget_callback(seconds: float, plan: dict, name: str):
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             elapsed, step = now - plan["start"], state.global_step
-            if step == PLAN_AT_STEP or (step > PLAN_AT_STEP and step % REPLAN_EVERY == 0):
+            if step == FIRST_PLAN_AT or (step > FIRST_PLAN_AT and step % REPLAN_EVERY == 0):
                 per_step = (now - plan["mark"]) / (step - plan["mark_step"])
                 plan["mark"], plan["mark_step"] = now, step
                 plan["total"] = max(step, step + int((seconds - elapsed) / per_step))
-                if step == PLAN_AT_STEP:
+                if step == FIRST_PLAN_AT:
                     print(f"  {name} | {step} steps in {elapsed:.0f}s: schedule over "
                           f"{plan['total']} steps", flush=True)  # fmt: skip
             # As train.py: the end of the budget or of the fitted schedule, whichever is first.
@@ -246,8 +201,8 @@ def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size, label_smoo
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
     # Length-grouped batches, as ours buckets summarization pairs by length.
     return _train(Seq2SeqTrainer, Seq2SeqTrainingArguments, model, data, collator, seconds,
-                  lr, seed, batch_size, "BART", train_sampling_strategy="group_by_length",
-                  label_smoothing_factor=label_smoothing)  # fmt: skip
+                  lr, seed, batch_size, "BART", label_smoothing_factor=label_smoothing,
+                  **grouped_by_length())  # fmt: skip
 
 
 def train_bert(model, data, tokenizer, seconds, lr, seed, batch_size, mask_rate=0.15):
