@@ -49,15 +49,28 @@ def load_model(
     except TokenizerError as err:
         raise RunFolderError(str(err)) from None
     model = MiniTuringModel(config)
+    against = str(folder / "config.json")
+    model.load_state_dict(checked_weights(folder / "model.safetensors", model, against=against))
+    return model.to(device).eval(), tokenizer
+
+
+def checked_weights(
+    path: Path, model: torch.nn.Module | None = None, *, against: str = "the model"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never a pickle), checked against ``model``'s parameter
+    names and shapes when given. A ``RunFolderError`` names the file, what it should have
+    matched (``against``) and the first five keys missing, unexpected or mis-shaped."""
     try:
-        weights = load_file(str(folder / "model.safetensors"))
+        weights = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise RunFolderError(
-            f"{folder / 'model.safetensors'} is not a valid safetensors file ({err}); "
+            f"{path} is not a valid safetensors file ({err}); "
             "weights are only ever read from safetensors"
         ) from None
+    if model is None:
+        return weights
     expected = model.state_dict()
-    problems = [f"{k} missing" for k in expected if k not in weights]
+    problems = [f"{k} is missing" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [
         f"{k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}"
@@ -65,12 +78,8 @@ def load_model(
         if k in weights and weights[k].shape != v.shape
     ]
     if problems:
-        raise RunFolderError(
-            f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
-            + "; ".join(problems[:5])
-        )
-    model.load_state_dict(weights)
-    return model.to(device).eval(), tokenizer
+        raise RunFolderError(f"{path} does not match {against}: " + "; ".join(problems[:5]))
+    return weights
 
 
 class LM:

@@ -1,23 +1,10 @@
-"""Decoding state: the KV cache (shared by a document's beams) and the copy distribution
-read off the attention over the source (pointer-generator)."""
+"""Decoding state: the KV cache, whose source a document's beams share."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .config import MiniTuringConfig
-
-
-def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The dtype matrix products run in here: autocast's, if it is on, else ``default``."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return default
-
-
-# ---------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
@@ -100,16 +87,17 @@ class KVCache:
         k: torch.Tensor,
         v: torch.Tensor,
         mask,
-        copy: CopySpec | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        source_scores: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
         """Attention of (rows, heads, queries, dim) queries, after ``share``: each source's
         keys are multiplied by the queries of all its beams at once, (sources, heads, beams x
         queries, source length), and the beams' own positions row by row; one softmax over
         both. ``mask`` is the model's (rows, 1, queries, keys) or None. Decoding only: no
         dropout.
 
-        Returns the attention output and, with ``copy``, the copy distribution of every query
-        over the shared source (rows, queries, source length), from the same source scores."""
+        Returns the attention output and, with ``source_scores``, those scores over the shared
+        source with the part of the mask over it ((sources, 1, beams x queries, source length),
+        or None), which the copy distribution is read from (``shared_copy_distribution``)."""
         own_k, own_v = self.update(layer, k, v)
         src_k, src_v = self.shared_keys[layer], self.shared_values[layer]
         rows, h, nq, d = q.shape
@@ -126,55 +114,12 @@ class KVCache:
         if mask is not None:
             allowed = mask.view(b, g, 1, nq, -1).transpose(1, 2).reshape(b, 1, g * nq, -1)
             scores = scores.masked_fill(~allowed, float("-inf"))
-        copied = None
-        if copy is not None:
-            src = scores_src if copy.head is None else scores_src[:, copy.head : copy.head + 1]
-            source_allowed = None if allowed is None else allowed[..., :source_len]
-            copied = _source_softmax(src, source_allowed).view(b, g, nq, source_len)
-            copied = copied.reshape(rows, nq, source_len)
+        source = None
+        if source_scores:
+            source = (scores_src, None if allowed is None else allowed[..., :source_len])
         probs = torch.softmax(scores, dim=-1)
         out_src = torch.matmul(probs[..., :source_len], src_v)  # (sources, h, beams * q, d)
         probs_own = probs[..., source_len:].reshape(b, h, g, nq, -1).transpose(1, 2)
         out_own = torch.matmul(probs_own.reshape(rows, h, nq, -1), own_v)
         out = out_src.view(b, h, g, nq, d).transpose(1, 2).reshape(rows, h, nq, d) + out_own
-        return out, copied
-
-
-# ---------------------------------------------------------------------------- copy attention
-
-
-@dataclass
-class CopySpec:
-    """What the copy layer's attention copies from: the first ``length`` keys, those where
-    ``mask`` (batch, 1, 1, length) is True (all of them when None), one head's attention or
-    (``head`` None) the mean over heads."""
-
-    length: int
-    mask: torch.Tensor | None
-    head: int | None
-
-
-def _source_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(batch, heads, queries, source) attention scores -> (batch, queries, source): each
-    head's attention renormalised over the allowed source keys, in fp32, averaged over heads."""
-    scores = scores.float()
-    if mask is not None:
-        # A row with no source key at all (a row of padding) spreads evenly: no NaN.
-        mask = mask | ~mask.any(-1, keepdim=True)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).mean(1)
-
-
-def copy_distribution(q: torch.Tensor, k: torch.Tensor, copy: CopySpec) -> torch.Tensor:
-    """The copy distribution of (batch, heads, queries, dim) queries over the source keys
-    ``k[:, :, :copy.length]``: (batch, queries, source length), fp32."""
-    if copy.head is not None:
-        q, k = q[:, copy.head : copy.head + 1], k[:, copy.head : copy.head + 1]
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k[:, :, : copy.length].transpose(-1, -2))
-    return _source_softmax(scores, copy.mask)
-
-
-def log_of_probs(p: torch.Tensor) -> torch.Tensor:
-    """log p with log 0 = -inf and a zero (not NaN) gradient there."""
-    zero = p <= 0
-    return p.clamp(min=torch.finfo(p.dtype).tiny).log().masked_fill(zero, float("-inf"))
+        return out, source

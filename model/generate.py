@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.cache import KVCache, autocast_dtype
+from model.cache import KVCache
+from model.losses import autocast_dtype
 from model.transformer import MiniTuringModel, never_predicted
 
 

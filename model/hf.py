@@ -8,10 +8,11 @@ After ``import model`` the Auto classes know our config and model::
     AutoModelForMaskedLM.from_pretrained(run)    -> MiniTuringForMaskedLM (what pipeline("fill-mask") uses)
 
 Without this package installed, ``trust_remote_code=True`` loads the same classes from copies
-of ``model/config.py`` and ``model/transformer.py`` that ``save_remote_code`` writes into the
-run folder (the trainer calls it when it creates the folder), named by the folder's
-``config.json`` ``auto_map``. ``save_pretrained`` of our classes copies the same two files, so a
-re-saved folder stays loadable either way.
+of ``model/config.py`` and ``model/transformer.py`` (and of the modules they import:
+``REMOTE_CODE_FILES``) that ``save_remote_code`` writes into the run folder (the trainer calls
+it when it creates the folder), named by the folder's ``config.json`` ``auto_map``.
+``save_pretrained`` of our classes copies the same files, so a re-saved folder stays loadable
+either way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from model import cache as cache_module
 from model import config as config_module
+from model import copy_attention as copy_attention_module
 from model import losses as losses_module
 from model import transformer as transformer_module
 from model.config import MODEL_TYPE, MiniTuringConfig
@@ -34,7 +36,8 @@ from model.transformer import MiniTuringForMaskedLM, MiniTuringModel
 
 # Module files copied verbatim into a run folder; their names are the modules auto_map names.
 REMOTE_CODE_FILES = tuple(
-    Path(m.__file__) for m in (config_module, cache_module, losses_module, transformer_module)
+    Path(m.__file__)
+    for m in (config_module, cache_module, losses_module, copy_attention_module, transformer_module)
 )
 AUTO_MAP = {
     "AutoConfig": f"config.{MiniTuringConfig.__name__}",

@@ -1,12 +1,20 @@
-"""The training losses over the tied output layer, chunk by chunk (no full logits kept), and
-the positions they read."""
+"""The losses over the tied output layer: the positions they read (``labelled_positions``,
+``LabelRows``), the cross-entropy chunk by chunk with no full logits kept, and the two loss
+paths of batches without copy attention (model/copy_attention.py has the copy path's)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from .cache import autocast_dtype
+
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's, if it is on, else ``default``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -41,22 +49,35 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
 
+def _padded_logits(h, weight, dtype):
+    """``h`` and ``weight`` in ``dtype``, h's rows zero-padded (``pad_rows``: the padding has no
+    loss and no gradient), and their product, the logits, zero on the padding rows."""
+    x, w = h.to(dtype), weight.to(dtype)
+    x = pad_rows(x)
+    z = F.linear(x, w)
+    z[len(h) :] = 0
+    return x, w, z
+
+
+def _chunks(z, rows, targets):
+    """For each chunk of the first ``rows`` rows of the logits ``z``: its range, its part of
+    ``z``, its targets (n, 1), its logits in fp32 (the part itself when already fp32) and their
+    logsumexp (n, 1)."""
+    chunk = max(1, _CE_CHUNK_ELEMENTS.get(z.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // z.shape[1])
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        part, t = z[start:end], targets[start:end].unsqueeze(1)
+        logits = part.float()
+        yield start, end, part, t, logits, torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, smoothing):
         rows = len(h)
-        x, w = h.to(dtype), weight.to(dtype)
-        # Zero rows up to the multiple: no loss, no gradient.
-        x = pad_rows(x)
-        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its gradient
-        z[rows:] = 0
-        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        x, w, z = _padded_logits(h, weight, dtype)  # each chunk of z then becomes its gradient
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            part, t = z[start:end], targets[start:end].unsqueeze(1)
-            logits = part.float()  # part itself when already fp32
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        for _, _, part, t, logits, lse in _chunks(z, rows, targets):
             loss += (1 - smoothing) * (lse - logits.gather(1, t)).sum()
             if smoothing:  # the cross-entropy against the uniform distribution
                 loss += smoothing * (lse - logits.mean(-1, keepdim=True)).sum()
@@ -105,18 +126,10 @@ class _LinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dtype):
         rows = len(h)
-        x, w = h.to(dtype), weight.to(dtype)
-        x = pad_rows(x)
-        z = F.linear(x, w)  # the logits; each chunk is then overwritten by its softmax
-        z[rows:] = 0
-        chunk = max(1, _CE_CHUNK_ELEMENTS.get(h.device.type, _CE_CHUNK_ELEMENTS_DEFAULT) // len(w))
+        x, w, z = _padded_logits(h, weight, dtype)  # each chunk of z then becomes its softmax
         log_p = torch.empty(rows, dtype=torch.float32, device=h.device)
         uniform = torch.empty(rows, dtype=torch.float32, device=h.device)
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            part, t = z[start:end], targets[start:end].unsqueeze(1)
-            logits = part.float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        for start, end, part, t, logits, lse in _chunks(z, rows, targets):
             log_p[start:end] = (logits.gather(1, t) - lse).squeeze(1)
             uniform[start:end] = (lse - logits.mean(-1, keepdim=True)).squeeze(1)
             probs = logits.sub_(lse).exp_()
@@ -173,3 +186,80 @@ def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, tor
     wanted = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :q]
     valid = torch.arange(q, device=selected.device) < counts.unsqueeze(1)
     return wanted, valid
+
+
+# ---------------------------------------------------------------------------- loss paths
+
+
+@dataclass
+class LabelRows:
+    """A batch's labelled positions as rows, one per label in batch order: what a loss path
+    reads. ``h`` (rows, hidden) final hidden states, ``targets`` (rows,) the labels, ``filled``
+    (rows,) True for labels inside a sequence-to-sequence source (its masked words, filled in
+    place: by the output layer alone, never smoothed), None when there are none. The copy path
+    adds ``previous`` (rows,), the token read there, ``copied`` (rows, source length), the copy
+    distribution, and ``source_ids`` (the same shape), the token ids of the row's source."""
+
+    h: torch.Tensor
+    targets: torch.Tensor
+    filled: torch.Tensor | None
+    previous: torch.Tensor | None = None
+    copied: torch.Tensor | None = None
+    source_ids: torch.Tensor | None = None
+
+    def where(self, keep: torch.Tensor) -> LabelRows:
+        """The rows where ``keep`` (rows,) is True."""
+        parts = (getattr(self, f.name) for f in fields(self))
+        return LabelRows(*(None if x is None else x[keep] for x in parts))
+
+
+def label_rows(
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor | None,
+    wanted: torch.Tensor | None,
+    valid: torch.Tensor,
+    copied: torch.Tensor | None = None,
+    source_ids: torch.Tensor | None = None,
+) -> LabelRows:
+    """The rows of the labels at ``valid`` (batch, q), from the hidden states ``h`` (batch, q,
+    hidden) at positions ``wanted`` (batch, q) (None: every position); with the copy path, also
+    its copy distribution ``copied`` (batch, q, source length) and ``source_ids`` (batch, source
+    length)."""
+    previous = input_ids
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(labels)
+    if wanted is not None:
+        labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
+        positions = wanted
+    filled = None
+    if prefix_lengths is not None:
+        filled = (positions < prefix_lengths.view(-1, 1) - 1)[valid]
+        filled = filled if bool(filled.any()) else None
+    if copied is None:
+        return LabelRows(h[valid], labels[valid], filled)
+    # Each label's row of the batch, for its source's token ids.
+    batch_row = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
+    h, previous, copied = h[valid], previous[valid], copied[valid]
+    return LabelRows(h, labels[valid], filled, previous, copied, source_ids[batch_row[valid]])
+
+
+def chunked_loss(rows: LabelRows, weight: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The summed cross-entropy of the output layer ``weight``, and its gradients, chunk by chunk
+    with no logits kept (training)."""
+    h, targets, filled = rows.h, rows.targets, rows.filled
+    if filled is not None and smoothing:
+        loss = linear_cross_entropy(h[filled], weight, targets[filled])
+        return loss + linear_cross_entropy(h[~filled], weight, targets[~filled], smoothing)
+    return linear_cross_entropy(h, weight, targets, smoothing)
+
+
+def logits_loss(logits: torch.Tensor, rows: LabelRows, smoothing: float) -> torch.Tensor:
+    """The summed cross-entropy of the rows' ``logits`` (rows, vocab)."""
+    per_label = F.cross_entropy(
+        logits.float(), rows.targets, reduction="none", label_smoothing=smoothing
+    )
+    if rows.filled is not None and smoothing:
+        unsmoothed = F.cross_entropy(logits.float(), rows.targets, reduction="none")
+        per_label = torch.where(rows.filled, unsmoothed, per_label)
+    return per_label.sum()

@@ -23,14 +23,39 @@ from transformers.utils import ModelOutput
 
 # Relative, so this file and its siblings, copied side by side into a run folder, load with
 # trust_remote_code=True where this package is not installed.
-from .cache import CopySpec, KVCache, copy_distribution, log_of_probs
+from .cache import KVCache
 from .config import MiniTuringConfig
-from .losses import labelled_positions, linear_cross_entropy, linear_log_prob, pad_rows
+from .copy_attention import (
+    CopySpec,
+    copy_distribution,
+    copy_evaluation_loss,
+    copy_log_probs,
+    copy_source,
+    copy_training_loss,
+    shared_copy_distribution,
+)
+from .losses import chunked_loss, label_rows, labelled_positions, logits_loss
 
 IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------- blocks
+
+
+@dataclass
+class LayerCall:
+    """What a block is asked besides its input: the attention ``mask``, the ``cache`` and this
+    ``layer``'s index in it; ``wanted`` (batch, q), the positions whose outputs alone are
+    computed (keys and values are still computed everywhere; None: every position); with
+    ``copy`` (the copy layer), also the copy distribution of every query, or of those at
+    positions ``copy_at`` (batch, q)."""
+
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    layer: int
+    wanted: torch.Tensor | None = None
+    copy: CopySpec | None = None
+    copy_at: torch.Tensor | None = None
 
 
 class SelfAttention(nn.Module):
@@ -43,23 +68,13 @@ class SelfAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attention = config.attention
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        wanted: torch.Tensor | None = None,
-        copy: CopySpec | None = None,
-        copy_at: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Attention output for every position, or with ``wanted`` (batch, q) positions
-        only: keys and values are still computed for every position, queries for ``wanted``.
-
-        With ``copy``, also the copy distribution over the source (batch, queries, source
-        length) of every query, or of the queries at positions ``copy_at`` (batch, q)."""
+    def forward(self, x: torch.Tensor, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output for every position, or for ``call.wanted`` only (the queries are
+        computed there alone), and with ``call.copy`` the copy distribution over the source
+        (batch, queries, source length), else None."""
         b, t, d = x.shape
         h = self.num_heads
+        wanted, cache, copy = call.wanted, call.cache, call.copy
         if wanted is None:
             q, k, v = self.qkv(x).view(b, t, 3, h, d // h).unbind(2)
         else:
@@ -68,25 +83,23 @@ class SelfAttention(nn.Module):
             q = F.linear(_take(x, wanted), w[:d], bias[:d]).view(b, wanted.shape[1], h, d // h)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
-        copied = None
+        copied, mask = None, call.mask
         if cache is not None and cache.group > 1:
-            y, copied = cache.attend_shared(layer, q, k, v, mask, copy)
+            y, source = cache.attend_shared(call.layer, q, k, v, mask, copy is not None)
+            if copy is not None:
+                copied = shared_copy_distribution(*source, copy, b)
         else:
             if cache is not None:
-                k, v = cache.update(layer, k, v)
+                k, v = cache.update(call.layer, k, v)
             if copy is not None:
-                qc = q
-                if copy_at is not None:
-                    qc = q.gather(2, copy_at[:, None, :, None].expand(-1, h, -1, q.shape[-1]))
-                copied = copy_distribution(qc, k, copy)
+                copied = copy_distribution(q, k, copy, call.copy_at)
             if self.attention == "math" or (
                 self.attention == "auto" and _math_attention_is_faster(q, k)
             ):
                 y = _bf16_attention(q, k, v, mask, dropout)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
-        return out if copy is None else (out, copied)
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d)), copied
 
 
 # Attention scores held per layer by the bf16 path: beyond this, SDPA's memory-lean kernel.
@@ -148,27 +161,15 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = config.dropout
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        wanted: torch.Tensor | None = None,
-        copy: CopySpec | None = None,
-        copy_at: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(batch, t, hidden) -> the same, or with ``wanted`` (batch, q) only those positions'
-        outputs (batch, q, hidden): the last block needs no more than the loss reads. With
-        ``copy`` (the copy layer), also its attention's copy distribution (SelfAttention)."""
+    def forward(self, x: torch.Tensor, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(batch, t, hidden) -> the same, or with ``call.wanted`` (batch, q) only those
+        positions' outputs (batch, q, hidden): the last block needs no more than the loss reads.
+        Also the attention's copy distribution, or None (SelfAttention)."""
         p = self.dropout if self.training else 0.0
-        attended = self.attn(self.ln1(x), mask, cache, layer, wanted, copy, copy_at)
-        copied = None
-        if copy is not None:
-            attended, copied = attended
-        x = (x if wanted is None else _take(x, wanted)) + _dropout(attended, p)
+        attended, copied = self.attn(self.ln1(x), call)
+        x = (x if call.wanted is None else _take(x, call.wanted)) + _dropout(attended, p)
         x = x + _dropout(self.ffn(self.ln2(x)), p)
-        return x if copy is None else (x, copied)
+        return x, copied
 
 
 def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -221,16 +222,10 @@ class MiniTuringModel(PreTrainedModel):
     """The UniLM-style transformer: token + position embeddings, pre-norm blocks, final norm,
     and an output layer tied to the input embedding.
 
-    With ``config.copy_attention`` (a pointer-generator), sequence-to-sequence calls (given
-    ``prefix_lengths``, or a cache) predict from a mixture at each position::
-
-        p(w) = p_gen * softmax(logits)(w) + (1 - p_gen) * p_copy(w)
-
-    ``p_copy`` is the attention of layer ``config.copy_layer`` at that position over the source
-    (the prefix, or the cache's first call), each head's renormalised over the source keys and
-    averaged over heads (or one head, ``config.copy_head``), summed per source token id;
-    ``p_gen = sigmoid(copy_gate([h; embedding of the input token there]))``. Such calls return
-    the mixture's log-probabilities as ``logits``. Bidirectional (masked-LM) calls are unchanged.
+    With ``config.copy_attention`` (a pointer-generator, model/copy_attention.py),
+    sequence-to-sequence calls (given ``prefix_lengths``, or a cache) predict from a mixture of
+    the output layer's distribution and a copy distribution over the source, and return the
+    mixture's log-probabilities as ``logits``. Bidirectional (masked-LM) calls are unchanged.
     """
 
     config_class = MiniTuringConfig
@@ -337,111 +332,23 @@ class MiniTuringModel(PreTrainedModel):
         mask = mask_for(torch.arange(t, device=input_ids.device).unsqueeze(0))
         spec, source_ids, copied = None, None, None
         if copy:
-            spec, source_ids = self._copy_source(input_ids, attention_mask, prefix_lengths, cache)
+            head = self.config.copy_head
+            spec, source_ids = copy_source(input_ids, attention_mask, prefix_lengths, cache, head)
         copy_layer = self.config.copy_layer % len(self.blocks) if copy else -1
         p = self.config.dropout if self.training else 0.0
         x = _dropout(self.embed(input_ids) + self.position(position_ids), p)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            at_wanted = i == last and wanted is not None
+            call = LayerCall(mask, cache, i)
+            if i == last and wanted is not None:
+                call.mask, call.wanted = mask_for(wanted), wanted
             if spec is not None and i == copy_layer:
-                m, w = (mask_for(wanted), wanted) if at_wanted else (mask, None)
-                x, copied = block(x, m, cache, i, w, spec, None if at_wanted else wanted)
-            elif at_wanted:
-                x = block(x, mask_for(wanted), cache, i, wanted)
-            else:
-                x = block(x, mask, cache, i)
+                call.copy, call.copy_at = spec, None if call.wanted is not None else wanted
+            x, layer_copied = block(x, call)
+            copied = layer_copied if call.copy is not None else copied
         if cache is not None:
             cache.length += t
         return self.ln_f(x), copied, source_ids
-
-    def _copy_source(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        prefix_lengths: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> tuple[CopySpec, torch.Tensor]:
-        """Which keys the copy distribution spreads over, and their token ids: the prefix of a
-        sequence-to-sequence batch; with a cache, its first call (the source, encoded alone),
-        one row per source also when beams share it."""
-        head = self.config.copy_head
-        b, t = input_ids.shape
-        if cache is not None and cache.length > 0:
-            if cache.source_ids is None:
-                raise ValueError("copy attention needs the cache's first call to be the source")
-            source_ids = cache.source_ids
-            length = source_ids.shape[1]
-            mask = None
-            if attention_mask is not None:
-                mask = attention_mask[:, :length].view(b, 1, 1, length).bool()
-            if cache.group > 1:
-                source_ids = source_ids.repeat_interleave(cache.group, dim=0)
-            return CopySpec(length, mask, head), source_ids
-        mask = None
-        if prefix_lengths is not None:
-            if cache is not None:
-                raise ValueError("with copy attention, encode the source alone into a new cache")
-            keys = torch.arange(t, device=input_ids.device)
-            mask = (keys < prefix_lengths.view(-1, 1)).view(-1, 1, 1, t)
-        if attention_mask is not None:
-            padding = attention_mask.view(b, 1, 1, t).bool()
-            mask = padding if mask is None else mask & padding
-        if cache is not None:
-            cache.source_ids = input_ids
-        return CopySpec(t, mask, head), input_ids
-
-    def _copy_gate(self, h: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """The gate's logit (fp32), log p_gen = logsigmoid of it: from the hidden state and the
-        embedding of the token each position reads (the previous token of its prediction).
-        Its rows are padded to few counts, as the output layer's are (``pad_rows``)."""
-        x = torch.cat([h, self.embed(previous)], dim=-1)
-        rows = x.reshape(-1, x.shape[-1])
-        gate = self.copy_gate(pad_rows(rows))[: len(rows)]
-        return gate.view(x.shape[:-1]).float()
-
-    def copy_log_probs(
-        self,
-        h: torch.Tensor,
-        previous: torch.Tensor,
-        copied: torch.Tensor,
-        source_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """log p(w) of the copy mixture, for every w: (..., vocab) fp32, from the hidden states
-        ``h`` (..., hidden), the tokens read there ``previous`` (...), the copy distribution
-        ``copied`` (..., source length) over the source tokens ``source_ids`` (the same shape).
-        log p = logaddexp(log p_gen + log_softmax(logits), log(1 - p_gen) + log p_copy), with
-        p_copy the copy distribution summed onto the vocabulary (scatter_add over token ids).
-        """
-        gate = self._copy_gate(h, previous).unsqueeze(-1)
-        log_vocab = F.log_softmax(self.logits_from_hidden(h).float(), dim=-1)
-        shape = (*copied.shape[:-1], self.config.vocab_size)
-        p_copy = copied.new_zeros(shape).scatter_add_(-1, source_ids, copied)
-        return torch.logaddexp(
-            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + log_of_probs(p_copy)
-        )
-
-    def _copy_target_log_prob(
-        self,
-        h: torch.Tensor,
-        previous: torch.Tensor,
-        copied: torch.Tensor,
-        source_ids: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(target) of the copy mixture (rows,), fp32: ``copy_log_probs`` read at
-        ``targets`` (rows,), with neither distribution over the whole vocabulary kept: the
-        output layer's log-probability of the target chunk by chunk (``linear_log_prob``), the
-        copy probability of a token as the attention on the source positions that hold it.
-        Also the output layer's cross-entropy against the uniform distribution (rows,), label
-        smoothing's term, which smooths the words the model writes, not those it copies."""
-        gate = self._copy_gate(h, previous)
-        log_vocab, uniform = linear_log_prob(h, self.embed.weight, targets)
-        p_copy = (copied * (source_ids == targets.unsqueeze(-1))).sum(-1)
-        log_p = torch.logaddexp(
-            F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + log_of_probs(p_copy)
-        )
-        return log_p, uniform
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer tied to the input embedding."""
@@ -470,89 +377,53 @@ class MiniTuringModel(PreTrainedModel):
         inputs = (input_ids, attention_mask, prefix_lengths, position_ids, cache)
         copy = self.config.copy_attention and (prefix_lengths is not None or cache is not None)
         if labels is None:
-            b, t = input_ids.shape
-            wanted = None
-            if last_token_only and t > 1:
-                wanted = torch.full((b, 1), t - 1, dtype=torch.long, device=input_ids.device)
-            h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
-            if copy:
-                previous = input_ids if wanted is None else input_ids[:, -1:]
-                source_ids = source_ids.unsqueeze(1).expand_as(copied)
-                logits = self.copy_log_probs(h, previous, copied, source_ids)
-            else:
-                logits = self.logits_from_hidden(h)
-            return MiniTuringOutput(logits=logits[:, -1] if last_token_only else logits)
+            return MiniTuringOutput(logits=self._logits(inputs, copy, last_token_only))
         selected = labels != IGNORE_INDEX
         if self.config.sparse_outputs:
             wanted, valid = labelled_positions(selected)
         else:
             wanted, valid = None, selected
         h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
-        previous = input_ids
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(labels)
-        if wanted is not None:
-            labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
-            positions = wanted
+        rows = label_rows(h, labels, input_ids, prefix_lengths, wanted, valid, copied, source_ids)
         count = valid.sum()
         training = self.training and torch.is_grad_enabled() and h.requires_grad
         smoothing = label_smoothing if training else 0.0
-        # Labels inside a sequence-to-sequence source (its masked words, --source-mask-rate)
-        # are filled in place: from the output layer alone, never smoothed.
-        filled = None
-        if prefix_lengths is not None:
-            filled = (positions < prefix_lengths.view(-1, 1) - 1)[valid]
-            filled = filled if bool(filled.any()) else None
-        weight = self.embed.weight
-        if copy:
-            # The labelled positions as rows, each with its row's source token ids.
-            rows = torch.arange(len(valid), device=valid.device).unsqueeze(1).expand_as(valid)
-            h, previous, copied = h[valid], previous[valid], copied[valid]
-            targets, source_ids = labels[valid], source_ids[rows[valid]]
-            if training:
-                loss = h.new_zeros((), dtype=torch.float32)
-                if filled is not None:
-                    loss = linear_cross_entropy(h[filled], weight, targets[filled])
-                    target = ~filled
-                    h, previous, copied = h[target], previous[target], copied[target]
-                    targets, source_ids = targets[target], source_ids[target]
-                # The target's labels: the copy mixture's probabilities of the labels only, no
-                # copy distribution over the vocabulary.
-                logp, uniform = self._copy_target_log_prob(h, previous, copied, source_ids, targets)
-                loss = loss - (1 - smoothing) * logp.sum()
-                if smoothing:
-                    loss = loss + smoothing * uniform.sum()
-                return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
-            logits = self.copy_log_probs(h, previous, copied, source_ids)
-            if filled is not None:
-                plain = F.log_softmax(self.logits_from_hidden(h[filled]).float(), dim=-1)
-                logits = logits.masked_scatter(filled.unsqueeze(1), plain)
-            loss = -logits.gather(1, targets.unsqueeze(1)).sum()
-            return MiniTuringOutput(
-                loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
-            )
-        targets, h = labels[valid], h[valid]
-        if training and self.config.chunked_loss:
-            # Training: the loss and its gradients chunk by chunk, no logits kept.
-            if filled is not None and smoothing:
-                loss = linear_cross_entropy(h[filled], weight, targets[filled])
-                loss = loss + linear_cross_entropy(h[~filled], weight, targets[~filled], smoothing)
-            else:
-                loss = linear_cross_entropy(h, weight, targets, smoothing)
+        logits = None
+        # The four loss paths: the copy mixture's or the output layer's, in training (chunk
+        # by chunk, no logits kept) or in evaluation (with the logits).
+        if copy and training:
+            loss = copy_training_loss(rows, self.copy_gate, self.embed, smoothing)
+        elif copy:
+            loss, logits = copy_evaluation_loss(rows, self.copy_gate, self.embed)
+        elif training and self.config.chunked_loss:
+            loss = chunked_loss(rows, self.embed.weight, smoothing)
             if self.config.copy_attention:
                 # A masked-LM batch leaves the copy gate out of the graph; data parallelism
                 # (DDP without find_unused_parameters) wants a gradient for every parameter.
                 loss = loss + 0.0 * sum(p.sum() for p in self.copy_gate.parameters())
-            return MiniTuringOutput(loss=loss / count.clamp(min=1), num_label_tokens=count)
-        logits = self.logits_from_hidden(h)
-        per_label = F.cross_entropy(
-            logits.float(), targets, reduction="none", label_smoothing=smoothing
-        )
-        if filled is not None and smoothing:
-            unsmoothed = F.cross_entropy(logits.float(), targets, reduction="none")
-            per_label = torch.where(filled, unsmoothed, per_label)
+        else:
+            logits = self.logits_from_hidden(rows.h)
+            loss = logits_loss(logits, rows, smoothing)
         return MiniTuringOutput(
-            loss=per_label.sum() / count.clamp(min=1), logits=logits, num_label_tokens=count
+            loss=loss / count.clamp(min=1), logits=logits, num_label_tokens=count
         )
+
+    def _logits(self, inputs: tuple, copy: bool, last_token_only: bool) -> torch.Tensor:
+        """A call without labels: the logits of every position, or of the last one; with the
+        copy path, the mixture's log-probabilities."""
+        input_ids = inputs[0]
+        b, t = input_ids.shape
+        wanted = None
+        if last_token_only and t > 1:
+            wanted = torch.full((b, 1), t - 1, dtype=torch.long, device=input_ids.device)
+        h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
+        if copy:
+            previous = input_ids if wanted is None else input_ids[:, -1:]
+            source_ids = source_ids.unsqueeze(1).expand_as(copied)
+            logits = copy_log_probs(self.copy_gate, self.embed, h, previous, copied, source_ids)
+        else:
+            logits = self.logits_from_hidden(h)
+        return logits[:, -1] if last_token_only else logits
 
 
 class MiniTuringForMaskedLM(MiniTuringModel):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
+from model.copy_attention import gate_logit
 from model.generate import DecodingConfig, generate
 from model.transformer import (
     IGNORE_INDEX,
@@ -224,10 +227,11 @@ def test_copy_gate_is_the_same_whatever_the_row_count():
     """The gate's rows are padded (few kernel shapes); each row's value is its own."""
     model = small_model(copy_attention=True)
     h, previous = torch.randn(70, 32), torch.randint(0, 128, (70,))
-    whole = model._copy_gate(h, previous)
-    apart = torch.cat([model._copy_gate(h[i : i + 1], previous[i : i + 1]) for i in range(70)])
+    gate = functools.partial(gate_logit, model.copy_gate, model.embed)
+    whole = gate(h, previous)
+    apart = torch.cat([gate(h[i : i + 1], previous[i : i + 1]) for i in range(70)])
     torch.testing.assert_close(whole, apart)
-    assert model._copy_gate(h.view(7, 10, 32), previous.view(7, 10)).shape == (7, 10)
+    assert gate(h.view(7, 10, 32), previous.view(7, 10)).shape == (7, 10)
 
 
 def test_labelled_positions_gather_what_a_boolean_index_takes():

@@ -23,8 +23,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from model.api import RunFolderError, checked_weights
 from model.config import MiniTuringConfig
 from model.files import atomic_path, atomic_write_text, fsync_dir, fsync_file
 from model.transformer import MiniTuringModel
@@ -253,28 +254,14 @@ def intact(ckpt: Checkpointer) -> str:
 
 
 def read_weights(path: Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file, checked against ``model``'s parameter names and shapes."""
+    """A checkpoint's safetensors file, checked against ``model``'s parameter names and shapes
+    (``model.api.checked_weights``)."""
     if not path.is_file():
         raise TrainingError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        weights = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for a bad header
-        raise TrainingError(
-            f"{path} is not a valid safetensors file ({err}); weights are only ever read "
-            "from safetensors"
-        ) from None
-    if model is not None:
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        problems = [f"{k} is missing" for k in expected if k not in weights]
-        problems += [f"unexpected {k}" for k in weights if k not in expected]
-        problems += [
-            f"{k} has shape {tuple(weights[k].shape)}, the model has {shape}"
-            for k, shape in expected.items()
-            if k in weights and tuple(weights[k].shape) != shape
-        ]
-        if problems:
-            raise TrainingError(f"{path} does not fit this run's model: " + "; ".join(problems[:5]))
-    return weights
+        return checked_weights(path, model, against="this run's model")
+    except RunFolderError as err:
+        raise TrainingError(str(err)) from None
 
 
 def read_pickled(path: Path):
