@@ -25,7 +25,7 @@ from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_
 from data.objectives.summarize import build_example, collate
 from data.store import Ragged
 from data.tokenizer import SpecialIds, layout_ids, special_ids, word_start_table
-from model.losses import round_up
+from model.constants import round_up
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
 # Sequence-to-sequence batches are padded to a multiple of this many positions (see collate):

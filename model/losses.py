@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import autocast_dtype
-
-
-def round_up(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of ``multiple``. Sizes that vary from batch to batch are
-    rounded so that CPU matrix kernels, prepared per shape, see few distinct shapes."""
-    return -(-n // multiple) * multiple
-
+from .constants import round_up
 
 # Rows of logits per chunk of linear_cross_entropy's softmax: 4 MiB of them in fp32, so that
 # each chunk stays in a CPU core's cache; on a GPU, large enough to keep it busy.

@@ -25,10 +25,8 @@ from transformers.utils import ModelOutput
 # trust_remote_code=True where this package is not installed.
 from .cache import CopySpec, KVCache, copy_distribution, log_of_probs
 from .config import MiniTuringConfig
+from .constants import IGNORE_INDEX
 from .losses import labelled_positions, linear_cross_entropy, linear_log_prob, pad_rows
-
-IGNORE_INDEX = -100
-
 
 # ---------------------------------------------------------------------------- blocks
 

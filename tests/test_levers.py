@@ -11,7 +11,8 @@ import torch
 from data.batching import Seq2SeqStream
 from data.tokenizer import SpecialIds
 from model.config import MiniTuringConfig
-from model.transformer import IGNORE_INDEX, MiniTuringModel
+from model.constants import IGNORE_INDEX
+from model.transformer import MiniTuringModel
 from trainer.config import OptimConfig
 from trainer.optim import make_optimizer
 

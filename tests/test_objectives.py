@@ -20,7 +20,7 @@ from data.objectives.gap_summary import gap_sentences, sentence_scores, split_se
 from data.objectives.masked_lm import MaskingConfig, mask_sequence
 from data.objectives.summarize import build_example, collate
 from data.tokenizer import layout_ids, special_ids, word_start_table
-from model.transformer import IGNORE_INDEX
+from model.constants import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.losses import round_up
-from model.transformer import IGNORE_INDEX
+from model.constants import IGNORE_INDEX, round_up
 
 
 def build_example(
