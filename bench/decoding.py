@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_pairs(sources: list[str], limit: int | None) -> list[tuple[str, str]]:
     """The pairs as train.py reads them (the same sources, columns and checks)."""
-    from data.pipeline import DataConfig, read_pairs
+    from data.config import DataConfig
+    from data.raw import read_pairs
 
     pairs = read_pairs(sources, DataConfig())
     return pairs[:limit] if limit else pairs

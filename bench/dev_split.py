@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from data.config import DataConfig  # noqa: E402
 from data.corpus import docstring_pair, group_key, is_held_out  # noqa: E402
-from data.pipeline import DataConfig, load_raw  # noqa: E402
+from data.raw import load_raw  # noqa: E402
 
 
 def is_dev(text: str, fraction: float) -> bool:

@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data.batching import Seq2SeqStream  # noqa: E402
-from data.tokenizer import SpecialIds  # noqa: E402
 from model.constants import IGNORE_INDEX  # noqa: E402
+from model.tokenizer import SpecialIds  # noqa: E402
 from model.transformer import MiniTuringModel  # noqa: E402
 from trainer.config import build_model_config  # noqa: E402
 from trainer.optim import make_optimizer  # noqa: E402
