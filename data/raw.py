@@ -20,7 +20,7 @@ from pathlib import Path
 from data.cache import PREP_VERSION, CacheDir, mp_context, prepared_root
 from data.config import DataConfig
 from data.corpus import DEFAULT_MAX_CHARS, build_default_corpus, corpus_key, held_out_document
-from data.sources import iter_pairs, iter_texts
+from data.sources import Reading, iter_pairs, iter_texts
 from data.store import PairTable, TableWriter, TextTable, digest
 
 
@@ -57,12 +57,14 @@ def iter_source(kind: str, source: str, cfg: DataConfig, *, streaming: bool = Fa
     """One source's documents (``kind`` "texts") or (document, summary) pairs ("pairs"), read
     with the configured columns, split and encoding (``streaming``: a hub dataset is streamed
     rather than prepared)."""
-    reading = dict(hf_config=cfg.hf_config, hf_split=cfg.hf_split, encoding=cfg.encoding)
+    reading = Reading(cfg.hf_config, cfg.hf_split, cfg.encoding)
     if kind == "texts":
         split, column = cfg.text_split, cfg.text_column
-        return iter_texts(source, text_column=column, split=split, streaming=streaming, **reading)
+        return iter_texts(
+            source, text_column=column, split=split, reading=reading, streaming=streaming
+        )
     columns = dict(document_column=cfg.document_column, summary_column=cfg.summary_column)
-    return iter_pairs(source, **columns, **reading)
+    return iter_pairs(source, **columns, reading=reading)
 
 
 def source_identity(source: str) -> list:

@@ -81,34 +81,34 @@ def file_records(
     return name, _jsonl_records(path, name, encoding)
 
 
+def _parse_json(text: str, name: str, expected: str, line_no: int | None = None) -> Any:
+    """``text`` parsed; a :class:`DataError` naming the line otherwise (``line_no``: the line
+    ``text`` is, in a JSON-lines file; else the line the parser stopped at)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = e.lineno if line_no is None else line_no
+        raise DataError(
+            f"{name}, line {line}: not valid JSON ({e.msg} at column {e.colno}); "
+            f"expected {expected}"
+        ) from None
+    except RecursionError:
+        where = "" if line_no is None else f", line {line_no}"
+        raise DataError(f"{name}{where}: JSON nested too deeply") from None
+
+
 def _jsonl_records(path: Path, name: str, encoding: str) -> Iterator[Record]:
     for line_no, line, _ in read_lines(path, name, encoding):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{name}, line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
-                "expected one JSON object per line"
-            ) from None
-        except RecursionError:
-            raise DataError(f"{name}, line {line_no}: JSON nested too deeply") from None
+        value = _parse_json(line, name, "one JSON object per line", line_no)
         yield f"line {line_no}", _as_object(value, name, f"line {line_no}")
 
 
 def _json_list_records(path: Path, name: str, encoding: str) -> Iterator[Record]:
     with decoding(path, name, encoding), open(path, encoding=reading_codec(encoding)) as f:
         text = f.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{name}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-            "expected a JSON list of objects, or one JSON object per line"
-        ) from None
-    except RecursionError:
-        raise DataError(f"{name}: JSON nested too deeply") from None
+    value = _parse_json(text, name, "a JSON list of objects, or one JSON object per line")
     del text
     if not isinstance(value, list):
         raise DataError(f"{name}: expected a JSON list of objects, found a {type(value).__name__}")

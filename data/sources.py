@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +57,29 @@ _PAIR_FORMATS = "a .jsonl, .json, .csv, .tsv or .parquet file or a dataset"
 # ---------------------------------------------------------------------------- public API
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How a source is opened: a hub dataset's configuration and split (also the split of a
+    saved DatasetDict), and the text encoding of plain-text, jsonl and csv files."""
+
+    hf_config: str | None = None
+    hf_split: str = "train"
+    encoding: str = "utf-8"
+
+
 def iter_texts(
     source: str,
     *,
     text_column: str = "text",
     split: str = "line",
-    hf_config: str | None = None,
-    hf_split: str = "train",
-    encoding: str = "utf-8",
+    reading: Reading | None = None,
     max_chars: int = 1_000_000,
     streaming: bool = False,
 ) -> Iterator[str]:
     """Documents for the self-supervised objectives, one at a time (none is kept).
 
-    Plain text files are split into documents by ``split``: ``"line"`` (one document per
+    ``reading``: how the source is opened (:class:`Reading`; None: its defaults). Plain text
+    files are split into documents by ``split``: ``"line"`` (one document per
     non-empty line), ``"block"`` (documents separated by blank lines) or ``"file"`` (the whole
     file). Records give one document each, from ``text_column``.
 
@@ -88,10 +98,12 @@ def iter_texts(
         raise ValueError(f"split must be one of {', '.join(SPLIT_MODES)}, not {split!r}")
     if max_chars < 1:
         raise ValueError(f"max_chars must be positive, not {max_chars}")
+    reading = reading or Reading()
+    encoding = reading.encoding
     yield from _read(
         source,
         [(text_column, "--text-column", EMPTY_DOCUMENT)],
-        (hf_config, hf_split, encoding),
+        reading,
         "documents",
         plain=lambda path, skipped: plain_documents(path, split, encoding, max_chars, skipped),
         rows=lambda fields: chunks(fields[0], max_chars),
@@ -109,9 +121,7 @@ def iter_pairs(
     *,
     document_column: str = "document",
     summary_column: str = "summary",
-    hf_config: str | None = None,
-    hf_split: str = "train",
-    encoding: str = "utf-8",
+    reading: Reading | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(document, summary) pairs for supervised summarization, one at a time.
 
@@ -130,7 +140,7 @@ def iter_pairs(
     yield from _read(
         source,
         columns,
-        (hf_config, hf_split, encoding),
+        reading or Reading(),
         "(document, summary) pairs",
         plain=None,
         rows=lambda fields: [tuple(fields)],
@@ -145,7 +155,7 @@ def read_source_pairs(source: str, **kwargs) -> list[tuple[str, str]]:
 def _read(
     source: str,
     columns: list[tuple[str, str, tuple[str, str]]],
-    reading: tuple[str | None, str, str],
+    reading: Reading,
     what: str,
     *,
     plain: Callable[[Path, Skipped], Iterator[str]] | None,
@@ -155,14 +165,13 @@ def _read(
     """What ``source`` holds, one row at a time: ``plain(path, skipped)`` of a plain text file
     (None: plain text is no input here), ``rows(fields)`` of each record, its ``columns``
     ((column, flag naming it, skip reason when it is empty)) read as text. A record with an
-    empty field is skipped and counted; every skip is reported in one warning at the end.
-    ``reading``: (hf_config, hf_split, encoding)."""
+    empty field is skipped and counted; every skip is reported in one warning at the end."""
     skipped = Skipped()
     flags = {column: flag for column, flag, _ in columns}
     count = 0
     with os_errors(source):
         for unit in _units(
-            source, *reading, flags, skipped, pairs=plain is None, streaming=streaming
+            source, reading, flags, skipped, pairs=plain is None, streaming=streaming
         ):
             if isinstance(unit, Path):
                 assert plain is not None  # _units yields no plain text when pairs=True
@@ -198,24 +207,21 @@ _Unit = Path | tuple[str, Iterator[Record]]
 
 def _units(
     source: str,
-    hf_config: str | None,
-    hf_split: str,
-    encoding: str,
+    reading: Reading,
     columns: Mapping[str, str],
     skipped: Skipped,
     *,
     pairs: bool,
     streaming: bool = False,
 ) -> Iterator[_Unit]:
-    check_encoding(encoding)
+    check_encoding(reading.encoding)
+    hf_split, encoding = reading.hf_split, reading.encoding
     path = Path(source).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
             yield source, dataset_records(_load_saved(path, source, hf_split), source, columns)
         else:
-            yield from _folder_units(
-                path, source, hf_split, encoding, columns, skipped, pairs=pairs
-            )
+            yield from _folder_units(path, source, reading, columns, skipped, pairs=pairs)
     elif path.is_file():
         if path.suffix.lower() in RECORD_SUFFIXES:
             yield file_records(path, source, encoding, columns, skipped)
@@ -229,20 +235,20 @@ def _units(
     elif path.exists():
         raise DataError(f"{source}: not a regular file or folder")
     else:
-        loaded = _load_hub(source, hf_config, hf_split, streaming=streaming)
+        loaded = _load_hub(source, reading.hf_config, hf_split, streaming=streaming)
         yield source, dataset_records(loaded, source, columns)
 
 
 def _folder_units(
     folder: Path,
     source: str,
-    hf_split: str,
-    encoding: str,
+    reading: Reading,
     columns: Mapping[str, str],
     skipped: Skipped,
     *,
     pairs: bool,
 ) -> Iterator[_Unit]:
+    hf_split, encoding = reading.hf_split, reading.encoding
     found = False
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import sources
-from data.sources import DataError, read_source_pairs, read_source_texts
+from data.sources import DataError, Reading, read_source_pairs, read_source_texts
 
 DOCS = ["The first document.", "A second one, with a comma.", "Third: ünïcödé ✓"]
 PAIRS = [("A long document about cats.", "Cats."), ("Another text about dogs.", "Dogs.")]
@@ -60,10 +60,10 @@ def test_plain_text_any_extension_crlf_and_bom(tmp_path: Path) -> None:
 def test_other_encoding(tmp_path: Path) -> None:
     path = tmp_path / "latin.txt"
     path.write_bytes("café\nnaïve\n".encode("latin-1"))
-    assert read_source_texts(str(path), encoding="latin-1") == ["café", "naïve"]
+    assert read_source_texts(str(path), reading=Reading(encoding="latin-1")) == ["café", "naïve"]
     wide = tmp_path / "wide.txt"
     wide.write_text("one\ntwo\n", encoding="utf-16")
-    assert read_source_texts(str(wide), encoding="utf-16") == ["one", "two"]
+    assert read_source_texts(str(wide), reading=Reading(encoding="utf-16")) == ["one", "two"]
 
 
 def test_jsonl(tmp_path: Path) -> None:
@@ -119,9 +119,11 @@ def test_saved_dataset_and_dataset_dict(tmp_path: Path) -> None:
     other = datasets.Dataset.from_dict({"text": ["held out text"]})
     datasets.DatasetDict({"train": ds, "validation": other}).save_to_disk(str(tmp_path / "dd"))
     assert read_source_texts(str(tmp_path / "dd")) == DOCS
-    assert read_source_texts(str(tmp_path / "dd"), hf_split="validation") == ["held out text"]
+    assert read_source_texts(str(tmp_path / "dd"), reading=Reading(hf_split="validation")) == [
+        "held out text"
+    ]
     with pytest.raises(DataError, match=r"dd: .*no split 'test' \(splits: train, validation\)"):
-        read_source_texts(str(tmp_path / "dd"), hf_split="test")
+        read_source_texts(str(tmp_path / "dd"), reading=Reading(hf_split="test"))
 
 
 def test_folder_recursive_in_sorted_order(tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_hub_name_goes_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return datasets.Dataset.from_dict({"text": ["from the hub"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert read_source_texts("owner/name", hf_config="cfg", hf_split="test") == ["from the hub"]
+    assert read_source_texts("owner/name", reading=Reading("cfg", "test")) == ["from the hub"]
     assert calls == [("owner/name", "cfg", "test")]
 
 
@@ -177,7 +179,10 @@ def test_hub_name_is_streamed_with_streaming(monkeypatch: pytest.MonkeyPatch) ->
         return datasets.IterableDataset.from_generator(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert read_source_texts("owner/name", hf_split="test", streaming=True) == ["one", "two"]
+    assert read_source_texts("owner/name", reading=Reading(hf_split="test"), streaming=True) == [
+        "one",
+        "two",
+    ]
     assert calls == [("owner/name", None, "test", True)]
 
 
@@ -418,7 +423,7 @@ def test_bad_options() -> None:
     with pytest.raises(ValueError, match="split must be one of"):
         read_source_texts("x.txt", split="paragraph")
     with pytest.raises(ValueError, match="unknown encoding"):
-        read_source_texts(__file__, encoding="no-such-codec")
+        read_source_texts(__file__, reading=Reading(encoding="no-such-codec"))
 
 
 def test_data_error_is_a_value_error() -> None:
