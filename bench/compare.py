@@ -149,11 +149,14 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     framed pairs (``build_example``), generation sources."""
     from datasets import Dataset
 
+    from data.config import DataConfig
     from data.objectives.masked_lm import block, pack_blocks
     from data.objectives.summarize import build_example
-    from data.pipeline import DataConfig, build_streams, load_raw
-    from data.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_tokenizer
+    from data.pipeline import build_streams
+    from data.raw import load_raw
+    from data.vocab import save_tokenizer, train_tokenizer
     from model.config import round_vocab
+    from model.tokenizer import load_tokenizer, special_ids
 
     parts, shape = settings["parts"], settings["shape"]
     cfg = DataConfig(

@@ -42,7 +42,8 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
     if path.is_file() and path.stat().st_size >= size_mb * MB:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    from data.pipeline import DataConfig, load_raw
+    from data.config import DataConfig
+    from data.raw import load_raw
 
     raw = load_raw(DataConfig())
     # Train and held-out documents both: the bench corpus gets its own held-out share.

@@ -29,8 +29,9 @@ import torch
 
 import train
 from data.batching import Seq2SeqStream
-from data.tokenizer import SpecialIds
-from model.transformer import IGNORE_INDEX, MiniTuringModel
+from model.constants import IGNORE_INDEX
+from model.tokenizer import SpecialIds
+from model.transformer import MiniTuringModel
 from trainer.config import build_model_config
 from trainer.optim import make_optimizer
 

@@ -155,8 +155,9 @@ def accuracy(predicted: list[str], words: list[str]) -> float:
 
 
 def load_data(args: argparse.Namespace):
-    """The same split train.py makes from the same flags (data.pipeline.load_raw)."""
-    from data.pipeline import DataConfig, load_raw
+    """The same split train.py makes from the same flags (data.raw.load_raw)."""
+    from data.config import DataConfig
+    from data.raw import load_raw
 
     cfg = DataConfig(
         train_text=list(args.text),

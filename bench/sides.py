@@ -145,7 +145,7 @@ def mlm_hf(spec: dict) -> dict:
     from datasets import load_from_disk
     from transformers import DataCollatorForLanguageModeling
 
-    from data.tokenizer import load_tokenizer
+    from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec["tokenizer"])
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mask_rate"])
@@ -161,7 +161,7 @@ def seq2seq_hf(spec: dict) -> dict:
     from datasets import load_from_disk
     from transformers import DataCollatorForSeq2Seq
 
-    from data.tokenizer import load_tokenizer
+    from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec["tokenizer"])
     model = contestant(spec, "bart")
@@ -182,8 +182,9 @@ def count_ours(spec: dict) -> dict:
     """FLOPs of one training step of the run in ``spec["run"]``: its model, on the first batch
     its data loader gives (the public data API, from the run's own config), per real token."""
     from data.batching import MixtureLoader
-    from data.pipeline import build_streams, load_raw
-    from data.tokenizer import load_tokenizer
+    from data.pipeline import build_streams
+    from data.raw import load_raw
+    from model.tokenizer import load_tokenizer
     from model.transformer import MiniTuringModel
     from trainer.config import TrainConfig
 

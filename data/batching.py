@@ -22,16 +22,13 @@ import torch
 
 from data.objectives import OBJECTIVES
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
-from data.objectives.summarize import build_example, collate
+from data.objectives.summarize import PAD_MULTIPLE, build_example, collate
 from data.store import Ragged
-from data.tokenizer import SpecialIds, layout_ids, special_ids, word_start_table
-from model.losses import round_up
+from data.vocab import layout_ids, word_start_table
+from model.constants import round_up
+from model.tokenizer import SpecialIds, special_ids
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
-# Sequence-to-sequence batches are padded to a multiple of this many positions (see collate):
-# few distinct lengths keep the CPU's per-shape matrix kernels, and the memory each holds, few
-# (default job, 300 steps: peak 1.8 GB at 64, 2.3 GB at 16; about the same speed).
-PAD_MULTIPLE = 64
 
 # Why an objective's stream can come out empty.
 _TOO_LITTLE = {
@@ -65,7 +62,7 @@ class MaskedLMStream:
         layout: np.ndarray | None = None,
     ) -> None:
         """``layout``: token ids never masked besides the special tokens (whitespace-only
-        tokens, :func:`~data.tokenizer.layout_ids`)."""
+        tokens, :func:`~data.vocab.layout_ids`)."""
         self.flat, self.seq_len, self.ids, self.masking = flat, seq_len, ids, masking
         self.word_start = word_start
         special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
@@ -289,13 +286,10 @@ class DataPosition:
         )
 
 
-class MixtureLoader:
-    """Endless micro-batches; each belongs to one objective, picked with the given weights.
-
-    ``rank`` / ``world_size`` shard every global batch (``batch_size * world_size`` examples)
-    without overlap: rank r takes the r-th slice. All ranks pick the same objective at the
-    same step, so the mixture holds globally.
-    """
+class Loader:
+    """What every loader shares: the batch size, the seed, this process's slice of each global
+    batch (``rank`` of ``world_size``), the objectives it draws (:meth:`choose`, which refuses
+    weights or streams it cannot serve) and the data position."""
 
     def __init__(
         self,
@@ -307,6 +301,33 @@ class MixtureLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        self.names = self.choose(streams, weights)
+        self.streams, self.batch_size, self.seed = streams, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = DataPosition(0, {n: 0 for n in self.names})
+
+    def choose(self, streams: dict, weights: dict[str, float]) -> list[str]:
+        raise NotImplementedError
+
+    def sample_keys(self, start: int) -> np.ndarray:
+        """This rank's sample keys in the global batch whose first key is ``start``."""
+        return np.arange(start, start + self.batch_size) + self.rank * self.batch_size
+
+    def advance(self, name: str, start: int) -> None:
+        """Count one micro-batch drawn, and a global batch of ``name`` consumed from ``start``."""
+        self.position.batches += 1
+        self.position.consumed[name] = start + self.batch_size * self.world_size
+
+
+class MixtureLoader(Loader):
+    """Endless micro-batches; each belongs to one objective, picked with the given weights.
+
+    ``rank`` / ``world_size`` shard every global batch (``batch_size * world_size`` examples)
+    without overlap: rank r takes the r-th slice. All ranks pick the same objective at the
+    same step, so the mixture holds globally.
+    """
+
+    def choose(self, streams: dict, weights: dict[str, float]) -> list[str]:
         unknown = [name for name in weights if name not in OBJECTIVES]
         if unknown:
             raise ValueError(
@@ -315,22 +336,20 @@ class MixtureLoader:
         for name, w in weights.items():
             if not (np.isfinite(w) and w >= 0):
                 raise ValueError(f"objective weight must be a finite number >= 0, got {name}={w}")
-        self.names = [n for n in OBJECTIVES if weights.get(n, 0) > 0]
-        if not self.names:
+        names = [n for n in OBJECTIVES if weights.get(n, 0) > 0]
+        if not names:
             raise ValueError("at least one objective needs a weight > 0")
         # An objective weighted 0 is switched off and needs no data.
-        missing = [name for name in self.names if name not in streams]
+        missing = [name for name in names if name not in streams]
         if missing:
             raise ValueError(f"no data for objective(s) {', '.join(missing)}")
-        for name in self.names:
+        for name in names:
             if len(streams[name]) == 0:
                 raise ValueError(f"objective {name} has no training examples ({_TOO_LITTLE[name]})")
-        total = sum(weights[n] for n in self.names)
-        self.probs = np.array([weights[n] / total for n in self.names])
-        self.streams, self.batch_size, self.seed = streams, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.position = DataPosition(0, {n: 0 for n in self.names})
+        total = sum(weights[n] for n in names)
+        self.probs = np.array([weights[n] / total for n in names])
         self._orders: dict[tuple[str, int], np.ndarray] = {}
+        return names
 
     def local_state(self) -> dict:
         """This process's position now, as a copy: no collectives, so a prefetching thread
@@ -377,7 +396,7 @@ class MixtureLoader:
     def examples_for(self, name: str, start: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's example indices and sample keys for the global batch starting at ``start``."""
         n = len(self.streams[name])
-        keys = np.arange(start, start + self.batch_size) + self.rank * self.batch_size
+        keys = self.sample_keys(start)
         indices = np.array([self._order(name, int(k // n))[int(k % n)] for k in keys])
         return indices, keys
 
@@ -386,6 +405,5 @@ class MixtureLoader:
         start = self.position.consumed[name]
         indices, keys = self.examples_for(name, start)
         batch = self.streams[name].batch(indices, keys, self.seed)
-        self.position.batches += 1
-        self.position.consumed[name] = start + self.batch_size * self.world_size
+        self.advance(name, start)
         return name, {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -11,31 +11,31 @@ gives a (description, summary) pair. Texts are held out for evaluation by a stab
 whole docstring before texts and pairs are derived, so a held-out docstring reaches training
 neither as a text nor as a pair.
 
-The result is cached as one gzipped JSON file keyed by everything it depends on.
+Built once per :func:`corpus_key` (everything the corpus depends on): :mod:`data.raw` keeps
+it as Arrow tables in the cache.
 """
 
 from __future__ import annotations
 
 import ast
 import gc
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 import warnings
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.cache import mp_context, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,12 @@ def held_out_document(text: str, fraction: float) -> bool:
 
 
 def build_default_corpus(
-    cache_dir: str | Path | None = None,
-    eval_fraction: float = 0.02,
-    max_chars: int | None = DEFAULT_MAX_CHARS,
+    eval_fraction: float = 0.02, max_chars: int | None = DEFAULT_MAX_CHARS
 ) -> Corpus:
-    """The embedded corpus, from the cache in ``cache_dir`` when it was built before.
+    """The embedded corpus, built from the installed sources (:mod:`data.raw` caches it).
 
-    ``cache_dir`` defaults to ``$MINITURING_CACHE`` or ``~/.cache/minituring``. ``max_chars``
-    caps the total characters of raw text (None: everything). Under a cap, source files are
-    read in the order of a hash of their names, which interleaves all packages, until
+    ``max_chars`` caps the total characters of raw text (None: everything). Under a cap, source
+    files are read in the order of a hash of their names, which interleaves all packages, until
     ``max_chars`` characters are gathered; the texts with the lowest content hashes that fit
     are kept. The same installed versions give the same corpus on every machine.
     ``eval_fraction`` of the docstrings (by :func:`held_out_document`) form the eval split.
@@ -176,18 +173,11 @@ def build_default_corpus(
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be positive or None, not {max_chars}")
-    folder = Path(cache_dir or os.environ.get("MINITURING_CACHE") or _default_cache())
-    key = _cache_key(eval_fraction, max_chars)
-    path = folder.expanduser() / f"default-corpus-{key}.json.gz"
-    corpus = _load(path)
-    if corpus is not None:
-        return corpus
     start = time.perf_counter()
     corpus = _build(eval_fraction, max_chars)
     log.info(
         "built the default corpus in %.1fs: %s", time.perf_counter() - start, corpus.describe()
     )
-    _save(corpus, path)
     return corpus
 
 
@@ -306,10 +296,10 @@ def _walk(root: Path, label: str, suffixes: tuple[str, ...]) -> Iterator[tuple[s
 
 def _extract_all(paths: list[str], parallel: bool) -> Generator[list[str], None, None]:
     """Docstrings of each file, in the order of ``paths``."""
-    workers = _worker_count() if parallel else 1
+    workers = worker_count() if parallel else 1
     if workers > 1:
         try:
-            context = _mp_context()
+            context = mp_context()
             pool = context.Pool(workers, initializer=gc.disable)
         except (OSError, ValueError, ImportError) as e:
             log.debug("no process pool (%s); reading sources in this process", e)
@@ -321,22 +311,6 @@ def _extract_all(paths: list[str], parallel: bool) -> Generator[list[str], None,
     with _gc_paused():
         for path in paths:
             yield file_docstrings(path)
-
-
-def _worker_count() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        cpus = os.cpu_count() or 1
-    return min(cpus, 8)
-
-
-def _mp_context() -> multiprocessing.context.BaseContext:
-    # fork starts workers instantly and does not re-import the caller's main module; elsewhere
-    # the platform's default (spawn) is the safe choice.
-    if sys.platform == "linux":
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
 
 
 @contextmanager
@@ -453,14 +427,12 @@ def _prose_and_code(body: str) -> tuple[int, int, int]:
     return prose, code, lines
 
 
-# ---------------------------------------------------------------------------- cache
+# ---------------------------------------------------------------------------- key
 
 
-def _default_cache() -> Path:
-    return Path.home() / ".cache" / "minituring"
-
-
-def _cache_key(eval_fraction: float, max_chars: int | None) -> str:
+def corpus_key(eval_fraction: float, max_chars: int | None) -> str:
+    """A hash of everything the corpus depends on: its extraction's version, the Python and
+    package versions it reads, and the options."""
     versions = {}
     for module, distribution in PACKAGES:
         if not _package_roots(module):
@@ -481,56 +453,6 @@ def _cache_key(eval_fraction: float, max_chars: int | None) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _load(path: Path) -> Corpus | None:
-    if not path.is_file():
-        return None
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
-        return Corpus(
-            train_texts=_strings(data["train_texts"]),
-            eval_texts=_strings(data["eval_texts"]),
-            train_pairs=[(d, s) for d, s in data["train_pairs"]],
-            eval_pairs=[(d, s) for d, s in data["eval_pairs"]],
-        )
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring the unreadable corpus cache %s (%s); rebuilding it", path, e)
-        return None
-
-
-def _strings(values: list) -> list[str]:
-    if not all(isinstance(v, str) for v in values):
-        raise TypeError("expected a list of strings")
-    return values
-
-
-def _save(corpus: Corpus, path: Path) -> None:
-    data = {
-        "corpus_version": CORPUS_VERSION,
-        "train_texts": corpus.train_texts,
-        "eval_texts": corpus.eval_texts,
-        "train_pairs": corpus.train_pairs,
-        "eval_pairs": corpus.eval_pairs,
-    }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary file in the same folder, then an atomic rename: concurrent builders
-        # (one per rank) and interrupted writes never leave a half-written cache behind.
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".corpus-", suffix=".tmp")
-        try:
-            with (
-                os.fdopen(fd, "wb") as raw,
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as f,
-            ):
-                f.write(json.dumps(data, ensure_ascii=False).encode("utf-8"))
-            os.replace(temp, path)
-        except BaseException:
-            os.unlink(temp)
-            raise
-    except OSError as e:
-        log.warning("could not cache the default corpus in %s (%s)", path.parent, e)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -25,6 +25,12 @@ _BOMS = {
 }
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class DataError(ValueError):
     """Bad input data. The message always names the source (file path or dataset), the record
     (line number / row index / record index) when there is one, and what was expected."""

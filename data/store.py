@@ -5,31 +5,23 @@
 * Token ids are flat int32 files, read a slice at a time (:class:`FileArray`);
   sequence-to-sequence examples are a flat token file plus an int64 offsets file
   (:class:`Ragged`), so no example is a Python object.
-* Every prepared folder is a :class:`CacheDir`: built under a temporary name, completed by a
-  marker file, then renamed into place. A folder without its marker (a crash, ``kill -9``) is
-  removed and rebuilt; temporary folders of dead processes are removed. Long preparations
-  write shards into a ``.partial`` folder, each shard atomically, so an interrupted one
-  resumes from the shards already written.
+* They live in prepared folders of the cache, each built and completed atomically
+  (:class:`data.cache.CacheDir`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-log = logging.getLogger(__name__)
+from model.files import atomic_path
 
-DONE = "done.json"
 # Rows per Arrow record batch: iteration and writes hold one batch of strings at a time.
 BATCH_ROWS = 4096
 
@@ -52,86 +44,6 @@ def content_digest(items: Iterable) -> str:
             h.update(b"\x00")
         h.update(b"\x01")
     return h.hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------- cache folders
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class CacheDir:
-    """One prepared folder, ``root/name``, complete only when it holds :data:`DONE`."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.root, self.name = Path(root), name
-        self.path = self.root / name
-        self.partial = self.root / f"{name}.partial"
-
-    def ready(self) -> bool:
-        if (self.path / DONE).is_file():
-            return True
-        if self.path.exists():
-            log.warning("rebuilding the incomplete cache %s (no %s)", self.path, DONE)
-            shutil.rmtree(self.path, ignore_errors=True)
-        return False
-
-    def meta(self) -> dict:
-        return json.loads((self.path / DONE).read_text())
-
-    def _remove_stale(self) -> None:
-        for tmp in self.root.glob(f"{self.name}.tmp-*"):
-            try:
-                pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            except ValueError:
-                pid = -1
-            if pid < 0 or not _pid_alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    @contextmanager
-    def build(self, meta: dict | None = None) -> Iterator[Path]:
-        """A temporary folder to fill; on success it gains the marker and becomes ``path``."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        tmp = self.root / f"{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            info = {} if meta is None else meta
-            yield tmp
-            _atomic_text(tmp / DONE, json.dumps(info))
-            try:
-                os.rename(tmp, self.path)
-            except OSError:
-                # Another process completed the same folder first: keep its copy.
-                if not (self.path / DONE).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(self.partial, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(path, text)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- Arrow tables
@@ -173,7 +85,7 @@ def open_table(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
-class _Table:
+class Table:
     """Rows of an Arrow IPC file: random access through a memory map, sequential passes
     through plain reads of one record batch at a time (so a pass over a big file does not
     leave it all mapped into the process)."""
@@ -232,7 +144,7 @@ class _Table:
         raise NotImplementedError
 
 
-class TextTable(_Table):
+class TextTable(Table):
     """Documents (one Arrow string column, ``text``), read like a list of strings."""
 
     columns = ("text",)
@@ -247,7 +159,7 @@ class TextTable(_Table):
         return self._num_chars
 
 
-class PairTable(_Table):
+class PairTable(Table):
     """(document, summary) pairs (Arrow columns ``document``, ``summary``), read like a list
     of tuples."""
 
@@ -277,7 +189,7 @@ class ListDocs:
 
 def as_docs(items):
     """A table as it is; a list (or any iterable) wrapped into :class:`ListDocs`."""
-    return items if isinstance(items, _Table | ListDocs) else ListDocs(items)
+    return items if isinstance(items, Table | ListDocs) else ListDocs(items)
 
 
 class Chain:
@@ -311,10 +223,9 @@ def num_chars(texts) -> int:
 
 
 def write_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """``array``'s values as a flat file, written atomically (processes may share the cache)."""
+    with atomic_path(path, unique=True) as tmp, open(tmp, "wb") as f:
         f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)
 
 
 class FileArray:

@@ -22,7 +22,7 @@ masked-LM blocks on the fly, for corpora larger than the disk the prepared path 
   tokenizing); several smaller sources make that shorter.
 
 Only masked LM is streamed: gap sentences and document/summary pairs stay on the prepared path,
-and :func:`check_objectives` refuses them before any data is read.
+and :func:`data.config.check_objectives` refuses them before any data is read.
 """
 
 from __future__ import annotations
@@ -33,33 +33,16 @@ from itertools import islice
 import numpy as np
 import torch
 
-from data.batching import DataPosition, MaskedLMStream
+from data.batching import DataPosition, Loader, MaskedLMStream
+from data.config import DataConfig, check_objectives
 from data.objectives.masked_lm import MaskingConfig, block
-from data.pipeline import (
-    DataConfig,
-    RawData,
-    Streams,
-    _encode,
-    _prepare_split,
-    iter_source_texts,
-    tokenize_texts,
-)
+from data.pipeline import Streams, encode_texts, tokenize_texts
+from data.raw import RawData, iter_source, prepare_split
 from data.store import digest
-from data.tokenizer import SAMPLE_CHARS
+from data.vocab import SAMPLE_CHARS
 
 # Documents held out from the start of the stream when no --eval-text is given.
 HELD_OUT_DOCS = 256
-OBJECTIVES = ("masked_lm",)
-
-
-def check_objectives(weights: dict[str, float]) -> None:
-    """Refuse an objective the stream cannot train (``weights`` as --objectives gives them)."""
-    unsupported = [name for name, w in weights.items() if w > 0 and name not in OBJECTIVES]
-    if unsupported:
-        raise ValueError(
-            f"--streaming trains {', '.join(OBJECTIVES)} only, not {', '.join(unsupported)}; "
-            "train sequence-to-sequence objectives without --streaming"
-        )
 
 
 # ---------------------------------------------------------------------------- documents
@@ -69,7 +52,7 @@ def _documents(shards: list, cfg: DataConfig, held_out: int) -> Iterator[dict]:
     """The documents of ``shards`` ((index, source) pairs), as ``{"text": ...}`` rows; the first
     ``held_out`` documents of source 0 are skipped (they are the held-out text)."""
     for index, source in shards:
-        docs = iter_source_texts(source, cfg, streaming=True)
+        docs = iter_source("texts", source, cfg, streaming=True)
         if index == 0 and held_out:
             docs = islice(docs, held_out, None)
         for doc in docs:
@@ -98,8 +81,8 @@ def held_out_texts(cfg: DataConfig):
     """--eval-text as a prepared table, else the first :data:`HELD_OUT_DOCS` documents of the
     first source (a list)."""
     if cfg.eval_text:
-        return _prepare_split("texts", [], cfg.eval_text, cfg)[1]
-    return list(islice(iter_source_texts(cfg.train_text[0], cfg, streaming=True), HELD_OUT_DOCS))
+        return prepare_split("texts", [], cfg.eval_text, cfg)[1]
+    return list(islice(iter_source("texts", cfg.train_text[0], cfg, streaming=True), HELD_OUT_DOCS))
 
 
 def tokenizer_sample(cfg: DataConfig, max_chars: int = SAMPLE_CHARS) -> Iterator[str]:
@@ -204,7 +187,7 @@ class PackedText:
         need = count * body
         pieces, have = [self.buffer], len(self.buffer)
         while have < need:
-            (ids,) = _encode(self.tokenizer, [self._next_text()])
+            (ids,) = encode_texts(self.tokenizer, [self._next_text()])
             piece = np.asarray(ids + [self.sep], dtype=np.int32)
             pieces.append(piece)
             have += len(piece)
@@ -240,7 +223,7 @@ def _launched() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class StreamingLoader:
+class StreamingLoader(Loader):
     """:class:`~data.batching.MixtureLoader`'s interface over streamed masked-LM blocks.
 
     Each process packs its own part of the stream; the g-th block a process draws in its k-th
@@ -248,25 +231,12 @@ class StreamingLoader:
     mixture loader keys its examples.
     """
 
-    def __init__(
-        self,
-        streams: dict,
-        weights: dict[str, float],
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def choose(self, streams: dict, weights: dict[str, float]) -> list[str]:
         check_objectives(weights)
         if "masked_lm" not in streams:
             raise ValueError("no data for objective masked_lm")
         self.stream: PackedText = streams["masked_lm"]
-        self.streams = streams
-        self.names = ["masked_lm"]
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.position = DataPosition(0, {"masked_lm": 0})
+        return ["masked_lm"]
 
     def local_state(self) -> dict:
         """This process's position and place in the stream now, as a copy: no collectives, so
@@ -304,9 +274,8 @@ class StreamingLoader:
 
     def next_batch(self) -> tuple[str, dict[str, torch.Tensor]]:
         start = self.position.consumed["masked_lm"]
-        keys = np.arange(start, start + self.batch_size) + self.rank * self.batch_size
+        keys = self.sample_keys(start)
         blocks = self.stream.next_blocks(self.batch_size)
         batch = self.stream.masker.masked(blocks, keys, self.seed)
-        self.position.batches += 1
-        self.position.consumed["masked_lm"] = start + self.batch_size * self.world_size
+        self.advance("masked_lm", start)
         return "masked_lm", {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, unique: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` for the body to write; when the body returns, the file
-    is flushed to disk and renamed over ``path``. If the body fails, the file is removed."""
+    is flushed to disk and renamed over ``path``. If the body fails, the file is removed.
+    ``unique``: the temporary name carries the process id and a random part, for a file that
+    several processes may write at once (a shared cache)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if unique else ".tmp"
+    tmp = path.with_name(path.name + suffix)
     try:
         yield tmp
         fsync_file(tmp)

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from model import cache as cache_module
 from model import config as config_module
+from model import constants as constants_module
 from model import copy_attention as copy_attention_module
 from model import losses as losses_module
 from model import transformer as transformer_module
@@ -37,7 +38,14 @@ from model.transformer import MiniTuringForMaskedLM, MiniTuringModel
 # Module files copied verbatim into a run folder; their names are the modules auto_map names.
 REMOTE_CODE_FILES = tuple(
     Path(m.__file__)
-    for m in (config_module, cache_module, losses_module, copy_attention_module, transformer_module)
+    for m in (
+        config_module,
+        constants_module,
+        cache_module,
+        losses_module,
+        copy_attention_module,
+        transformer_module,
+    )
 )
 AUTO_MAP = {
     "AutoConfig": f"config.{MiniTuringConfig.__name__}",

@@ -9,18 +9,14 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .constants import round_up
+
 
 def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     """The dtype matrix products run in here: autocast's, if it is on, else ``default``."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return default
-
-
-def round_up(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of ``multiple``. Sizes that vary from batch to batch are
-    rounded so that CPU matrix kernels, prepared per shape, see few distinct shapes."""
-    return -(-n // multiple) * multiple
 
 
 # Rows of logits per chunk of linear_cross_entropy's softmax: 4 MiB of them in fp32, so that

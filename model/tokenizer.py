@@ -1,5 +1,5 @@
 """The tokenizer as a trained model uses it: loading a ``tokenizer.json``, its special tokens,
-and the check that tokenizer and model config agree. (Training one is ``data.tokenizer``.)
+and the check that tokenizer and model config agree. (Training one is ``data.vocab``.)
 
 Every tokenizer we use carries the same special tokens, which the objectives rely on:
 

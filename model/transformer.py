@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 # trust_remote_code=True where this package is not installed.
 from .cache import KVCache
 from .config import MiniTuringConfig
+from .constants import IGNORE_INDEX
 from .copy_attention import (
     CopySpec,
     copy_distribution,
@@ -35,9 +36,6 @@ from .copy_attention import (
     shared_copy_distribution,
 )
 from .losses import chunked_loss, label_rows, labelled_positions, logits_loss
-
-IGNORE_INDEX = -100
-
 
 # ---------------------------------------------------------------------------- blocks
 

@@ -82,14 +82,14 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(texts):
-    from data.tokenizer import train_tokenizer
+    from data.vocab import train_tokenizer
 
     return train_tokenizer(texts, vocab_size=400)
 
 
 @pytest.fixture
 def tiny_config(tokenizer):
-    from data.tokenizer import model_config
+    from model.tokenizer import model_config
 
     return model_config(
         tokenizer,

@@ -41,9 +41,11 @@ def test_hf_side_trains_on_our_blocks_and_pairs(tmp_path, corpus_files):
     pairs split into BART's source and labels."""
     from datasets import load_from_disk
 
+    from data.config import DataConfig
     from data.objectives.masked_lm import block, pack_blocks
-    from data.pipeline import DataConfig, build_streams, load_raw
-    from data.tokenizer import load_tokenizer
+    from data.pipeline import build_streams
+    from data.raw import load_raw
+    from model.tokenizer import load_tokenizer
 
     args, settings, spec = prepared(tmp_path, corpus_files, "mlm,seq2seq")
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -70,7 +72,7 @@ def test_both_sides_count_the_same_tokens(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     from data.batching import Seq2SeqStream
-    from data.tokenizer import special_ids
+    from model.tokenizer import special_ids
 
     ids = special_ids(tokenizer)
     rng = np.random.default_rng(0)

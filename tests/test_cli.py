@@ -15,7 +15,8 @@ import pytest
 from test_interop import assert_png
 
 import model
-from data.pipeline import DataConfig, load_raw
+from data.config import DataConfig
+from data.raw import load_raw
 from trainer.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
+from model.constants import IGNORE_INDEX
 from model.generate import Decoder, DecodingConfig, generate
-from model.transformer import IGNORE_INDEX, MiniTuringModel
+from model.transformer import MiniTuringModel
 
 NEVER = list(range(100, 128)) + [0, 1, 2, 4, 5]  # never generated: past the tokenizer, specials
 

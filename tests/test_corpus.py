@@ -1,37 +1,37 @@
-"""data.corpus: the embedded corpus is deterministic, cached, leak-free and well filtered."""
+"""data.corpus: the embedded corpus is deterministic, cached (once, as tables), leak-free and
+well filtered."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
 
 from data import corpus as corpus_module
+from data import raw as raw_module
+from data.cache import DONE
+from data.config import DataConfig
 from data.corpus import (
     MIN_BODY_WORDS,
     MIN_TEXT_WORDS,
     SUMMARY_WORDS,
     Corpus,
     build_default_corpus,
+    corpus_key,
     docstring_pair,
     file_docstrings,
     held_out_document,
     is_held_out,
 )
+from data.raw import load_raw
 
 MAX_CHARS = 1_500_000
 EVAL_FRACTION = 0.1  # large, so the small test corpus still holds out enough to check
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("corpus-cache")
-
-
-@pytest.fixture(scope="module")
-def built(cache_dir: Path) -> Corpus:
-    return build_default_corpus(cache_dir, eval_fraction=EVAL_FRACTION, max_chars=MAX_CHARS)
+def built() -> Corpus:
+    return build_default_corpus(eval_fraction=EVAL_FRACTION, max_chars=MAX_CHARS)
 
 
 def all_texts(corpus: Corpus) -> list[str]:
@@ -50,40 +50,52 @@ def test_size_and_shape(built: Corpus) -> None:
     )
 
 
-def test_rebuild_is_identical(built: Corpus, tmp_path: Path) -> None:
-    assert build_default_corpus(tmp_path, EVAL_FRACTION, MAX_CHARS) == built
+def test_rebuild_is_identical(built: Corpus) -> None:
+    assert build_default_corpus(EVAL_FRACTION, MAX_CHARS) == built
 
 
-def test_cache_hit(built: Corpus, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(corpus_module, "_build", lambda *a: pytest.fail("cache missed"))
-    assert build_default_corpus(cache_dir, EVAL_FRACTION, MAX_CHARS) == built
-    files = list(cache_dir.iterdir())
-    assert len(files) == 1 and files[0].name.endswith(".json.gz")  # no temporary files left
+def _as_lists(raw) -> Corpus:
+    return Corpus(
+        *(list(getattr(raw, f"{s}_{k}")) for k in ("texts", "pairs") for s in ("train", "eval"))
+    )
+
+
+def test_cache_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corpus is built once, into the Arrow store; a second load reads the tables."""
+    small = Corpus(["a text"], ["held out"], [("document", "summary")], [])
+    monkeypatch.setenv("MINITURING_CACHE", str(tmp_path))
+    monkeypatch.setattr(raw_module, "build_default_corpus", lambda **k: small)
+    assert _as_lists(load_raw(DataConfig(corpus_max_chars=1000))) == small
+    monkeypatch.setattr(raw_module, "build_default_corpus", lambda **k: pytest.fail("cache missed"))
+    assert _as_lists(load_raw(DataConfig(corpus_max_chars=1000))) == small
+    (folder,) = (tmp_path / "prepared").iterdir()  # no temporary files left
+    assert folder.name.startswith("corpus-") and (folder / DONE).is_file()
 
 
 def test_cache_key_covers_the_options() -> None:
-    key = corpus_module._cache_key
+    key = corpus_key
     assert key(0.02, 1000) == key(0.02, 1000)
     assert len({key(0.02, 1000), key(0.05, 1000), key(0.02, 2000), key(0.02, None)}) == 4
 
 
 def test_unreadable_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = Corpus(["a text"], ["held out"], [("document", "summary")], [])
-    monkeypatch.setattr(corpus_module, "_build", lambda *a: small)
-    assert build_default_corpus(tmp_path, 0.02, 1000) == small
-    (path,) = tmp_path.iterdir()
-    path.write_bytes(b"not gzip at all")
-    assert build_default_corpus(tmp_path, 0.02, 1000) == small
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        assert "held out" in f.read()
+    monkeypatch.setenv("MINITURING_CACHE", str(tmp_path))
+    monkeypatch.setattr(raw_module, "build_default_corpus", lambda **k: small)
+    load_raw(DataConfig(corpus_max_chars=1000))
+    (folder,) = (tmp_path / "prepared").iterdir()
+    (folder / DONE).unlink()
+    (folder / "eval_texts.arrow").write_bytes(b"not arrow at all")
+    assert _as_lists(load_raw(DataConfig(corpus_max_chars=1000))) == small
+    assert "held out" in list(load_raw(DataConfig(corpus_max_chars=1000)).eval_texts)
 
 
 def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = Corpus(["a text"], [], [], [])
-    monkeypatch.setattr(corpus_module, "_build", lambda *a: small)
+    monkeypatch.setattr(raw_module, "build_default_corpus", lambda **k: small)
     monkeypatch.setenv("MINITURING_CACHE", str(tmp_path / "env-cache"))
-    assert build_default_corpus(max_chars=1000) == small
-    assert len(list((tmp_path / "env-cache").glob("default-corpus-*.json.gz"))) == 1
+    assert _as_lists(load_raw(DataConfig(corpus_max_chars=1000))) == small
+    assert len(list((tmp_path / "env-cache" / "prepared").glob(f"corpus-*/{DONE}"))) == 1
 
 
 def test_held_out_docstrings_never_reach_training(built: Corpus) -> None:
@@ -177,16 +189,13 @@ def test_the_embedded_corpus_is_built_in_a_child_whose_errors_reach_the_caller(
     raised to the trainer, and no table is left as if complete."""
     import os
 
-    from data.pipeline import DataConfig, load_raw
-    from data.store import DONE
-
     monkeypatch.setenv("MINITURING_CACHE", str(tmp_path))
     parent = os.getpid()
 
     def broken(**kwargs):
         raise ValueError(f"built in {'the parent' if os.getpid() == parent else 'a child'}")
 
-    monkeypatch.setattr(corpus_module, "build_default_corpus", broken)
+    monkeypatch.setattr(raw_module, "build_default_corpus", broken)
     with pytest.raises(ValueError, match="built in a child"):
         load_raw(DataConfig(corpus_max_chars=12345))
     assert not list((tmp_path / "prepared").glob(f"corpus-*/{DONE}"))

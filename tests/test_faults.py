@@ -732,7 +732,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 def _other_tokenizer(folder: Path, texts) -> None:
-    from data.tokenizer import save_tokenizer, train_tokenizer
+    from data.vocab import save_tokenizer, train_tokenizer
 
     save_tokenizer(train_tokenizer(texts[:300], vocab_size=330), folder)
 

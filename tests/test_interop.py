@@ -26,8 +26,8 @@ from transformers import (
 
 import model
 import train
-from data.tokenizer import load_tokenizer
 from model.hf import AUTO_MAP, REMOTE_CODE_FILES, _check_self_contained, save_remote_code
+from model.tokenizer import load_tokenizer
 from trainer import metrics
 from trainer.errors import TrainingError
 from trainer.plot import PLOT_FILE

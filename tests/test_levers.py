@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from data.batching import Seq2SeqStream
-from data.tokenizer import SpecialIds
 from model.config import MiniTuringConfig
-from model.transformer import IGNORE_INDEX, MiniTuringModel
+from model.constants import IGNORE_INDEX
+from model.tokenizer import SpecialIds
+from model.transformer import MiniTuringModel
 from trainer.config import OptimConfig
 from trainer.optim import make_optimizer
 

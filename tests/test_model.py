@@ -10,10 +10,10 @@ import torch
 import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
+from model.constants import IGNORE_INDEX
 from model.copy_attention import gate_logit
 from model.generate import DecodingConfig, generate
 from model.transformer import (
-    IGNORE_INDEX,
     MiniTuringModel,
     attention_mask_for,
     labelled_positions,

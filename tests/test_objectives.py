@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from data.batching import (
-    PAD_MULTIPLE,
     MaskedLMStream,
     MixtureLoader,
     Seq2SeqStream,
@@ -18,9 +17,10 @@ from data.batching import (
 )
 from data.objectives.gap_summary import gap_sentences, sentence_scores, split_sentences
 from data.objectives.masked_lm import MaskingConfig, mask_sequence
-from data.objectives.summarize import build_example, collate
-from data.tokenizer import layout_ids, special_ids, word_start_table
-from model.transformer import IGNORE_INDEX
+from data.objectives.summarize import PAD_MULTIPLE, build_example, collate
+from data.vocab import layout_ids, word_start_table
+from model.constants import IGNORE_INDEX
+from model.tokenizer import special_ids
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import pipeline, sources
+from data import pipeline
+from data import raw as raw_module
 from data.batching import MixtureLoader
+from data.cache import DONE
+from data.config import DataConfig
 from data.corpus import group_key, held_out_document
-from data.pipeline import DataConfig, build_streams, load_raw
-from data.store import DONE, FileArray, Ragged, TextTable, write_array
-from data.tokenizer import train_tokenizer, training_sample
+from data.pipeline import build_streams
+from data.raw import RawData, load_raw
+from data.store import FileArray, Ragged, TextTable, write_array
+from data.vocab import train_tokenizer, training_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = [
@@ -130,8 +134,8 @@ def test_warm_cache_reads_no_source_and_gives_the_same_batches(cache, files, mon
     def no_reading(*a, **k):
         raise AssertionError("a warm cache must not read the source again")
 
-    monkeypatch.setattr(sources, "iter_texts", no_reading)
-    monkeypatch.setattr(sources, "iter_pairs", no_reading)
+    monkeypatch.setattr(raw_module, "iter_texts", no_reading)
+    monkeypatch.setattr(raw_module, "iter_pairs", no_reading)
     monkeypatch.setattr(pipeline, "gap_sentences", no_reading)
     raw2 = load_raw(cfg)
     streams2 = build_streams(raw2, tok, cfg, ["masked_lm", "gap_summary", "summarize"], 32)
@@ -152,7 +156,7 @@ def test_list_inputs_match_tables(cache, files):
     cfg = _cfg(files)
     raw = load_raw(cfg)
     tok, streams = _streams(raw, cfg)
-    as_lists = pipeline.RawData(list(raw.train_texts), [], list(raw.train_pairs), [], "lists")
+    as_lists = RawData(list(raw.train_texts), [], list(raw.train_pairs), [], "lists")
     streams2 = build_streams(as_lists, tok, cfg, ["masked_lm", "gap_summary", "summarize"], 32)
     assert _same(_batches(streams), _batches(streams2))
 
@@ -185,7 +189,8 @@ def test_kill_during_preparation_leaves_nothing_that_is_reused(cache, files):
         f"""
         import os
         from data import store
-        from data.pipeline import DataConfig, load_raw
+        from data.config import DataConfig
+        from data.raw import load_raw
         store.TableWriter.close = lambda self: os._exit(9)
         load_raw(DataConfig(train_text=[{str(files[0])!r}], train_pairs=[{str(files[1])!r}]))
         """
@@ -210,7 +215,7 @@ def test_interrupted_tokenization_resumes_from_its_shards(cache, files, monkeypa
     tok = train_tokenizer(texts, vocab_size=400)
     tok_key = "k"
     calls = []
-    real = pipeline._encode
+    real = pipeline.encode_texts
 
     def failing(tokenizer, batch):
         calls.append(len(batch))
@@ -218,10 +223,10 @@ def test_interrupted_tokenization_resumes_from_its_shards(cache, files, monkeypa
             raise KeyboardInterrupt
         return real(tokenizer, batch)
 
-    monkeypatch.setattr(pipeline, "_encode", failing)
+    monkeypatch.setattr(pipeline, "encode_texts", failing)
     with pytest.raises(KeyboardInterrupt):
         pipeline.tokenize_texts(texts, tok, "t", tok_key)
-    monkeypatch.setattr(pipeline, "_encode", lambda t, b: calls.append(len(b)) or real(t, b))
+    monkeypatch.setattr(pipeline, "encode_texts", lambda t, b: calls.append(len(b)) or real(t, b))
     calls.clear()
     flat = pipeline.tokenize_texts(texts, tok, "t", tok_key)
     shards = -(-len(texts) // 50)
@@ -232,8 +237,6 @@ def test_interrupted_tokenization_resumes_from_its_shards(cache, files, monkeypa
 
 
 def test_parallel_gap_extraction_matches_serial(cache, files, monkeypatch):
-    import data.corpus
-
     monkeypatch.setattr(pipeline, "SHARD_BATCHES", 1)
     monkeypatch.setattr("data.store.BATCH_ROWS", 64)
     cfg = _cfg(files)
@@ -242,10 +245,10 @@ def test_parallel_gap_extraction_matches_serial(cache, files, monkeypatch):
     tok = train_tokenizer(raw.train_texts, vocab_size=400)
     serial = pipeline.gap_pairs(list(raw.train_texts), cfg, tok, "serial", "k")
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_DOCS", 1)
-    monkeypatch.setattr(data.corpus, "_worker_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "worker_count", lambda: 2)
     pools = []
-    real_context = data.corpus._mp_context
-    monkeypatch.setattr(data.corpus, "_mp_context", lambda: pools.append(1) or real_context())
+    real_context = pipeline.mp_context
+    monkeypatch.setattr(pipeline, "mp_context", lambda: pools.append(1) or real_context())
     parallel = pipeline.gap_pairs(raw.train_texts, cfg, tok, "parallel", "k")
     assert pools
     for a, b in zip(serial, parallel, strict=True):

@@ -16,8 +16,9 @@ from data.batching import MaskedLMStream, MixtureLoader, Seq2SeqStream
 from data.objectives.gap_summary import gap_sentences, split_sentences
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence
 from data.objectives.summarize import build_example, collate
-from data.tokenizer import SPECIAL_TOKENS, special_ids, word_start_table
-from model.transformer import IGNORE_INDEX
+from data.vocab import word_start_table
+from model.constants import IGNORE_INDEX
+from model.tokenizer import SPECIAL_TOKENS, special_ids
 
 PROPERTIES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPECIAL_STRINGS = list(SPECIAL_TOKENS.values())

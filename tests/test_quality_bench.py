@@ -83,8 +83,8 @@ def test_cloze_items_mask_one_single_token_word(tokenizer):
 
 
 def test_hf_models_are_about_our_size(texts, tokenizer):
-    from data.tokenizer import model_config
     from model.config import PRESETS
+    from model.tokenizer import model_config
     from model.transformer import MiniTuringModel
 
     tok = hf.train_tokenizer(texts, 400)

@@ -155,7 +155,8 @@ def test_data_position_far_into_training_is_reached_in_constant_time(corpus_file
     """Jumping to micro-batch 10^12 (epochs deep) costs no more than drawing the first one."""
     from data.batching import MaskedLMStream
     from data.objectives.masked_lm import MaskingConfig
-    from data.tokenizer import special_ids, word_start_table
+    from data.vocab import word_start_table
+    from model.tokenizer import special_ids
 
     flat = np.arange(10_000, dtype=np.int32) % (len(tokenizer) - 10) + 10
     ids = special_ids(tokenizer)

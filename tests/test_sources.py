@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import sources
-from data.sources import DataError, read_pairs, read_texts
+from data.sources import DataError, Reading, read_source_pairs, read_source_texts
 
 DOCS = ["The first document.", "A second one, with a comma.", "Third: ünïcödé ✓"]
 PAIRS = [("A long document about cats.", "Cats."), ("Another text about dogs.", "Dogs.")]
@@ -40,9 +40,13 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 def test_plain_text_split_modes(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("  alpha beta  \ngamma\n\n\n delta\nepsilon \n   \nzeta", encoding="utf-8")
-    assert read_texts(str(path)) == ["alpha beta", "gamma", "delta", "epsilon", "zeta"]
-    assert read_texts(str(path), split="block") == ["alpha beta  \ngamma", "delta\nepsilon", "zeta"]
-    assert read_texts(str(path), split="file") == [
+    assert read_source_texts(str(path)) == ["alpha beta", "gamma", "delta", "epsilon", "zeta"]
+    assert read_source_texts(str(path), split="block") == [
+        "alpha beta  \ngamma",
+        "delta\nepsilon",
+        "zeta",
+    ]
+    assert read_source_texts(str(path), split="file") == [
         "alpha beta  \ngamma\n\n\n delta\nepsilon \n   \nzeta"
     ]
 
@@ -50,71 +54,76 @@ def test_plain_text_split_modes(tmp_path: Path) -> None:
 def test_plain_text_any_extension_crlf_and_bom(tmp_path: Path) -> None:
     path = tmp_path / "corpus.log"
     path.write_bytes(b"\xef\xbb\xbfone\r\ntwo\r\n")
-    assert read_texts(str(path)) == ["one", "two"]
+    assert read_source_texts(str(path)) == ["one", "two"]
 
 
 def test_other_encoding(tmp_path: Path) -> None:
     path = tmp_path / "latin.txt"
     path.write_bytes("café\nnaïve\n".encode("latin-1"))
-    assert read_texts(str(path), encoding="latin-1") == ["café", "naïve"]
+    assert read_source_texts(str(path), reading=Reading(encoding="latin-1")) == ["café", "naïve"]
     wide = tmp_path / "wide.txt"
     wide.write_text("one\ntwo\n", encoding="utf-16")
-    assert read_texts(str(wide), encoding="utf-16") == ["one", "two"]
+    assert read_source_texts(str(wide), reading=Reading(encoding="utf-16")) == ["one", "two"]
 
 
 def test_jsonl(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d, "id": i} for i, d in enumerate(DOCS)])
-    assert read_texts(str(path)) == DOCS
+    assert read_source_texts(str(path)) == DOCS
 
 
 def test_json_list_and_json_lines(tmp_path: Path) -> None:
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"body": d} for d in DOCS], indent=2), encoding="utf-8")
-    assert read_texts(str(listed), text_column="body") == DOCS
+    assert read_source_texts(str(listed), text_column="body") == DOCS
     lines = write_jsonl(tmp_path / "lines.json", [{"body": d} for d in DOCS])
-    assert read_texts(str(lines), text_column="body") == DOCS
+    assert read_source_texts(str(lines), text_column="body") == DOCS
 
 
 def test_csv_and_tsv(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["id", "text"], [[str(i), d] for i, d in enumerate(DOCS)])
-    assert read_texts(str(path)) == DOCS
+    assert read_source_texts(str(path)) == DOCS
     multiline = write_csv(tmp_path / "m.csv", ["text"], [["line one\nline two"], ["x, y"]])
-    assert read_texts(str(multiline)) == ["line one\nline two", "x, y"]
+    assert read_source_texts(str(multiline)) == ["line one\nline two", "x, y"]
     tsv = tmp_path / "d.tsv"
     tsv.write_text("text\tother\nhello there\t1\n", encoding="utf-8")
-    assert read_texts(str(tsv)) == ["hello there"]
+    assert read_source_texts(str(tsv)) == ["hello there"]
 
 
 def test_parquet(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": DOCS, "n": [1, 2, 3]}), path)
-    assert read_texts(str(path)) == DOCS
+    assert read_source_texts(str(path)) == DOCS
     pairs = tmp_path / "p.parquet"
     pq.write_table(
         pa.table({"article": [d for d, _ in PAIRS], "highlights": [s for _, s in PAIRS]}), pairs
     )
-    assert read_pairs(str(pairs), document_column="article", summary_column="highlights") == PAIRS
+    assert (
+        read_source_pairs(str(pairs), document_column="article", summary_column="highlights")
+        == PAIRS
+    )
 
 
 def test_pairs_from_jsonl_and_csv(tmp_path: Path) -> None:
     jsonl = write_jsonl(tmp_path / "p.jsonl", [{"document": d, "summary": s} for d, s in PAIRS])
-    assert read_pairs(str(jsonl)) == PAIRS
+    assert read_source_pairs(str(jsonl)) == PAIRS
     csv_path = write_csv(tmp_path / "p.csv", ["summary", "document"], [[s, d] for d, s in PAIRS])
-    assert read_pairs(str(csv_path)) == PAIRS
+    assert read_source_pairs(str(csv_path)) == PAIRS
 
 
 def test_saved_dataset_and_dataset_dict(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"text": DOCS, "document": DOCS, "summary": DOCS})
     ds.save_to_disk(str(tmp_path / "ds"))
-    assert read_texts(str(tmp_path / "ds")) == DOCS
-    assert read_pairs(str(tmp_path / "ds")) == [(d, d) for d in DOCS]
+    assert read_source_texts(str(tmp_path / "ds")) == DOCS
+    assert read_source_pairs(str(tmp_path / "ds")) == [(d, d) for d in DOCS]
     other = datasets.Dataset.from_dict({"text": ["held out text"]})
     datasets.DatasetDict({"train": ds, "validation": other}).save_to_disk(str(tmp_path / "dd"))
-    assert read_texts(str(tmp_path / "dd")) == DOCS
-    assert read_texts(str(tmp_path / "dd"), hf_split="validation") == ["held out text"]
+    assert read_source_texts(str(tmp_path / "dd")) == DOCS
+    assert read_source_texts(str(tmp_path / "dd"), reading=Reading(hf_split="validation")) == [
+        "held out text"
+    ]
     with pytest.raises(DataError, match=r"dd: .*no split 'test' \(splits: train, validation\)"):
-        read_texts(str(tmp_path / "dd"), hf_split="test")
+        read_source_texts(str(tmp_path / "dd"), reading=Reading(hf_split="test"))
 
 
 def test_folder_recursive_in_sorted_order(tmp_path: Path) -> None:
@@ -127,14 +136,20 @@ def test_folder_recursive_in_sorted_order(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["from saved"]}).save_to_disk(str(tmp_path / "f"))
     # Files of a folder come before its subfolders' (os.walk order), each level sorted.
-    assert read_texts(str(tmp_path)) == ["from a", "from e", "from c", "from d", "from saved"]
+    assert read_source_texts(str(tmp_path)) == [
+        "from a",
+        "from e",
+        "from c",
+        "from d",
+        "from saved",
+    ]
 
 
 def test_folder_of_pairs_skips_plain_text(tmp_path: Path, caplog) -> None:
     write_jsonl(tmp_path / "p.jsonl", [{"document": d, "summary": s} for d, s in PAIRS])
     (tmp_path / "README.md").write_text("about this folder\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="data.sources"):
-        assert read_pairs(str(tmp_path)) == PAIRS
+        assert read_source_pairs(str(tmp_path)) == PAIRS
     assert "1 plain text file" in caplog.text and "README.md" in caplog.text
 
 
@@ -147,7 +162,7 @@ def test_hub_name_goes_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return datasets.Dataset.from_dict({"text": ["from the hub"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert read_texts("owner/name", hf_config="cfg", hf_split="test") == ["from the hub"]
+    assert read_source_texts("owner/name", reading=Reading("cfg", "test")) == ["from the hub"]
     assert calls == [("owner/name", "cfg", "test")]
 
 
@@ -164,7 +179,10 @@ def test_hub_name_is_streamed_with_streaming(monkeypatch: pytest.MonkeyPatch) ->
         return datasets.IterableDataset.from_generator(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert read_texts("owner/name", hf_split="test", streaming=True) == ["one", "two"]
+    assert read_source_texts("owner/name", reading=Reading(hf_split="test"), streaming=True) == [
+        "one",
+        "two",
+    ]
     assert calls == [("owner/name", None, "test", True)]
 
 
@@ -175,7 +193,7 @@ def test_missing_path_does_not_reach_the_hub(tmp_path: Path, monkeypatch) -> Non
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("hub called"))
     with pytest.raises(DataError, match=r"missing\.jsonl: no such file or folder"):
-        read_texts(str(tmp_path / "missing.jsonl"))
+        read_source_texts(str(tmp_path / "missing.jsonl"))
 
 
 def test_unloadable_hub_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +204,7 @@ def test_unloadable_hub_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError) as info:
-        read_texts("someone/no-such-dataset")
+        read_source_texts("someone/no-such-dataset")
     message = str(info.value)
     assert "someone/no-such-dataset: no such file or folder" in message
     assert "could not be loaded as a Hugging Face Hub dataset" in message
@@ -199,7 +217,7 @@ def test_empty_files_are_skipped_with_one_warning(tmp_path: Path, caplog) -> Non
     (tmp_path / "c.txt").write_text("content\n", encoding="utf-8")
     (tmp_path / "d.jsonl").write_text("", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="data.sources"):
-        assert read_texts(str(tmp_path)) == ["content"]
+        assert read_source_texts(str(tmp_path)) == ["content"]
     assert len(caplog.records) == 1
     assert "3 empty files" in caplog.text and "a.txt" in caplog.text
 
@@ -208,17 +226,17 @@ def test_nothing_left_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "blank.txt"
     path.write_text("\n   \n", encoding="utf-8")
     with pytest.raises(DataError, match=r"no documents found in .*blank\.txt .*1 empty file"):
-        read_texts(str(path))
+        read_source_texts(str(path))
     records = write_jsonl(tmp_path / "r.jsonl", [{"text": " "}, {"text": None}])
     with pytest.raises(DataError, match=r"no documents found in .*r\.jsonl .*2 empty documents"):
-        read_texts(str(records))
+        read_source_texts(str(records))
 
 
 def test_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     with pytest.raises(DataError, match=r"folder holds no data files"):
-        read_texts(str(tmp_path))
+        read_source_texts(str(tmp_path))
 
 
 def test_empty_documents_and_summaries_are_counted(tmp_path: Path, caplog) -> None:
@@ -232,7 +250,7 @@ def test_empty_documents_and_summaries_are_counted(tmp_path: Path, caplog) -> No
         ],
     )
     with caplog.at_level(logging.WARNING, logger="data.sources"):
-        assert read_pairs(str(path)) == [("kept", "yes")]
+        assert read_source_pairs(str(path)) == [("kept", "yes")]
     assert len(caplog.records) == 1
     assert "2 empty documents" in caplog.text and "1 empty summary" in caplog.text
     assert "p.jsonl" in caplog.text
@@ -242,7 +260,7 @@ def test_non_utf8_names_line_and_byte(tmp_path: Path) -> None:
     path = tmp_path / "latin.txt"
     path.write_bytes(b"fine\nalso fine\ncaf\xe9 au lait\n")
     with pytest.raises(DataError) as info:
-        read_texts(str(path))
+        read_source_texts(str(path))
     message = str(info.value)
     assert "latin.txt, line 3 (byte offset 18)" in message
     assert "encoding" in message and "utf-8" in message
@@ -252,11 +270,11 @@ def test_non_utf8_in_structured_files(tmp_path: Path) -> None:
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"x\.jsonl, line 2 \(byte offset 28\)"):
-        read_texts(str(jsonl))
+        read_source_texts(str(jsonl))
     csv_path = tmp_path / "x.csv"
     csv_path.write_bytes(b"text\nok\n\xff\n")
     with pytest.raises(DataError, match=r"x\.csv, line 3 \(byte offset 8\)"):
-        read_texts(str(csv_path))
+        read_source_texts(str(csv_path))
 
 
 def test_decode_error_deep_in_a_long_file(tmp_path: Path) -> None:
@@ -264,30 +282,30 @@ def test_decode_error_deep_in_a_long_file(tmp_path: Path) -> None:
     line = b"x" * 99 + b"\n"
     path.write_bytes(line * 30_000 + b"\xc3(\n")
     with pytest.raises(DataError, match=r"line 30001 \(byte offset 3000000\)"):
-        read_texts(str(path))
+        read_source_texts(str(path))
 
 
 def test_binary_file(tmp_path: Path) -> None:
     path = tmp_path / "model.bin"
     path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
     with pytest.raises(DataError, match=r"model\.bin: looks like a binary file"):
-        read_texts(str(path))
+        read_source_texts(str(path))
     utf16 = tmp_path / "utf16.txt"
     utf16.write_text("hello\n", encoding="utf-16")
     with pytest.raises(DataError, match=r"utf16\.txt: .*UTF-16 byte-order mark.*'utf-16'"):
-        read_texts(str(utf16))
+        read_source_texts(str(utf16))
 
 
 def test_long_documents_are_cut_at_whitespace(tmp_path: Path) -> None:
     path = tmp_path / "long.txt"
     words = " ".join(f"w{i}" for i in range(2000))
     path.write_text(words + "\nshort\n", encoding="utf-8")
-    docs = read_texts(str(path), max_chars=1000)
+    docs = read_source_texts(str(path), max_chars=1000)
     assert all(len(d) <= 1000 for d in docs)
     assert " ".join(docs[:-1]) == words and docs[-1] == "short"
     assert all(not d.startswith(" ") and not d.endswith(" ") for d in docs)
     records = write_jsonl(tmp_path / "long.jsonl", [{"text": words}])
-    assert " ".join(read_texts(str(records), max_chars=1000)) == words
+    assert " ".join(read_source_texts(str(records), max_chars=1000)) == words
 
 
 @pytest.mark.slow
@@ -297,7 +315,7 @@ def test_hundred_megabyte_line(tmp_path: Path) -> None:
     with open(path, "wb") as f:
         f.write(word * (100_000_000 // len(word)))
     start = time.perf_counter()
-    docs = read_texts(str(path), max_chars=1_000_000)
+    docs = read_source_texts(str(path), max_chars=1_000_000)
     elapsed = time.perf_counter() - start
     assert elapsed < 10, f"took {elapsed:.1f}s"
     assert 99 <= len(docs) <= 101
@@ -310,14 +328,14 @@ def test_hundred_megabyte_line(tmp_path: Path) -> None:
 def test_missing_column(tmp_path: Path) -> None:
     jsonl = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}, {"txt": "y", "id": 2}])
     with pytest.raises(DataError) as info:
-        read_texts(str(jsonl))
+        read_source_texts(str(jsonl))
     message = str(info.value)
     assert "d.jsonl, line 2: no column 'text'" in message
     assert "'txt', 'id'" in message and "--text-column" in message
 
     csv_path = write_csv(tmp_path / "d.csv", ["article", "highlights"], [["a", "b"]])
     with pytest.raises(DataError) as info:
-        read_pairs(str(csv_path))
+        read_source_pairs(str(csv_path))
     message = str(info.value)
     assert "d.csv, header (line 1): no column 'document'" in message
     assert "'article', 'highlights'" in message and "--document-column" in message
@@ -325,39 +343,39 @@ def test_missing_column(tmp_path: Path) -> None:
     parquet = tmp_path / "d.parquet"
     pq.write_table(pa.table({"document": ["d"], "abstract": ["s"]}), parquet)
     with pytest.raises(DataError, match=r"d\.parquet, schema: no column 'summary'.*--summary-col"):
-        read_pairs(str(parquet))
+        read_source_pairs(str(parquet))
 
 
 def test_missing_column_in_saved_dataset(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"content": ["x"]}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match=r"ds, features: no column 'text' .*'content'"):
-        read_texts(str(tmp_path / "ds"))
+        read_source_texts(str(tmp_path / "ds"))
 
 
 def test_invalid_json_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "unterminated}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl, line 3: not valid JSON"):
-        read_texts(str(path))
+        read_source_texts(str(path))
 
 
 def test_invalid_json_list(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"text": "ok"},\n  {"text": oops}\n]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.json, line 3: not valid JSON"):
-        read_texts(str(path))
+        read_source_texts(str(path))
 
 
 def test_record_not_an_object(tmp_path: Path) -> None:
     jsonl = tmp_path / "strings.jsonl"
     jsonl.write_text('{"text": "ok"}\n"just a string"\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"strings\.jsonl, line 2: expected a JSON object.*str"):
-        read_texts(str(jsonl))
+        read_source_texts(str(jsonl))
     listed = tmp_path / "list.json"
     listed.write_text('[{"text": "ok"}, ["a", "list"]]', encoding="utf-8")
     with pytest.raises(DataError, match=r"list\.json, record index 1: expected a JSON object"):
-        read_texts(str(listed))
+        read_source_texts(str(listed))
 
 
 @pytest.mark.parametrize(
@@ -366,7 +384,7 @@ def test_record_not_an_object(tmp_path: Path) -> None:
 def test_wrong_type_in_column(tmp_path: Path, value: object, type_name: str) -> None:
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "fine"}, {"text": value}])
     with pytest.raises(DataError) as info:
-        read_texts(str(path))
+        read_source_texts(str(path))
     message = str(info.value)
     assert f"mixed.jsonl, line 2: column 'text' holds a {type_name}" in message
     assert "expected text" in message
@@ -375,37 +393,37 @@ def test_wrong_type_in_column(tmp_path: Path, value: object, type_name: str) -> 
 def test_wrong_type_in_parquet_column(tmp_path: Path) -> None:
     path = tmp_path / "n.parquet"
     pq.write_table(pa.table({"document": ["d1", "d2"], "summary": ["s", None], "x": [1, 2]}), path)
-    assert read_pairs(str(path)) == [("d1", "s")]
+    assert read_source_pairs(str(path)) == [("d1", "s")]
     with pytest.raises(DataError, match=r"n\.parquet, row index 0: column 'x' holds a int"):
-        read_pairs(str(path), summary_column="x")
+        read_source_pairs(str(path), summary_column="x")
 
 
 def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
     path = tmp_path / "ragged.csv"
     path.write_text("text,label\nfine,1\nnot fine\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"ragged\.csv, line 3: 1 fields, but the header has 2"):
-        read_texts(str(path))
+        read_source_texts(str(path))
 
 
 def test_plain_text_file_cannot_give_pairs(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("text\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"notes\.txt: a plain text file holds no .*pairs"):
-        read_pairs(str(path))
+        read_source_pairs(str(path))
 
 
 def test_not_a_parquet_file(tmp_path: Path) -> None:
     path = tmp_path / "fake.parquet"
     path.write_bytes(b"definitely not parquet")
     with pytest.raises(DataError, match=r"fake\.parquet: not a readable parquet file"):
-        read_texts(str(path))
+        read_source_texts(str(path))
 
 
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="split must be one of"):
-        read_texts("x.txt", split="paragraph")
+        read_source_texts("x.txt", split="paragraph")
     with pytest.raises(ValueError, match="unknown encoding"):
-        read_texts(__file__, encoding="no-such-codec")
+        read_source_texts(__file__, reading=Reading(encoding="no-such-codec"))
 
 
 def test_data_error_is_a_value_error() -> None:
@@ -416,11 +434,11 @@ def test_unreadable_file_in_folder(tmp_path: Path) -> None:
     (tmp_path / "good.txt").write_text("fine\n", encoding="utf-8")
     (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     with pytest.raises(DataError, match=r"gone\.txt: cannot read"):
-        read_texts(str(tmp_path))
+        read_source_texts(str(tmp_path))
 
 
 def test_json_nested_too_deeply(tmp_path: Path) -> None:
     path = tmp_path / "deep.jsonl"
     path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"deep\.jsonl, line 2: "):
-        read_texts(str(path))
+        read_source_texts(str(path))

@@ -16,8 +16,8 @@ from test_resume import interrupting
 
 import train
 from data.batching import MixtureLoader
+from data.config import DataConfig
 from data.objectives.masked_lm import MaskingConfig
-from data.pipeline import DataConfig
 from data.streaming import (
     HELD_OUT_DOCS,
     PackedText,

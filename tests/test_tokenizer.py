@@ -7,15 +7,13 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from data.tokenizer import (
+from data.vocab import save_tokenizer, train_tokenizer, word_start_table
+from model.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerError,
     check_compatible,
     load_tokenizer,
-    save_tokenizer,
     special_ids,
-    train_tokenizer,
-    word_start_table,
 )
 
 

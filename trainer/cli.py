@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.pipeline import DataConfig, RawData, build_streams, read_pairs, read_texts
-from data.sources import read_texts as read_source_texts
+from data.config import DataConfig
+from data.pipeline import build_streams
+from data.raw import RawData, read_pairs, read_texts
+from data.sources import read_source_texts
 from model.api import DEFAULT_GENERATION, LM, RunFolderError, load
 from model.config import PRESETS, resolve_shape
 from model.generate import DecodingConfig

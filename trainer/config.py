@@ -9,9 +9,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from data.config import DataConfig, check_objectives, check_tokenizer_options
 from data.objectives import OBJECTIVES
-from data.pipeline import DataConfig
-from data.tokenizer import check_tokenizer_options
 from model.config import (
     ACTIVATIONS,
     ATTENTIONS,
@@ -301,8 +300,6 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
 
 def _check_streaming(cfg: TrainConfig, weights: dict[str, float]) -> None:
     """--streaming reads --train-text and trains masked LM; refuse the rest before any data."""
-    from data.streaming import check_objectives
-
     d = cfg.data
     if not d.train_text:
         raise TrainingError(

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
+from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig, generate
-from model.transformer import IGNORE_INDEX, MiniTuringModel
+from model.transformer import MiniTuringModel
 from trainer.distributed import Env, autocast, full_state_dict, is_fsdp
 
 EVAL_SEED = 1234

@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from data.batching import MixtureLoader, pieces_for, split_batch
+from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig
-from model.transformer import IGNORE_INDEX
 from trainer.checkpoint import intact, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import Env, agreed, all_reduce_sum, autocast, no_sync

@@ -19,8 +19,9 @@ import torch
 
 from data.batching import MixtureLoader
 from data.objectives import OBJECTIVES
-from data.pipeline import RawData, Streams, build_streams, load_raw
+from data.pipeline import Streams, build_streams
 from data.prefetch import Prefetcher
+from data.raw import RawData, load_raw
 from data.streaming import (
     StreamingLoader,
     build_streamed,
@@ -28,7 +29,7 @@ from data.streaming import (
     text_dataset,
     tokenizer_sample,
 )
-from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from data.vocab import save_tokenizer, train_tokenizer
 from model.api import (
     DEFAULT_GENERATION,
     read_generation_config,
@@ -36,7 +37,7 @@ from model.api import (
 )
 from model.config import MiniTuringConfig
 from model.hf import save_remote_code
-from model.tokenizer import check_compatible
+from model.tokenizer import check_compatible, load_tokenizer
 from model.transformer import MiniTuringModel
 from trainer.checkpoint import Checkpointer, check_resumed_model
 from trainer.config import TrainConfig, build_model_config, parse_objectives, validate

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.transformer import IGNORE_INDEX
+from model.constants import IGNORE_INDEX
 
 
 @dataclass

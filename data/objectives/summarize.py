@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.losses import round_up
-from model.transformer import IGNORE_INDEX
+from model.constants import IGNORE_INDEX, round_up
+
+# Sequence-to-sequence batches are padded to a multiple of this many positions (see collate):
+# few distinct lengths keep the CPU's per-shape matrix kernels, and the memory each holds, few
+# (default job, 300 steps: peak 1.8 GB at 64, 2.3 GB at 16; about the same speed).
+PAD_MULTIPLE = 64
 
 
 def build_example(

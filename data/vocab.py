@@ -1,5 +1,7 @@
-"""Train a tokenizer on the user's corpus with HF ``tokenizers`` (loading one, its special tokens
-and the check against the model are ``model.tokenizer``, which a trained model needs alone).
+"""The vocabulary: a tokenizer trained on the user's corpus with HF ``tokenizers``, and the
+tables masked LM reads of it (which tokens start a word, which are layout). Loading a tokenizer,
+its special tokens and the check against the model are ``model.tokenizer``, which a trained
+model needs alone.
 """
 
 from __future__ import annotations
@@ -14,37 +16,16 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import __version__ as _tk_version
 from transformers import PreTrainedTokenizerFast
 
-from model.tokenizer import (  # noqa: F401  (re-exported: the tokenizer's whole interface)
-    ALIASES,
-    SPECIAL_TOKENS,
-    SpecialIds,
-    TokenizerError,
-    added_token,
-    check_compatible,
-    load_tokenizer,
-    model_config,
-    special_ids,
-    wrap,
-)
+from data.cache import prepared_root
+from data.config import check_tokenizer_options
+from data.store import Chain, Table, content_digest, digest
+from model.files import atomic_path
+from model.tokenizer import SPECIAL_TOKENS, added_token, special_ids, wrap
 
 log = logging.getLogger(__name__)
 
-KINDS = ("bpe", "wordpiece", "unigram")
 # Tokenizers train on at most about this many characters of the corpus.
 SAMPLE_CHARS = 200_000_000
-
-
-def check_tokenizer_options(kind: str, vocab_size: int) -> None:
-    """Refuse a tokenizer kind or size that cannot be trained, before any data is read."""
-    if kind not in KINDS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
-    floor = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 0)
-    if vocab_size <= floor:
-        raise TokenizerError(
-            f"vocabulary size {vocab_size} is too small: {kind} needs more than {floor} entries "
-            f"({len(SPECIAL_TOKENS)} special tokens"
-            + (" + 256 byte symbols)" if kind == "bpe" else ")")
-        )
 
 
 def train_tokenizer(
@@ -64,41 +45,7 @@ def train_tokenizer(
     the tables' keys and these settings, so a rerun on the same data does not train again.
     """
     check_tokenizer_options(kind, vocab_size)
-    specials = [added_token(role, tok) for role, tok in SPECIAL_TOKENS.items()]
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
-        # A prefix space makes a sentence-initial word the same token as it is mid-sentence.
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-    elif kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"]))
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=specials,
-            show_progress=False,
-        )
-    else:
-        tok = Tokenizer(models.Unigram())
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            unk_token=SPECIAL_TOKENS["unk"],
-            show_progress=False,
-        )
+    tok, trainer = _untrained(kind, vocab_size, min_frequency)
     cached = _cache_path(texts, kind, vocab_size, min_frequency, max_chars)
     if cached is not None and cached.is_file():
         try:
@@ -110,27 +57,52 @@ def train_tokenizer(
         length = None
     tok.train_from_iterator(training_sample(texts, total, max_chars), trainer, length=length)
     if cached is not None:
-        from data.store import write_text_atomic
-
         try:
-            write_text_atomic(cached, tok.to_str())
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cached, unique=True) as tmp:
+                tmp.write_text(tok.to_str())
         except OSError as e:
             log.warning("could not cache the tokenizer in %s (%s)", cached.parent, e)
     return wrap(tok)
 
 
+def _untrained(kind: str, vocab_size: int, min_frequency: int) -> tuple[Tokenizer, object]:
+    """An empty tokenizer of ``kind`` with our special tokens, and the trainer that fills it:
+    byte-level BPE (a prefix space makes a sentence-initial word the same token as it is
+    mid-sentence), or WordPiece or Unigram over NFC-normalized text."""
+    unk = SPECIAL_TOKENS["unk"]
+    specials = [added_token(role, tok) for role, tok in SPECIAL_TOKENS.items()]
+    common = dict(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    if kind == "bpe":
+        model, normalizer = models.BPE(unk_token=unk), None
+        pre, decoder = pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(
+            min_frequency=min_frequency, initial_alphabet=alphabet, **common
+        )
+    elif kind == "wordpiece":
+        model, normalizer = models.WordPiece(unk_token=unk), normalizers.NFC()
+        pre, decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(min_frequency=min_frequency, **common)
+    else:
+        model, normalizer = models.Unigram(), normalizers.NFC()
+        pre, decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(unk_token=unk, **common)
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer, tok.decoder = pre, decoder
+    return tok, trainer
+
+
 def _cache_path(texts, kind: str, vocab_size: int, min_frequency: int, max_chars: int):
     """Where a tokenizer trained on prepared tables is cached; None for other inputs."""
-    from data.store import Chain, _Table, content_digest, digest
-
     parts = texts.parts if isinstance(texts, Chain) else [texts]
-    if not any(isinstance(p, _Table) for p in parts):
+    if not any(isinstance(p, Table) for p in parts):
         return None
-    keys = [p.key if isinstance(p, _Table) else content_digest(p) for p in parts]
-    from data.pipeline import cache_root
-
+    keys = [p.key if isinstance(p, Table) else content_digest(p) for p in parts]
     key = digest("tokenizer", keys, kind, vocab_size, min_frequency, max_chars, _tk_version)
-    return cache_root() / "prepared" / f"tokenizer-{key}.json"
+    return prepared_root() / f"tokenizer-{key}.json"
 
 
 def _num_chars(texts) -> int:
