@@ -58,7 +58,7 @@ class Phases:
 def install(phases: Phases) -> None:
     import torch
 
-    from trainer import checkpoint, loop, setup
+    from trainer import checkpoint, loop, prepare
 
     def around(owner, name: str, phase, after: str | None = None) -> None:
         real = getattr(owner, name)  # a renamed hook point fails here, loudly
@@ -78,7 +78,7 @@ def install(phases: Phases) -> None:
         setattr(owner, name, wrapped)
 
     in_tmp = lambda path: Path(path).parent.name.startswith(".step-")  # noqa: E731
-    around(setup, "load_raw", "data")
+    around(prepare, "load_raw", "data")
     around(loop, "lr_at", "step")  # once at the start of every step
     around(loop, "run_evaluation", "eval", after="step")
     around(loop, "save_checkpoint", None, after="step")

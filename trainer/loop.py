@@ -30,8 +30,8 @@ from trainer.metrics import (
     write_training_curves,
 )
 from trainer.optim import lr_at
+from trainer.prepare import Run, prepare
 from trainer.schedule import Plan
-from trainer.setup import Run, prepare
 
 
 class StopSignal:
