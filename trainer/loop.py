@@ -90,8 +90,8 @@ def train(
     and the budget, and ``make_loader`` builds the data loader (by default the one the
     configuration asks for), for tests that drive a run by a fake clock or watch its batches."""
     started = clock()
-    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
-        run = prepare(cfg, held, make_loader=make_loader)
+    with contextlib.ExitStack() as cleanup:  # the folder's lock and more, until the run ends
+        run = prepare(cfg, cleanup, make_loader=make_loader)
         run.state.elapsed += startup  # the run's seconds before this process's clock
         stop = StopSignal()
         try:
@@ -373,7 +373,7 @@ def summary(run: Run, meter: Meter) -> dict:
         "time_budget": plan.budget,
         "tokens": run.state.tokens,
         "elapsed": meter.elapsed(),
-        "data_seconds": run.data_seconds,
+        "data_seconds": run.data.seconds,
         "first_step_seconds": meter.first_step,
         "tokens_per_s": tokens_per_s,
         "data_wait": warm.data / warm.time if warm.time else None,
@@ -394,8 +394,8 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
     """Held-out metrics, computed by every rank together and logged by rank 0."""
     results = evaluate(
         run.model,
-        run.tokenizer,
-        run.streams.eval,
+        run.data.tokenizer,
+        run.data.streams.eval,
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
