@@ -96,7 +96,6 @@ class Run:
 
     cfg: TrainConfig
     env: Env
-    folder: Path
     data: RunData
     model: MiniTuringModel  # the plain model (under FSDP: with sharded parameters)
     wrapped: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
@@ -106,6 +105,10 @@ class Run:
     metrics: Metrics
     state: TrainState
     generation: dict  # summarize's decoding options, as generation_config.json holds them
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.run.output_dir)
 
     @property
     def resumed(self) -> bool:
@@ -166,7 +169,6 @@ def prepare(
     run = Run(
         cfg=cfg,
         env=env,
-        folder=folder,
         data=data,
         model=model,
         wrapped=wrapped,
