@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None, **seams) -> None:
               f"--resume {cfg.run.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(128 + signal.SIGINT) from None
     if run.env.main:
-        print_samples(write_samples(run.folder, run.raw.eval_pairs))
+        print_samples(write_samples(run.folder, run.data.raw.eval_pairs))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -60,13 +60,13 @@ def on_moments(handler) -> None:
     if not _HANDLERS:
         import torch
 
-        from trainer import checkpoint, loop, setup
+        from trainer import checkpoint, loop, prepare
 
         def named(table):
             return lambda obj, f, *a, **k: (table.get(Path(f).name), f)
 
         in_tmp = lambda path: Path(path).parent.name.startswith(".step-")  # noqa: E731
-        _wrap(setup, "load_raw", lambda *a, **k: ("data", None))
+        _wrap(prepare, "load_raw", lambda *a, **k: ("data", None))
         _wrap(loop, "lr_at", lambda *a, **k: ("step", None))  # once at the start of each step
         _wrap(loop, "run_evaluation", lambda *a, **k: ("eval", None))
         _wrap(loop, "save_checkpoint", lambda *a, **k: ("save", None))

@@ -188,7 +188,7 @@ class _Summaries:
 def test_repeated_bigrams_are_blocked_where_the_summaries_rarely_repeat_one(repeating, blocked):
     from types import SimpleNamespace
 
-    from trainer.setup import generation_defaults
+    from trainer.prepare import generation_defaults
 
     once = [[10 + i, 20 + i, 30 + i, 10 + i] for i in range(10)]  # a token again, no bigram
     twice = [[10 + i, 20 + i, 10 + i, 20 + i] for i in range(10)]

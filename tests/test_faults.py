@@ -35,7 +35,7 @@ from bench.faults import freeze, slow_down
 from data.batching import MixtureLoader
 from model.api import RunFolderError
 from model.transformer import MiniTuringModel
-from trainer import checkpoint, setup
+from trainer import checkpoint, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY, KEEP = 12, 4, 2
@@ -519,7 +519,7 @@ def test_unwritable_output_folder_is_refused_before_any_work(
 
     monkeypatch.setattr(Path, "write_text", write_text)
     loaded = []
-    monkeypatch.setattr(setup, "load_raw", lambda *a: loaded.append(a))
+    monkeypatch.setattr(prepare, "load_raw", lambda *a: loaded.append(a))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main(flags(out, corpus_files))

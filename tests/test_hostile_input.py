@@ -18,7 +18,7 @@ from conftest import TINY_FLAGS
 import model as api
 import train
 from data.batching import MixtureLoader
-from trainer import setup
+from trainer import prepare
 
 pytestmark = pytest.mark.usefixtures("without_plot")
 
@@ -314,9 +314,9 @@ NEEDS_THE_DATA = {"objective summarize needs document/summary pairs"}
 def test_impossible_or_contradictory_flags(tmp_path, corpus_files, monkeypatch, flags, pattern):
     text, _ = corpus_files
     work = []
-    real_load_raw = setup.load_raw
-    monkeypatch.setattr(setup, "load_raw", lambda cfg: work.append("read") or real_load_raw(cfg))
-    monkeypatch.setattr(setup, "train_tokenizer", lambda *a, **k: work.append("tokenizer"))
+    real_load_raw = prepare.load_raw
+    monkeypatch.setattr(prepare, "load_raw", lambda cfg: work.append("read") or real_load_raw(cfg))
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a, **k: work.append("tokenizer"))
     message = main_error(run_flags(tmp_path, "--train-text", str(text)) + flags)
     assert re.search(pattern, message), message
     assert work == (["read"] if pattern in NEEDS_THE_DATA else []), work

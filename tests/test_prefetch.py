@@ -14,11 +14,11 @@ from test_resume import STEPS, flags, run_to_end
 from test_streaming import stream_flags
 
 import train
-import trainer.setup
+import trainer.prepare
 from data.prefetch import Prefetcher
 from data.streaming import HELD_OUT_DOCS
 from trainer.loop import Stopped
-from trainer.setup import prefetch_depth
+from trainer.prepare import prefetch_depth
 
 pytestmark = pytest.mark.usefixtures("without_plot")
 
@@ -64,7 +64,7 @@ def test_a_prefetched_run_stopped_ahead_resumes_exactly(
 ):
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.setup, "Prefetcher", stopping_prefetcher(stop_at, grad_accum=2))
+        patch.setattr(trainer.prepare, "Prefetcher", stopping_prefetcher(stop_at, grad_accum=2))
         with pytest.raises(Stopped):
             run_to_end(flags(out, corpus_files, *MIX, "--prefetch", "4"))
     assert latest_step(out) == stop_at
@@ -83,7 +83,7 @@ def test_a_prefetched_streamed_run_stopped_ahead_resumes_exactly(
     run_to_end(stream_flags(straight_out, small_corpus, "--prefetch", "0"))
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.setup, "Prefetcher", stopping_prefetcher(7, grad_accum=1))
+        patch.setattr(trainer.prepare, "Prefetcher", stopping_prefetcher(7, grad_accum=1))
         with pytest.raises(Stopped):
             run_to_end(stream_flags(out, small_corpus, "--prefetch", "3"))
     assert latest_step(out) == 7

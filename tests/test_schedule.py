@@ -41,7 +41,7 @@ def simulate(
         now += cost
         step += 1
         plan.record(cost)
-        if plan.due(step):
+        if plan.refit_due(step):
             plan.total = plan.fit(step, now, eval_every, save_every)
             plans.append((step, plan.total))
         last = step == plan.total
@@ -63,7 +63,7 @@ def simulate(
 
 def test_without_a_budget_the_plan_is_max_steps():
     assert Plan(None, 77, None).total == 77
-    assert not Plan(None, 77, None).due(FIRST_PLAN_AT)
+    assert not Plan(None, 77, None).refit_due(FIRST_PLAN_AT)
     assert Plan(100.0, 77, 50).total == 50  # a resumed run keeps its saved plan
     # ... unless it is given --max-steps alone: then it trains to that.
     assert Plan(None, 4000, 350).total == 4000
@@ -72,7 +72,7 @@ def test_without_a_budget_the_plan_is_max_steps():
 def test_with_neither_flag_a_run_is_the_default_steps_or_the_default_budget():
     plan = Plan(None, None, None)
     assert (plan.total, plan.cap, plan.budget) == (DEFAULT_STEPS, DEFAULT_STEPS, DEFAULT_BUDGET)
-    assert plan.due(FIRST_PLAN_AT)
+    assert plan.refit_due(FIRST_PLAN_AT)
     # Fast steps: the default step count ends it, well inside the budget.
     steps, seconds, _ = simulate(None, lambda s: 0.2, eval_every=400, eval_cost=8.0)
     assert steps == DEFAULT_STEPS and seconds < DEFAULT_BUDGET

@@ -2,7 +2,7 @@
 
     config.py       the run's configuration dataclasses, their checks, the model they build
     distributed.py  device, precision, process group, DDP/FSDP2 wrapping, collectives
-    setup.py        everything before the first step: folder, data, tokenizer, model, loader
+    prepare.py      everything before the first step: folder, data, tokenizer, model, loader
     loop.py         ``train(cfg)``: the training loop and its side jobs
     optim.py        optimizer and learning-rate schedule
     schedule.py     how long a run trains: the plan fitted to --time-budget

@@ -84,9 +84,11 @@ class Checkpointer:
         complete = [p for p in self.dir.glob("step-*") if (p / "state.json").is_file()]
         return max(complete, key=_checkpoint_step) if complete else None
 
-    def save(self, model: MiniTuringModel, optimizer, state: dict) -> Path:
-        """Called on every rank. A replicated model (one process, DDP) is written by rank 0
-        alone; a sharded one (FSDP) by all ranks together (see ``_save_sharded``)."""
+    def write(self, model: MiniTuringModel, optimizer, state: dict) -> Path:
+        """Write checkpoint ``step-N`` of ``state["step"]`` (weights, optimizer, RNG, state) and
+        publish it, unchecked: ``save_checkpoint`` is the checked save. Called on every rank. A
+        replicated model (one process, DDP) is written by rank 0 alone; a sharded one (FSDP)
+        by all ranks together (see ``_save_sharded``)."""
         if is_fsdp(model):
             return self._save_sharded(model, optimizer, state)
         if not self.main:
@@ -197,18 +199,18 @@ class Checkpointer:
 
 
 def save_checkpoint(ckpt: Checkpointer, model, optimizer, state: dict, env: Env) -> None:
-    """``ckpt.save``, refusing non-finite weights; a write that fails (disk full, a folder
+    """``ckpt.write``, refusing non-finite weights; a write that fails (disk full, a folder
     turned read-only) removes its partial files and says which checkpoint is intact."""
     name = f"step-{state['step']:07d}"
     bad = _non_finite_weights(model, env)
     if bad:
         raise TrainingError(
             f"the weights are not finite after step {state['step']} "
-            f"({', '.join(bad[:3])}); they were not saved. {intact(ckpt)} "
+            f"({', '.join(bad[:3])}); they were not saved. {intact_checkpoint_note(ckpt)} "
             "Try a lower --lr or --clip-grad."
         )
     try:
-        ckpt.save(model, optimizer, state)
+        ckpt.write(model, optimizer, state)
     except OSError as err:
         shutil.rmtree(ckpt.dir / f".{name}.tmp", ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -223,8 +225,8 @@ def save_checkpoint(ckpt: Checkpointer, model, optimizer, state: dict, env: Env)
         else:
             problem = f"could not write checkpoint {name} in {ckpt.dir} ({what})."
         raise TrainingError(
-            f"{problem} {intact(ckpt)} Make room (or fix the folder) and continue with: "
-            f"python train.py --resume {ckpt.folder}"
+            f"{problem} {intact_checkpoint_note(ckpt)} Make room (or fix the folder) and "
+            f"continue with: python train.py --resume {ckpt.folder}"
         ) from None
 
 
@@ -243,7 +245,9 @@ def _non_finite_weights(model: torch.nn.Module, env: Env) -> list[str]:
     return bad
 
 
-def intact(ckpt: Checkpointer) -> str:
+def intact_checkpoint_note(ckpt: Checkpointer) -> str:
+    """A sentence for an error message: which checkpoint a resumed run would continue from (the
+    last complete one), or that there is none yet."""
     latest = ckpt.latest()
     if latest is None:
         return "No checkpoint of this run is complete yet."

@@ -119,9 +119,7 @@ def _decoding(args, defaults: dict) -> DecodingConfig:
     given = {
         "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens,
-        "num_beams": args.num_beams
-        if args.num_beams is not None
-        else (1 if args.do_sample else None),
+        "num_beams": 1 if args.num_beams is None and args.do_sample else args.num_beams,
         "length_penalty": args.length_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
     }
@@ -255,12 +253,10 @@ def evaluate_command(args) -> dict:
         raise CLIError("nothing to evaluate: give --pairs FILE and/or --text FILE")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for flag, value in (
-        ("--max-batches", args.max_batches),
-        ("--rouge-samples", args.rouge_samples),
-    ):
+    for flag in ("max_batches", "rouge_samples"):
+        value = getattr(args, flag)
         if value is not None and value < 0:
-            raise CLIError(f"{flag} must be >= 0, got {value}")
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     lm = _load(args)
     data, seq_len, run_batch = _training_settings(lm)
     known = {f.name for f in dataclasses.fields(DataConfig)}

@@ -317,16 +317,26 @@ def _check_streaming(cfg: TrainConfig, weights: dict[str, float]) -> None:
         raise TrainingError(str(err)) from None
 
 
-def validate(cfg: TrainConfig) -> int:
-    """Contradictory or impossible settings fail before any work; returns the block length."""
+def _shape(cfg: TrainConfig) -> dict:
+    """The model's shape: the preset's, with the options' overrides."""
     if cfg.model.preset not in PRESETS:
         raise TrainingError(
             f"unknown --preset {cfg.model.preset!r}; expected one of {', '.join(PRESETS)}"
         )
     m = cfg.model
-    shape = resolve_shape(
+    return resolve_shape(
         m.preset, hidden_size=m.hidden_size, num_heads=m.num_heads, seq_len=m.seq_len
     )
+
+
+def block_length(cfg: TrainConfig) -> int:
+    """The masked-LM block length in tokens: --seq-len, or the preset's."""
+    return _shape(cfg)["seq_len"]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Contradictory or impossible settings fail before any work."""
+    shape = _shape(cfg)
     seq_len = shape["seq_len"]
     checks = [
         (cfg.optim.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.optim.batch_size}"),
@@ -390,4 +400,3 @@ def validate(cfg: TrainConfig) -> int:
         _check_streaming(cfg, weights)
     if not cfg.data.tokenizer and not cfg.run.resume:
         check_tokenizer_options(cfg.data.tokenizer_kind, cfg.data.vocab_size)
-    return seq_len

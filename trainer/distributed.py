@@ -299,7 +299,7 @@ def from_rank0(env: Env, make):
     return box[0]
 
 
-def agreed(value: float, env: Env) -> float:
+def rank0_value(value: float, env: Env) -> float:
     """Rank 0's value on every rank: decisions taken from a process's own clock (how many
     steps fit a time budget, whether it is spent) must be the same everywhere, or the ranks
     stop at different steps and wait for each other forever."""

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from data.batching import MixtureLoader, pieces_for, split_batch
 from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig
-from trainer.checkpoint import intact, save_checkpoint
+from trainer.checkpoint import intact_checkpoint_note, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.distributed import Env, agreed, all_reduce_sum, autocast, no_sync
+from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate
 from trainer.metrics import (
@@ -30,8 +30,8 @@ from trainer.metrics import (
     write_training_curves,
 )
 from trainer.optim import lr_at
+from trainer.prepare import Run, prepare
 from trainer.schedule import Plan
-from trainer.setup import Run, prepare
 
 
 class StopSignal:
@@ -90,8 +90,8 @@ def train(
     and the budget, and ``make_loader`` builds the data loader (by default the one the
     configuration asks for), for tests that drive a run by a fake clock or watch its batches."""
     started = clock()
-    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
-        run = prepare(cfg, held, make_loader=make_loader)
+    with contextlib.ExitStack() as cleanup:  # the folder's lock and more, until the run ends
+        run = prepare(cfg, cleanup, make_loader=make_loader)
         run.state.elapsed += startup  # the run's seconds before this process's clock
         stop = StopSignal()
         try:
@@ -112,31 +112,32 @@ def train(
     return run
 
 
-class Window:
-    """What a log line averages over: the steps since the last one."""
+class LogWindow:
+    """What a log line averages over: the steps since the last one (all ranks' tokens)."""
 
     def __init__(self) -> None:
-        self.tokens, self.time, self.data = 0, 0.0, 0.0
-        self.real = 0  # tokens that are not padding
+        self.tokens, self.seconds, self.data_wait = 0, 0.0, 0.0
+        self.real_tokens = 0  # tokens that are not padding
         self.losses: dict[str, list[float]] = {}
 
-    def add(self, other: Window) -> None:
+    def add(self, other: LogWindow) -> None:
         self.tokens += other.tokens
-        self.real += other.real
-        self.time += other.time
-        self.data += other.data
+        self.real_tokens += other.real_tokens
+        self.seconds += other.seconds
+        self.data_wait += other.data_wait
 
 
-class Meter:
-    """The run's clock and what it shows: elapsed time, the log windows, the progress bar and
-    the one-off time estimate."""
+class StepTracker:
+    """What the loop records of each step, and shows: the run's elapsed time, the log windows
+    (tokens, seconds, losses), the progress bar and the one-off time estimate."""
 
     def __init__(self, run: Run, plan: Plan, clock: Callable[[], float], started: float) -> None:
         self.run, self.plan, self.clock, self.started = run, plan, clock, started
         self.start_step, self.elapsed_before = run.state.step, run.state.elapsed
         enabled = run.env.main and run.cfg.run.progress
         self.progress = Progress(plan.total, self.start_step, enabled=enabled)
-        self.window, self.warm = Window(), Window()  # warm: every log window but the first
+        self.window = LogWindow()
+        self.after_warmup = LogWindow()  # every log window but the first, summed
         self.first_step: float | None = None  # seconds from train() to this process's first step
         self.window.losses = run.state.window_losses
         # The time estimate waits until the speed is known, sooner on a short run.
@@ -151,7 +152,7 @@ class Meter:
         """Run ``job``; its duration, the same on every rank."""
         t = self.clock()
         job(*args)
-        return agreed(self.clock() - t, self.run.env)
+        return rank0_value(self.clock() - t, self.run.env)
 
     def step_done(self, batches: list, losses: dict, data_wait: float, seconds: float) -> None:
         state, world = self.run.state, self.run.env.world_size
@@ -163,12 +164,12 @@ class Meter:
             self.window.losses.setdefault(name, []).append(value)
         self.window.tokens += sum(int(b["input_ids"].numel()) for _, b in batches) * world
         # Tokens that are not padding (masked-LM blocks have none: no attention mask).
-        self.window.real += world * sum(
+        self.window.real_tokens += world * sum(
             int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
             for _, b in batches
         )
-        self.window.data += data_wait
-        self.window.time += seconds
+        self.window.data_wait += data_wait
+        self.window.seconds += seconds
         self.plan.record(seconds)
         step, total = state.step, self.plan.total
         if self.run.env.main and step == self.eta_at and step < total:
@@ -181,69 +182,69 @@ class Meter:
         if step % self.run.cfg.run.log_every == 0 or last:
             log_record(self.run, self.progress, self.window, grad_norm, self.elapsed())
             if step > self.start_step + self.run.cfg.run.log_every:
-                self.warm.add(self.window)
-            self.window = Window()
+                self.after_warmup.add(self.window)
+            self.window = LogWindow()
 
 
 def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float) -> str:
     """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
-    meter, reason = Meter(run, plan, clock, started), "done"
+    tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
         t = clock()
         batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
         data_wait = clock() - t
         losses, grad_norm = train_step(run, batches, lr_at(state.step, plan.total, cfg.optim))
-        meter.step_done(batches, losses, data_wait, clock() - t)
-        if plan.due(state.step):
-            fitted = plan.fit(state.step, meter.elapsed(), cfg.run.eval_every, cfg.run.save_every)
-            state.planned_steps = plan.total = int(agreed(fitted, env))
-            meter.progress.set_total(plan.total)
+        tracker.step_done(batches, losses, data_wait, clock() - t)
+        if plan.refit_due(state.step):
+            fitted = plan.fit(state.step, tracker.elapsed(), cfg.run.eval_every, cfg.run.save_every)
+            state.planned_steps = plan.total = int(rank0_value(fitted, env))
+            tracker.progress.set_total(plan.total)
         last = state.step == plan.total
-        meter.maybe_log(grad_norm, last)
-        if due(state.step, cfg.run.eval_every, last):
-            plan.eval_seconds = meter.timed(run_evaluation, run, meter.progress)
+        tracker.maybe_log(grad_norm, last)
+        if periodic_job_due(state.step, cfg.run.eval_every, last):
+            plan.eval_seconds = tracker.timed(run_evaluation, run, tracker.progress)
         if stop.requested(env):
-            save(run, meter)
-            meter.progress.close()
+            save_run(run, tracker)
+            tracker.progress.close()
             raise Stopped(
                 f"stopped by signal {stop.received} at step {state.step}; checkpoint saved. "
                 f"Continue with: python train.py --resume {cfg.run.output_dir}",
                 stop.received,
             )
-        if due(state.step, cfg.run.save_every, last):
-            plan.save_seconds = meter.timed(save, run, meter)
-            draw_curves(run, meter)
-        if not last and agreed(plan.out_of_time(meter.elapsed()), env):
+        if periodic_job_due(state.step, cfg.run.save_every, last):
+            plan.save_seconds = tracker.timed(save_run, run, tracker)
+            draw_curves(run, tracker)
+        if not last and rank0_value(plan.out_of_time(tracker.elapsed()), env):
             state.planned_steps = plan.total = state.step
             reason = f"time budget of {plan.budget:g}s reached at step {state.step}"
             if state.step % cfg.run.log_every:  # the steps since the last log line
-                meter.maybe_log(grad_norm, last=True)
-    return finish(run, meter, reason)
+                tracker.maybe_log(grad_norm, last=True)
+    return finish(run, tracker, reason)
 
 
-def due(step: int, every: int, last: bool) -> bool:
+def periodic_job_due(step: int, every: int, last: bool) -> bool:
     """Whether a periodic job (every ``every`` steps, 0: never) runs after ``step``; the last
     step has the final evaluation and checkpoint instead."""
     return bool(every) and step % every == 0 and not last
 
 
-def finish(run: Run, meter: Meter, reason: str) -> str:
+def finish(run: Run, tracker: StepTracker, reason: str) -> str:
     """The final evaluation and checkpoint, summary.json, and the closing line."""
     state = run.state
-    meter.progress.close()
-    if state.step > meter.start_step:
+    tracker.progress.close()
+    if state.step > tracker.start_step:
         # (A resumed run with nothing left to train already has this evaluation, logged just
         # before this checkpoint; saving it again would replace the latest complete checkpoint
         # in place.)
-        run_evaluation(run, meter.progress)
-        save(run, meter)
-        draw_curves(run, meter, final=True)
+        run_evaluation(run, tracker.progress)
+        save_run(run, tracker)
+        draw_curves(run, tracker, final=True)
     if run.env.main:
-        write_summary(run.folder, summary(run, meter))
-    if meter.plan.budget:
-        reason += f" ({meter.elapsed():.0f}s of the {meter.plan.budget:g}s budget)"
+        write_summary(run.folder, summary(run, tracker))
+    if tracker.plan.budget:
+        reason += f" ({tracker.elapsed():.0f}s of the {tracker.plan.budget:g}s budget)"
     if state.skipped_steps:
         plural = "s" if state.skipped_steps > 1 else ""
         reason += f" ({state.skipped_steps} step{plural} skipped: non-finite loss or gradient)"
@@ -332,21 +333,21 @@ def skip_step(run: Run) -> None:
     if run.env.main:
         tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
     if state.bad_steps >= run.cfg.optim.max_bad_steps:
+        note = intact_checkpoint_note(run.checkpointer)
         raise TrainingError(
             f"stopped at step {step}: {state.bad_steps} consecutive steps with a non-finite loss "
-            f"or gradient. {intact(run.checkpointer)} Try a lower --lr (or --clip-grad), or look "
-            "for broken data."
+            f"or gradient. {note} Try a lower --lr (or --clip-grad), or look for broken data."
         )
 
 
-def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, elapsed: float):
+def log_record(run: Run, progress: Progress, window: LogWindow, grad_norm: float, elapsed: float):
     state = run.state
     record = {
         "step": state.step,
         "lr": run.optimizer.param_groups[0]["lr"],
         "tokens": state.tokens,
-        "tokens_per_s": window.tokens / max(window.time, 1e-9),
-        "data_wait": window.data / max(window.time, 1e-9),
+        "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+        "data_wait": window.data_wait / max(window.seconds, 1e-9),
         "grad_norm": grad_norm,
         "elapsed": elapsed,
         "skipped_steps": state.skipped_steps,
@@ -357,30 +358,30 @@ def log_record(run: Run, progress: Progress, window: Window, grad_norm: float, e
     progress.log(record)
 
 
-def summary(run: Run, meter: Meter) -> dict:
+def summary(run: Run, tracker: StepTracker) -> dict:
     """The numbers ``summary.json`` holds for this process's part of the run. Model FLOPs are
     the nominal ones of ``MiniTuringConfig.flops_per_token`` at the masked-LM block length.
     ``timed_*``: the steps after warm-up (the first log window) that the speeds are taken over;
     tokens count input positions, padding included, and real tokens those that are not padding.
     ``first_step_seconds``: from the start of training (after imports) to this process's first
     finished step, preparation included."""
-    warm, plan = meter.warm, meter.plan
-    tokens_per_s = warm.tokens / warm.time if warm.time else None
+    warm, plan = tracker.after_warmup, tracker.plan
+    tokens_per_s = warm.tokens / warm.seconds if warm.seconds else None
     flops = run.model.config.flops_per_token(run.model.config.length("seq_len"))
     return {
         "steps": run.state.step,
         "planned_steps": plan.total,
         "time_budget": plan.budget,
         "tokens": run.state.tokens,
-        "elapsed": meter.elapsed(),
-        "data_seconds": run.data_seconds,
-        "first_step_seconds": meter.first_step,
+        "elapsed": tracker.elapsed(),
+        "data_seconds": run.data.seconds,
+        "first_step_seconds": tracker.first_step,
         "tokens_per_s": tokens_per_s,
-        "data_wait": warm.data / warm.time if warm.time else None,
-        "timed_seconds": warm.time,
+        "data_wait": warm.data_wait / warm.seconds if warm.seconds else None,
+        "timed_seconds": warm.seconds,
         "timed_tokens": warm.tokens,
-        "timed_real_tokens": warm.real,
-        "padding_share": 1 - warm.real / warm.tokens if warm.tokens else None,
+        "timed_real_tokens": warm.real_tokens,
+        "padding_share": 1 - warm.real_tokens / warm.tokens if warm.tokens else None,
         "flops_per_token": flops,
         "model_flops_per_s": flops * tokens_per_s if tokens_per_s else None,
         "peak_memory_mb": peak_memory_mb(),
@@ -394,8 +395,8 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
     """Held-out metrics, computed by every rank together and logged by rank 0."""
     results = evaluate(
         run.model,
-        run.tokenizer,
-        run.streams.eval,
+        run.data.tokenizer,
+        run.data.streams.eval,
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
@@ -409,24 +410,26 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
     return results
 
 
-def draw_curves(run: Run, meter: Meter, final: bool = False) -> None:
+def draw_curves(run: Run, tracker: StepTracker, final: bool = False) -> None:
     """RUN/training_curves.png up to the checkpoint just saved, drawn by the main process: at the
     end, and during the run at its first checkpoint and then at most every
     ``schedule.REDRAW_SECONDS``. Its time (seconds: the first one imports matplotlib) is kept back
     with the final checkpoint's."""
-    plan = meter.plan
-    if not run.env.main or not (final or plan.redraw_due(meter.elapsed())):
+    plan = tracker.plan
+    if not run.env.main or not (final or plan.redraw_due(tracker.elapsed())):
         return
-    t = meter.clock()
+    t = tracker.clock()
     write_training_curves(run.folder, quiet=not final)
-    plan.plotted(meter.elapsed(), meter.clock() - t)
+    plan.plotted(tracker.elapsed(), tracker.clock() - t)
 
 
-def save(run: Run, meter: Meter) -> None:
-    """A checkpoint of the run now. Every rank calls it: a sharded model saves collectively."""
+def save_run(run: Run, tracker: StepTracker) -> None:
+    """The whole run now, as a checkpoint: weights and optimizer, with the loop's state (the
+    loader's position, the clock, the open log window's losses). Every rank calls it: a
+    sharded model saves collectively."""
     run.state.data = run.loader.state_dict()
-    run.state.elapsed = meter.elapsed()
-    run.state.window_losses = meter.window.losses
+    run.state.elapsed = tracker.elapsed()
+    run.state.window_losses = tracker.window.losses
     save_checkpoint(run.checkpointer, run.model, run.optimizer, run.state.to_dict(), run.env)
     if run.env.distributed:
         torch.distributed.barrier()

@@ -65,6 +65,28 @@ def _empty(ax, what: str) -> None:
     ax.set_yticks([])
 
 
+def _draw_lines(ax, records: list[dict], lines: list[tuple[str, str, str, str]]) -> list[str]:
+    """Draw each (metric, format, colour, label) of ``lines`` that was recorded; the metrics
+    drawn."""
+    drawn = []
+    for key, fmt, color, label in lines:
+        steps, values = series(records, key)
+        if steps:
+            ax.plot(steps, values, fmt, color=color, label=label)
+            drawn.append(key)
+    return drawn
+
+
+def _finish_panel(ax, drawn: list[str], what: str, **labels: str) -> None:
+    """Title, axis labels and legend on a panel with lines; "no ``what`` recorded" on one
+    without."""
+    if drawn:
+        ax.set(**labels)
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, what)
+
+
 def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = "") -> Path:
     """Draw the four panels from metrics records and write them as a PNG (atomically)."""
     figure_class = _figure_class()
@@ -75,50 +97,43 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
     (loss_ax, acc_ax), (rouge_ax, lr_ax) = fig.subplots(2, 2, sharex=True)
     colors = {name: f"C{i}" for i, name in enumerate(objectives)}
 
-    drawn = False
-    for name in objectives:
-        steps, values = series(records, f"loss/{name}")
-        if steps:
-            loss_ax.plot(steps, values, color=colors[name], label=f"{name} (train)")
-            drawn = True
-        steps, values = series(records, f"eval/{name}/loss")
-        if steps:
-            loss_ax.plot(steps, values, "o--", color=colors[name], label=f"{name} (held-out)")
-            drawn = True
-    if drawn:
-        loss_ax.set(title="loss per objective", ylabel="cross-entropy")
-        loss_ax.legend(fontsize="small")
-    else:
-        _empty(loss_ax, "loss")
+    loss_lines = [
+        line
+        for name in objectives
+        for line in (
+            (f"loss/{name}", "-", colors[name], f"{name} (train)"),
+            (f"eval/{name}/loss", "o--", colors[name], f"{name} (held-out)"),
+        )
+    ]
+    drawn = _draw_lines(loss_ax, records, loss_lines)
+    _finish_panel(loss_ax, drawn, "loss", title="loss per objective", ylabel="cross-entropy")
 
-    drawn = False
-    for name in objectives:
-        for metric in ("accuracy", "token_accuracy"):
-            steps, values = series(records, f"eval/{name}/{metric}")
-            if steps:
-                acc_ax.plot(steps, values, "o-", color=colors[name], label=f"{name} {metric}")
-                drawn = True
-    if drawn:
-        acc_ax.set(title="held-out accuracy", ylabel="accuracy")
-        acc_ax.legend(fontsize="small")
-    else:
-        _empty(acc_ax, "held-out accuracy")
+    accuracy_lines = [
+        (f"eval/{name}/{metric}", "o-", colors[name], f"{name} {metric}")
+        for name in objectives
+        for metric in ("accuracy", "token_accuracy")
+    ]
+    drawn = _draw_lines(acc_ax, records, accuracy_lines)
+    _finish_panel(acc_ax, drawn, "held-out accuracy", title="held-out accuracy", ylabel="accuracy")
 
-    drawn = False
-    for i, metric in enumerate(("rouge1", "rouge2", "rougeL")):
-        steps, values = series(records, f"eval/summarize/{metric}")
-        if steps:
-            rouge_ax.plot(steps, values, "o-", color=f"C{i}", label=metric)
-            drawn = True
-        # The lead baseline (the document's first words), where the evaluation reports it.
-        steps, values = series(records, f"eval/summarize/lead_{metric}")
-        if steps:
-            rouge_ax.plot(steps, values, "x:", color=f"C{i}", label=f"{metric}, lead baseline")
-    if drawn:
-        rouge_ax.set(title="held-out summaries: ROUGE F1", xlabel="step", ylabel="ROUGE (x100)")
-        rouge_ax.legend(fontsize="small")
-    else:
-        _empty(rouge_ax, "ROUGE")
+    rouge_lines = [
+        line
+        for i, metric in enumerate(("rouge1", "rouge2", "rougeL"))
+        for line in (
+            (f"eval/summarize/{metric}", "o-", f"C{i}", metric),
+            # The lead baseline (the document's first words), where the evaluation reports it.
+            (f"eval/summarize/lead_{metric}", "x:", f"C{i}", f"{metric}, lead baseline"),
+        )
+    ]
+    drawn = [key for key in _draw_lines(rouge_ax, records, rouge_lines) if "/lead_" not in key]
+    _finish_panel(
+        rouge_ax,
+        drawn,
+        "ROUGE",
+        title="held-out summaries: ROUGE F1",
+        xlabel="step",
+        ylabel="ROUGE (x100)",
+    )
 
     steps, values = series(records, "lr")
     if steps:

@@ -75,7 +75,7 @@ class Plan:
     def plotted(self, elapsed: float, seconds: float) -> None:
         self.plot_at, self.plot_seconds = elapsed, seconds
 
-    def due(self, step: int) -> bool:
+    def refit_due(self, step: int) -> bool:
         """Whether to (re)fit the plan after ``step``."""
         if not self.budget:
             return False

@@ -40,7 +40,13 @@ from model.hf import save_remote_code
 from model.tokenizer import check_compatible, load_tokenizer
 from model.transformer import MiniTuringModel
 from trainer.checkpoint import Checkpointer, check_resumed_model
-from trainer.config import TrainConfig, build_model_config, parse_objectives, validate
+from trainer.config import (
+    TrainConfig,
+    block_length,
+    build_model_config,
+    check_config,
+    parse_objectives,
+)
 from trainer.distributed import Env, from_rank0, local_main_first, setup_env, wrap_model
 from trainer.errors import TrainingError
 from trainer.lock import hold_run_folder
@@ -74,25 +80,36 @@ class TrainState:
 
 
 @dataclass
+class RunData:
+    """A run's data, prepared before its model: what was read, the tokenizer, the objectives'
+    example streams and the mixture over them."""
+
+    raw: RawData
+    tokenizer: object
+    streams: Streams
+    weights: dict[str, float]  # the mixture
+    seconds: float = 0.0  # the time its preparation took
+
+
+@dataclass
 class Run:
     """The parts of a run, made by ``prepare`` and used by the loop."""
 
     cfg: TrainConfig
     env: Env
-    folder: Path
-    raw: RawData
-    streams: Streams
-    tokenizer: object
+    data: RunData
     model: MiniTuringModel  # the plain model (under FSDP: with sharded parameters)
     wrapped: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     loader: MixtureLoader | StreamingLoader | Prefetcher
-    weights: dict[str, float]  # the mixture
     checkpointer: Checkpointer
     metrics: Metrics
     state: TrainState
-    data_seconds: float
     generation: dict  # summarize's decoding options, as generation_config.json holds them
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.run.output_dir)
 
     @property
     def resumed(self) -> bool:
@@ -113,42 +130,23 @@ def prefetch_depth(asked: int | None, device: torch.device) -> int:
 
 def prepare(
     cfg: TrainConfig,
-    held: contextlib.ExitStack,
+    cleanup: contextlib.ExitStack,
     make_loader: Callable[..., MixtureLoader] | None = None,
 ) -> Run:
-    """Check the configuration, then build every part of the run (see the module's doc). The
-    run folder's lock goes on ``held``, for the caller to release when the run ends.
-    ``make_loader`` defaults to the mixture loader, or the streaming one with --streaming."""
-    seq_len = validate(cfg)
-    if make_loader is None:
-        make_loader = StreamingLoader if cfg.data.streaming else MixtureLoader
+    """Check the configuration, then build every part of the run (see the module's doc). What
+    the run holds until it ends (the run folder's lock, the prefetch thread) goes on
+    ``cleanup``, for the caller to release. ``make_loader`` defaults to the mixture loader, or
+    the streaming one with --streaming."""
+    check_config(cfg)
     check_report_to(cfg.run.report_to)
     env = setup_env(cfg.run)
     folder = Path(cfg.run.output_dir)
-    resuming = cfg.run.resume is not None
-    if env.main:
-        _check_writable(folder)
-    # One writer per folder, before any work: a second trainer (fresh or --resume) stops here.
-    held.enter_context(hold_run_folder(folder, main=env.main, distributed=env.distributed))
-    if env.main and not resuming and (folder / "checkpoints" / "latest").exists():
-        raise TrainingError(
-            f"{folder} already holds a run; continue it with --resume {folder} "
-            "or choose another --output-dir"
-        )
+    claim_folder(cfg, env, folder, cleanup)
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
-
-    t0 = time.perf_counter()
-    raw, tokenizer, streams, weights = _data(cfg, env, folder, seq_len)
-    data_seconds = time.perf_counter() - t0
+    data = prepare_data(cfg, env, folder)
     release_freed_memory()
-
-    model_config = build_model_config(cfg, tokenizer)
-    model = MiniTuringModel(model_config)
-    if resuming:
-        saved = MiniTuringConfig.from_pretrained(folder)
-        check_compatible(tokenizer, saved, where=str(folder))
-        check_resumed_model(saved, model_config, folder)
+    model = build_model(cfg, data.tokenizer, folder)
     wrapped = wrap_model(
         model,
         env,
@@ -156,9 +154,77 @@ def prepare(
         compile=cfg.run.compile,
     )
     optimizer = make_optimizer(model, cfg.optim)
+    loader = build_loader(cfg, env, data, make_loader, cleanup)
+    checkpointer = Checkpointer(
+        folder, cfg.run.keep_checkpoints, main=env.main, every=cfg.run.save_every
+    )
+    if cfg.run.resume is not None:
+        state = restore(checkpointer, model, optimizer, loader)
+    else:
+        state = TrainState()
+        if env.main:
+            write_run_folder(cfg, folder, model.config, data)
+    generation = {**DEFAULT_GENERATION, **from_rank0(env, lambda: read_generation_config(folder))}
+    resume_step = state.step if cfg.run.resume is not None else None
+    metrics = Metrics(folder / "metrics.jsonl", env.main, resume_step, report_to=cfg.run.report_to)
+    run = Run(
+        cfg=cfg,
+        env=env,
+        data=data,
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        loader=loader,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        state=state,
+        generation=generation,
+    )
+    if env.main:
+        print(describe(run), flush=True)
+    _check_global_batch(run)
+    return run
+
+
+def claim_folder(cfg: TrainConfig, env: Env, folder: Path, cleanup: contextlib.ExitStack) -> None:
+    """The run folder, writable and locked for this run, before any work: a second trainer
+    (fresh or --resume) stops here, and so does a fresh run in a folder that holds one."""
+    if env.main:
+        _check_writable(folder)
+    cleanup.enter_context(hold_run_folder(folder, main=env.main, distributed=env.distributed))
+    resuming = cfg.run.resume is not None
+    if env.main and not resuming and (folder / "checkpoints" / "latest").exists():
+        raise TrainingError(
+            f"{folder} already holds a run; continue it with --resume {folder} "
+            "or choose another --output-dir"
+        )
+
+
+def build_model(cfg: TrainConfig, tokenizer, folder: Path) -> MiniTuringModel:
+    """The model the options build for ``tokenizer``; resuming, it must be the one the run
+    folder holds."""
+    model_config = build_model_config(cfg, tokenizer)
+    model = MiniTuringModel(model_config)
+    if cfg.run.resume is not None:
+        saved = MiniTuringConfig.from_pretrained(folder)
+        check_compatible(tokenizer, saved, where=str(folder))
+        check_resumed_model(saved, model_config, folder)
+    return model
+
+
+def build_loader(
+    cfg: TrainConfig,
+    env: Env,
+    data: RunData,
+    make_loader: Callable[..., MixtureLoader] | None,
+    cleanup: contextlib.ExitStack,
+) -> MixtureLoader | StreamingLoader | Prefetcher:
+    """This process's batches of the mixture, drawn ahead on a thread where that pays."""
+    if make_loader is None:
+        make_loader = StreamingLoader if cfg.data.streaming else MixtureLoader
     loader = make_loader(
-        streams.train,
-        weights,
+        data.streams.train,
+        data.weights,
         cfg.optim.batch_size,
         cfg.run.seed,
         rank=env.rank,
@@ -167,42 +233,35 @@ def prepare(
     depth = prefetch_depth(cfg.run.prefetch, env.device)
     if depth:
         loader = Prefetcher(loader, depth, pin_memory=env.device.type == "cuda")
-        held.callback(loader.close)
-    checkpointer = Checkpointer(
-        folder, cfg.run.keep_checkpoints, main=env.main, every=cfg.run.save_every
-    )
-    state = TrainState()
-    if resuming:
-        latest = checkpointer.latest()
-        if latest is None:
-            raise TrainingError(
-                f"--resume {folder}: no complete checkpoint in {folder / 'checkpoints'} (the "
-                "run stopped before its first save); start it again without --resume"
-            )
-        state = TrainState.from_dict(checkpointer.load(latest, model, optimizer))
-        loader.load_state_dict(state.data)
-        checkpointer.finish(latest, model)
-    elif env.main:
-        model_config.training = cfg.to_dict()
-        model_config.save_pretrained(folder)
-        save_tokenizer(tokenizer, folder)
-        save_remote_code(folder)  # AutoModel*.from_pretrained(folder, trust_remote_code=True)
-        save_generation_config(folder, **generation_defaults(streams, cfg.data.target_len))
-    generation = {**DEFAULT_GENERATION, **from_rank0(env, lambda: read_generation_config(folder))}
-    metrics = Metrics(
-        folder / "metrics.jsonl",
-        env.main,
-        state.step if resuming else None,
-        report_to=cfg.run.report_to,
-    )
-    run = Run(
-        cfg, env, folder, raw, streams, tokenizer, model, wrapped, optimizer, loader, weights,
-        checkpointer, metrics, state, data_seconds, generation,
-    )  # fmt: skip
-    if env.main:
-        print(describe(run, seq_len), flush=True)
-    _check_global_batch(run)
-    return run
+        cleanup.callback(loader.close)
+    return loader
+
+
+def restore(checkpointer: Checkpointer, model, optimizer, loader) -> TrainState:
+    """Resuming: the weights, optimizer, RNG and data position of the last complete
+    checkpoint; the state the loop continues from."""
+    latest = checkpointer.latest()
+    if latest is None:
+        raise TrainingError(
+            f"--resume {checkpointer.folder}: no complete checkpoint in {checkpointer.dir} (the "
+            "run stopped before its first save); start it again without --resume"
+        )
+    state = TrainState.from_dict(checkpointer.load(latest, model, optimizer))
+    loader.load_state_dict(state.data)
+    checkpointer.finish(latest, model)
+    return state
+
+
+def write_run_folder(
+    cfg: TrainConfig, folder: Path, model_config: MiniTuringConfig, data: RunData
+) -> None:
+    """A fresh run's folder, before its first step: the model's config (with the training
+    options that made it), tokenizer, remote code and generation defaults."""
+    model_config.training = cfg.to_dict()
+    model_config.save_pretrained(folder)
+    save_tokenizer(data.tokenizer, folder)
+    save_remote_code(folder)  # AutoModel*.from_pretrained(folder, trust_remote_code=True)
+    save_generation_config(folder, **generation_defaults(data.streams, cfg.data.target_len))
 
 
 def release_freed_memory() -> None:
@@ -227,13 +286,22 @@ def _check_writable(folder: Path) -> None:
         raise TrainingError(f"cannot write to output folder {folder}: {err.strerror}") from None
 
 
-def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
-    """Raw data, tokenizer, the objectives' streams and the mixture's weights. With several
-    processes, each machine's first one builds the corpus and tokenization caches while the
-    others wait and then read them, and the tokenizer is trained once, by rank 0, and sent to
-    the others."""
+def prepare_data(cfg: TrainConfig, env: Env, folder: Path) -> RunData:
+    """Raw data, tokenizer, the objectives' streams and the mixture's weights, timed. With
+    several processes, each machine's first one builds the corpus and tokenization caches while
+    the others wait and then read them, and the tokenizer is trained once, by rank 0, and sent
+    to the others."""
+    t0 = time.perf_counter()
+    seq_len = block_length(cfg)
     if cfg.data.streaming:
-        return _streamed_data(cfg, env, folder, seq_len)
+        data = _streamed_data(cfg, env, folder, seq_len)
+    else:
+        data = _prepared_data(cfg, env, folder, seq_len)
+    data.seconds = time.perf_counter() - t0
+    return data
+
+
+def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> RunData:
     with local_main_first(env):
         raw = load_raw(cfg.data)
     available = [n for n in OBJECTIVES if raw.has(n)]
@@ -256,7 +324,7 @@ def _data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
             streams.eval.pop(name, None)
         if not objectives:
             raise TrainingError("no objective has training examples in the given data")
-    return raw, tokenizer, streams, weights
+    return RunData(raw, tokenizer, streams, weights)
 
 
 def _tokenizer(cfg: TrainConfig, env: Env, folder: Path, texts: Callable[[], Iterable[str]]):
@@ -270,10 +338,10 @@ def _tokenizer(cfg: TrainConfig, env: Env, folder: Path, texts: Callable[[], Ite
     return from_rank0(env, lambda: train_tokenizer(texts(), kind=kind, vocab_size=size))
 
 
-def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
-    """``_data`` for --streaming (:mod:`data.streaming`): the held-out text is read (and, from
-    --eval-text, prepared) here; the training text is only opened, this process's part of it.
-    A tokenizer to train learns from the stream's first documents, on rank 0."""
+def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> RunData:
+    """``prepare_data`` for --streaming (:mod:`data.streaming`): the held-out text is read (and,
+    from --eval-text, prepared) here; the training text is only opened, this process's part of
+    it. A tokenizer to train learns from the stream's first documents, on rank 0."""
     with local_main_first(env):
         raw = load_streamed(cfg.data)
     weights = parse_objectives(cfg.run.objectives, ["masked_lm"])
@@ -284,7 +352,7 @@ def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int):
 
     with local_main_first(env):
         streams = build_streamed(raw, make_dataset, tokenizer, cfg.data, seq_len)
-    return raw, tokenizer, streams, weights
+    return RunData(raw, tokenizer, streams, weights)
 
 
 # Repeated bigrams are blocked in the summaries when at most this share of the training
@@ -339,19 +407,21 @@ def _check_global_batch(run: Run) -> None:
     run.state.global_batch = run.global_batch
 
 
-def describe(run: Run, seq_len: int) -> str:
+def describe(run: Run) -> str:
+    """What the run is, printed before its first step."""
     cfg, env = run.cfg, run.env
     n_params = sum(p.numel() for p in run.model.parameters())
     precision = "bf16 autocast" if env.dtype else "fp32"
     strategy = "" if env.strategy == "none" else " " + env.strategy.upper()
-    weights = ", ".join(f"{n}={w:g}" for n, w in run.weights.items())
+    weights = ", ".join(f"{n}={w:g}" for n, w in run.data.weights.items())
     lines = [
         f"model: {cfg.model.preset}, {n_params / 1e6:.1f}M parameters | device {env.device} "
         f"x{env.world_size}{strategy}, {precision}",
-        f"data: {run.raw.description} (prepared in {run.data_seconds:.0f}s)",
-        f"objectives: {weights} | {run.streams.describe()}",
+        f"data: {run.data.raw.description} (prepared in {run.data.seconds:.0f}s)",
+        f"objectives: {weights} | {run.data.streams.describe()}",
         f"global batch {run.global_batch} sequences = {cfg.optim.batch_size} x "
-        f"{cfg.optim.grad_accum} accumulation x {env.world_size} processes; block {seq_len} tokens",
+        f"{cfg.optim.grad_accum} accumulation x {env.world_size} processes; "
+        f"block {run.model.config.seq_len} tokens",
     ]
     if run.resumed:
         lines.append(f"resuming from step {run.state.step}")
