@@ -142,3 +142,42 @@ def test_the_step_record_stays_bounded_and_keeps_what_the_fit_reads():
     assert len(plan.step_seconds) <= 3 + 3 * 50
     # The fit reads the latest steps: the speed now (2 s), not the run's mean.
     assert plan.fit(5000, 0.0, 0, 0) == 5000 + int((1000 - 2 * 0.03 * 1000) // 2)
+
+
+def test_wsd_holds_the_peak_then_decays_over_its_share():
+    cfg = OptimConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, schedule="wsd", decay_share=0.2)
+    rates = [lr_at(step, 100, cfg) for step in range(100)]
+    assert rates[9] == rates[10] == rates[80] == pytest.approx(1e-3)  # warmed up, stable
+    decay = rates[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert rates[99] == pytest.approx(1e-4 + 0.9e-3 * (1 - (19 / 20) ** 0.5))
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-4)
+    # cosine, for contrast, is already below the peak a quarter of the way in
+    assert lr_at(25, 100, OptimConfig(lr=1e-3, warmup_steps=10)) < 0.95e-3
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_refit_that_adds_steps_never_raises_the_rate(
+    tmp_path, corpus_files, monkeypatch, schedule
+):
+    """In a real run: the plan, fitted to 22 steps at step 5, finds time for 40 at step 20, in
+    the middle of the decay. The rate holds where it was instead of jumping back up; it was the
+    cosine schedule's jump that the default job's curves showed."""
+    from conftest import metrics, train_flags
+
+    import train
+    from trainer.schedule import Plan
+
+    monkeypatch.setattr(Plan, "fit", lambda self, step, *a: 22 if step < 20 else 40)
+    out = tmp_path / "run"
+    flags = ["--time-budget", "3600", "--warmup-steps", "2", "--log-every", "1", "--lr", "1e-3"]
+    flags += ["--schedule", schedule, "--objectives", "masked_lm=1"]
+    train.train(train.config_from_args(train_flags(out, corpus_files, *flags)))
+    rates = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert len(rates) == 40
+    assert rates[18] < 1e-3  # decaying before the refit at step 20
+    after_warmup = rates[2:]
+    assert all(b <= a for a, b in zip(after_warmup, after_warmup[1:], strict=False)), rates
+    # and the decay goes on to the new end
+    cfg = OptimConfig(lr=1e-3, warmup_steps=2, schedule=schedule)
+    assert rates[-1] == pytest.approx(lr_at(39, 40, cfg)) and rates[-1] < rates[19]

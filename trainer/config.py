@@ -23,6 +23,8 @@ from model.config import (
 from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
+SCHEDULES = ("wsd", "cosine")
+
 
 @dataclass
 class ModelOptions:
@@ -75,9 +77,15 @@ class OptimConfig:
     lr: float = 5e-4
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine decay)."""
+    """Final learning rate as a fraction of the peak."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """Learning rate after the warm-up, as a function of the run's progress (the share of its
+    planned steps done): wsd (warm-up, stable, decay: the peak until the last --decay-share of
+    the run, then a 1-sqrt decay) or cosine (a decay over the whole run)."""
+    decay_share: float = 0.2
+    """wsd: the share of the run, at its end, over which the rate decays."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases, norms and embeddings)."""
     label_smoothing: float = 0.1
@@ -266,6 +274,11 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (o.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {o.max_bad_steps}"),
         (o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}"),
         (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}"),
+        (
+            o.schedule in SCHEDULES,
+            f"--schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}",
+        ),
+        (0 < o.decay_share <= 1, f"--decay-share must be in (0, 1], got {o.decay_share}"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
         (
             0 <= o.label_smoothing < 1,

@@ -29,7 +29,7 @@ from trainer.metrics import (
     write_summary,
     write_training_curves,
 )
-from trainer.optim import lr_at
+from trainer.optim import lr_at, warmup_steps
 from trainer.prepare import Run, prepare
 from trainer.schedule import Plan
 
@@ -195,7 +195,10 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         t = clock()
         batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
         data_wait = clock() - t
-        losses, grad_norm = train_step(run, batches, lr_at(state.step, plan.total, cfg.optim))
+        lr = lr_at(state.step, plan.total, cfg.optim, state.lr_ceiling)
+        if state.step >= warmup_steps(plan.total, cfg.optim):
+            state.lr_ceiling = lr
+        losses, grad_norm = train_step(run, batches, lr)
         tracker.step_done(batches, losses, data_wait, clock() - t)
         if plan.refit_due(state.step):
             fitted = plan.fit(state.step, tracker.elapsed(), cfg.run.eval_every, cfg.run.save_every)

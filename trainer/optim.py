@@ -26,12 +26,28 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6, fused=fused)
 
 
-def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at ``total``."""
-    warmup = min(cfg.warmup_steps, max(total // 10, 1))
+def warmup_steps(total: int, cfg: OptimConfig) -> int:
+    """The warm-up of a run planned for ``total`` steps: at most a tenth of it."""
+    return min(cfg.warmup_steps, max(total // 10, 1))
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig, ceiling: float | None = None) -> float:
+    """The rate of ``step`` of a run planned for ``total``: a linear warm-up, then the schedule,
+    which falls to min_lr_ratio * lr at ``total``. Progress is the share of the planned steps
+    done; with a time budget the plan is fitted to the budget, so progress is the share of the
+    budget used. After the warm-up the rate never exceeds ``ceiling`` (the previous step's): a
+    refit of the plan that finds time for more steps never raises the rate."""
+    warmup = warmup_steps(total, cfg)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    )
+    if cfg.schedule == "wsd":
+        # Stable at the peak, then the 1-sqrt decay over the last decay_share of the run
+        # (Hagele et al. 2024 found it better than a linear one).
+        decay_from = max(warmup, total - cfg.decay_share * total)
+        progress = min(max(step - decay_from, 0) / max(total - decay_from, 1), 1.0)
+        shape = 1 - math.sqrt(progress)
+    else:
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+    return lr if ceiling is None else min(lr, ceiling)

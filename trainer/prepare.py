@@ -63,6 +63,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     planned_steps: int | None = None
+    lr_ceiling: float | None = None  # the latest rate after warm-up: never raised again
     bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
     skipped_steps: int = 0
     elapsed: float = 0.0  # training seconds before this process started
