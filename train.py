@@ -29,6 +29,7 @@ import torch
 from model.files import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.errors import TrainingError
+from trainer.init_from import parent_options
 from trainer.loop import Stopped, train
 
 
@@ -83,14 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags. With --resume, the run's saved config is the base and flags override it."""
+    """Parse flags. With --resume, the run's saved config is the base and flags override it;
+    with --init-from, the parent's model options are."""
     args = vars(build_parser().parse_args(argv))
     overrides: dict[str, dict] = {}
     for key, value in args.items():
         group, name = key.split(".")
         overrides.setdefault(group, {})[name] = value
     base = {}
-    resume = overrides.get("run", {}).get("resume")
+    resume, parent = (overrides.get("run", {}).get(k) for k in ("resume", "init_from"))
+    if resume and parent:
+        raise SystemExit("error: --resume continues a run, --init-from starts a new one: not both")
+    if parent:  # the parent's model options, under the flags given (those may not contradict)
+        try:
+            base = parent_options(parent, overrides)
+        except TrainingError as err:
+            raise SystemExit(f"error: {err}") from None
     if resume:
         config_file = Path(resume) / "config.json"
         if not config_file.is_file():

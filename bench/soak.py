@@ -1,7 +1,7 @@
 """Kill soak: a tiny run killed again and again (SIGKILL, some SIGTERM) at moments drawn from a
 seeded RNG, resumed each time, must end up the same run as one never interrupted.
 
-    python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
+    python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40] [--child]
 
 1. Trains the reference: a tiny CPU fp32 run (one process, or two gloo processes under
    ``torch.distributed.run``), uninterrupted, timing its phases.
@@ -14,6 +14,9 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
    checkpoint (weights, optimizer, state) bitwise, ``metrics.jsonl`` line by line except
    wall-clock fields, ``samples.json``, and no temporary file left in the folder.
 4. Prints the kills, where they landed, the resumes and the verdict; exits 1 on divergence.
+
+With ``--child`` every run of 1-3 starts with ``--init-from`` a parent trained first (8 steps,
+never killed): a killed child resumes from its own checkpoints as any run does.
 
 Kills land where they were aimed: ``bench/faults.py`` announces the phase the run is in
 (and, for the brief parts of a save, holds the chosen one open for a moment); the landing is
@@ -52,6 +55,7 @@ TARGET_WEIGHTS = (1, 2, 3, 2, 4, 1)
 # Logging windows that straddle saves and evaluations, as in a real run.
 SAVE_EVERY, EVAL_EVERY, LOG_EVERY, KEEP = 4, 6, 3, 2
 PAUSE_S = 0.8  # how long a chosen part of a save is held open
+PARENT_STEPS = 8  # the parent of --child, trained once and never killed
 
 
 # ---------------------------------------------------------------------------- comparing
@@ -292,11 +296,19 @@ def soak(args) -> int:
     print(f"soak: {args.kills} kills, {args.procs} process{'es' if args.procs > 1 else ''}, "
           f"seed {args.seed}, {args.steps} steps; work folder {work}", flush=True)  # fmt: skip
 
+    # 0. With --child, the run soaked starts from a parent trained (never killed) first.
+    parent = []
+    if args.child:
+        if Job(train_flags(work / "parent", corpus, PARENT_STEPS), work, args.procs).wait() != 0:
+            print(f"the parent run failed; see {work / 'job.log'}")
+            return 2
+        parent = ["--init-from", str(work / "parent")]
+
     # 1. The reference, timed.
     reference = work / "reference"
     (work / "phases.jsonl").unlink(missing_ok=True)
     t0 = time.monotonic()
-    if Job(train_flags(reference, corpus, args.steps), work, args.procs).wait() != 0:
+    if Job(train_flags(reference, corpus, args.steps) + parent, work, args.procs).wait() != 0:
         print(f"the reference run failed; see {work / 'job.log'}")
         return 2
     timings = phase_timings(work / "phases.jsonl")
@@ -318,7 +330,7 @@ def soak(args) -> int:
         if out.exists() and Checkpointer(out, KEEP).latest() is not None:
             argv, resumes = ["--resume", str(out)], resumes + 1
         else:
-            argv, fresh = train_flags(out, corpus, args.steps), fresh + 1
+            argv, fresh = train_flags(out, corpus, args.steps) + parent, fresh + 1
         aimed = kills < args.kills  # else kills spent: let it finish
         if aimed:
             sig = signal.SIGTERM if rng.random() < 0.15 else signal.SIGKILL
@@ -379,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, choices=(1, 2), default=1, help="training processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--steps", type=int, default=40, help="steps of the run (default: 40)")
+    parser.add_argument("--child", action="store_true",
+                        help="soak a run started with --init-from a parent trained first")  # fmt: skip
     parser.add_argument("--workdir", help="folder for the runs (default: a new temporary one)")
     args = parser.parse_args(argv)
     if args.kills < 0 or args.steps < 2:

@@ -425,19 +425,28 @@ def _sharded_load_errors(folder: Path):
         raise TrainingError(f"cannot load the sharded checkpoint {folder}: {first}") from None
 
 
-def check_resumed_model(saved: MiniTuringConfig, built: MiniTuringConfig, folder: Path) -> None:
-    """A resumed run must build the model its folder holds: options that change it (or a
-    config.json edited by hand) are refused, naming each difference."""
-    fields = (
-        "preset", "vocab_size", "tokenizer_size", "hidden_size", "num_layers", "num_heads",
-        "ffn_size", "max_position_embeddings", "copy_attention",
-    )  # fmt: skip
-    differences = [
+# The config fields that decide the weights' shapes, and the tokenizer they index.
+WEIGHT_FIELDS = (
+    "vocab_size", "tokenizer_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
+    "max_position_embeddings", "copy_attention",
+)  # fmt: skip
+
+
+def model_differences(saved: MiniTuringConfig, built: MiniTuringConfig, fields) -> list[str]:
+    """Each of ``fields`` in which the model a folder holds (``saved``) and the one the options
+    build differ, as a phrase for an error message."""
+    return [
         f"{name} is {getattr(saved, name, None)!r} there, these options give "
         f"{getattr(built, name, None)!r}"
         for name in fields
         if getattr(saved, name, None) != getattr(built, name, None)
     ]
+
+
+def check_resumed_model(saved: MiniTuringConfig, built: MiniTuringConfig, folder: Path) -> None:
+    """A resumed run must build the model its folder holds: options that change it (or a
+    config.json edited by hand) are refused, naming each difference."""
+    differences = model_differences(saved, built, ("preset", *WEIGHT_FIELDS))
     if differences:
         raise TrainingError(
             f"--resume {folder}: the model in {folder / 'config.json'} is not the one "

@@ -8,6 +8,7 @@ import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data.config import DataConfig, check_objectives, check_tokenizer_options
 from data.objectives import OBJECTIVES
@@ -108,6 +109,14 @@ class RunConfig:
     """Run folder: config, tokenizer, weights, checkpoints, metrics."""
     resume: str | None = None
     """Continue the run in this folder from its last complete checkpoint."""
+    init_from: str | None = None
+    """Start a new run from the weights and tokenizer of this folder (a run folder, or any
+    folder model.load reads), with its own data, objectives, schedule and a fresh optimizer.
+    Model options left out take the parent's values. Those that decide the weights (--preset,
+    --hidden-size, --num-layers, --num-heads, --ffn-size, --max-positions, --copy-attention,
+    --hidden-act) and the tokenizer (--tokenizer, --tokenizer-kind, --vocab-size) are refused
+    when they differ from the parent's; --seq-len, --source-len, --target-len, the dropouts,
+    --attention, --sparse-outputs and --chunked-loss may differ."""
     seed: int = 0
     """Seed for initialization, data order, masking and dropout."""
     device: str = "auto"
@@ -311,6 +320,23 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
     return checks
 
 
+def _init_from_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """A new run from a parent (--init-from; a resumed child has it recorded too)."""
+    parent, r = cfg.run.init_from, cfg.run
+    if not parent or r.resume is not None:
+        return []
+    return [
+        (
+            Path(parent).resolve() != Path(r.output_dir).resolve(),
+            f"--init-from {parent} is the --output-dir: the child run needs a folder of its own",
+        ),
+        (
+            not cfg.data.tokenizer,
+            f"--tokenizer and --init-from contradict: the child uses {parent}'s tokenizer",
+        ),
+    ]
+
+
 def _check_streaming(cfg: TrainConfig, weights: dict[str, float]) -> None:
     """--streaming reads --train-text and trains masked LM; refuse the rest before any data."""
     d = cfg.data
@@ -392,6 +418,7 @@ def check_config(cfg: TrainConfig) -> None:
             "--tokenizer and --resume contradict: a resumed run keeps its own tokenizer",
         ),
     ]
+    checks += _init_from_checks(cfg)
     checks += _range_checks(cfg)
     heads = shape["num_heads"]
     if heads >= 1 and shape["hidden_size"] >= 1:
@@ -411,5 +438,5 @@ def check_config(cfg: TrainConfig) -> None:
     weights = parse_objectives(cfg.run.objectives, available=None)
     if cfg.data.streaming:
         _check_streaming(cfg, weights)
-    if not cfg.data.tokenizer and not cfg.run.resume:
+    if not (cfg.data.tokenizer or cfg.run.resume or cfg.run.init_from):
         check_tokenizer_options(cfg.data.tokenizer_kind, cfg.data.vocab_size)

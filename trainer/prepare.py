@@ -49,6 +49,7 @@ from trainer.config import (
 )
 from trainer.distributed import Env, from_rank0, local_main_first, setup_env, wrap_model
 from trainer.errors import TrainingError
+from trainer.init_from import parent_config, start_from_parent
 from trainer.lock import hold_run_folder
 from trainer.metrics import Metrics, check_report_to
 from trainer.optim import make_optimizer
@@ -140,6 +141,8 @@ def prepare(
     the streaming one with --streaming."""
     check_config(cfg)
     check_report_to(cfg.run.report_to)
+    if cfg.run.init_from and cfg.run.resume is None:
+        parent_config(Path(cfg.run.init_from))  # the parent's files are there, before any work
     env = setup_env(cfg.run)
     folder = Path(cfg.run.output_dir)
     claim_folder(cfg, env, folder, cleanup)
@@ -203,13 +206,19 @@ def claim_folder(cfg: TrainConfig, env: Env, folder: Path, cleanup: contextlib.E
 
 def build_model(cfg: TrainConfig, tokenizer, folder: Path) -> MiniTuringModel:
     """The model the options build for ``tokenizer``; resuming, it must be the one the run
-    folder holds."""
+    folder holds; with --init-from, it is the parent's, holding the parent's weights."""
     model_config = build_model_config(cfg, tokenizer)
     model = MiniTuringModel(model_config)
     if cfg.run.resume is not None:
         saved = MiniTuringConfig.from_pretrained(folder)
         check_compatible(tokenizer, saved, where=str(folder))
         check_resumed_model(saved, model_config, folder)
+        if getattr(saved, "init_from", None):  # a child run: its parent, for summary.json
+            model_config.init_from = saved.init_from
+    elif cfg.run.init_from:
+        # The parent's weights, read by every process before wrap_model shards or replicates
+        # them; config.json (written from this config) records where they came from.
+        model_config.init_from = start_from_parent(model, Path(cfg.run.init_from), tokenizer)
     return model
 
 
@@ -329,10 +338,12 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
 
 
 def _tokenizer(cfg: TrainConfig, env: Env, folder: Path, texts: Callable[[], Iterable[str]]):
-    """The run's tokenizer (resuming), the given one (--tokenizer), or one trained by rank 0
-    on ``texts()`` and sent to the others."""
+    """The run's tokenizer (resuming), the parent's (--init-from), the given one (--tokenizer),
+    or one trained by rank 0 on ``texts()`` and sent to the others."""
     if cfg.run.resume is not None:
         return load_tokenizer(folder)
+    if cfg.run.init_from:
+        return load_tokenizer(cfg.run.init_from)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     kind, size = cfg.data.tokenizer_kind, cfg.data.vocab_size
@@ -426,4 +437,10 @@ def describe(run: Run) -> str:
     ]
     if run.resumed:
         lines.append(f"resuming from step {run.state.step}")
+    elif cfg.run.init_from:
+        parent = run.model.config.init_from
+        lines.append(
+            f"starting from {parent['path']} (weights sha256 {parent['weights_sha256'][:12]}), "
+            "with a fresh optimizer"
+        )
     return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""``--init-from FOLDER``: a new run that starts from another run's weights and tokenizer, as
+``from_pretrained`` does. The parent is a run folder, or any folder that ``model.load`` reads
+(config.json, model.safetensors, tokenizer.json). The child has its own data, objectives,
+schedule, output folder and a fresh optimizer; its model is the parent's.
+
+The parent's model options are the child's defaults. Those that decide the weights (``FIXED``:
+their shapes, the function they were trained to compute, the tokenizer they index) may be
+given only with the parent's value; the others (``FREE``) may differ. The child's config.json
+and summary.json record the parent's path and the SHA-256 of its weights file. A resumed child
+continues from its own checkpoints and never reads the parent again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from model.api import RunFolderError, checked_weights
+from model.config import MiniTuringConfig
+from model.tokenizer import TokenizerError, check_compatible
+from trainer.checkpoint import WEIGHT_FIELDS, model_differences
+from trainer.errors import TrainingError
+
+PARENT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+# (option group, option) -> the parent's config.json field. FIXED options decide the weights:
+# a flag giving another value than the parent's is refused.
+FIXED = {
+    ("model", "preset"): "preset",
+    ("model", "hidden_size"): "hidden_size",
+    ("model", "num_layers"): "num_layers",
+    ("model", "num_heads"): "num_heads",
+    ("model", "ffn_size"): "ffn_size",
+    ("model", "max_positions"): "max_position_embeddings",
+    ("model", "copy_attention"): "copy_attention",
+    ("model", "hidden_act"): "hidden_act",
+}
+# FREE options leave the weights as they are (lengths within the positions, regularization,
+# speed): the parent's unless given.
+FREE = {
+    ("model", "seq_len"): "seq_len",
+    ("model", "dropout"): "dropout",
+    ("model", "attention_dropout"): "attention_dropout",
+    ("model", "attention"): "attention",
+    ("model", "sparse_outputs"): "sparse_outputs",
+    ("model", "chunked_loss"): "chunked_loss",
+    ("data", "source_len"): "source_len",
+    ("data", "target_len"): "target_len",
+}
+
+
+def parent_config(folder: Path) -> MiniTuringConfig:
+    """The parent's model config, once the folder is known to hold what ``model.load`` reads."""
+    if not folder.is_dir():
+        raise TrainingError(f"--init-from {folder}: no such folder (expected a run folder)")
+    for name in PARENT_FILES:
+        if not (folder / name).is_file():
+            raise TrainingError(
+                f"--init-from {folder}: {name} is missing there (a parent folder holds "
+                f"{', '.join(PARENT_FILES)}, as a run folder does)"
+            )
+    try:
+        return MiniTuringConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise TrainingError(
+            f"--init-from {folder}: {folder / 'config.json'} is not a valid minituring config "
+            f"({err})"
+        ) from None
+
+
+def _flag(name: str, value) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def parent_options(folder: str, given: dict[str, dict]) -> dict[str, dict]:
+    """The options the child takes from the parent in ``folder``, by group (``model``,
+    ``data``), for the flags not in ``given`` (those on the command line, by group). A given
+    flag that contradicts the parent is a ``TrainingError`` naming it, the parent's value and
+    the folder."""
+    parent = Path(folder)
+    config = parent_config(parent)
+    where = f"--init-from {folder} ({parent / 'config.json'})"
+    base: dict[str, dict] = {"model": {}, "data": {}}
+    for (group, name), field in {**FIXED, **FREE}.items():
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        wanted = given.get(group, {}).get(name, value)
+        if (group, name) in FIXED and wanted != value:
+            raise TrainingError(
+                f"{_flag(name, wanted)} contradicts {where}: the parent's {field.replace('_', ' ')} "
+                f"is {value}; the child keeps the parent's model: leave the flag out"
+            )
+        base[group][name] = value
+    # The tokenizer is the parent's: none is given, none is trained.
+    recorded = getattr(config, "training", None) or {}
+    recorded = recorded.get("data", {}) if isinstance(recorded, dict) else {}
+    tokenizer_file = parent / "tokenizer.json"
+    if given.get("data", {}).get("tokenizer"):
+        raise TrainingError(
+            f"--tokenizer contradicts {where}: the child uses the parent's tokenizer, "
+            f"{tokenizer_file}; leave the flag out"
+        )
+    sizes = [v for v in (recorded.get("vocab_size"), config.tokenizer_size) if v is not None]
+    kinds = [recorded["tokenizer_kind"]] if recorded.get("tokenizer_kind") else []
+    for name, accepted in (("vocab_size", sizes), ("tokenizer_kind", kinds)):
+        if accepted:
+            base["data"][name] = accepted[0]
+        if name in given.get("data", {}) and given["data"][name] not in accepted:
+            shown = " or ".join(map(str, accepted)) or "not recorded"
+            raise TrainingError(
+                f"{_flag(name, given['data'][name])} contradicts {where}: the parent's tokenizer "
+                f"({tokenizer_file}) has {name.replace('_', ' ')} {shown}, and the child uses it; "
+                "leave the flag out"
+            )
+    return base
+
+
+def weights_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# What a child's model must share with its parent: the weights' shapes and the tokenizer they
+# index (WEIGHT_FIELDS), and the activation the weights were trained with.
+INHERITED_FIELDS = (*WEIGHT_FIELDS, "hidden_act")
+
+
+def start_from_parent(model: torch.nn.Module, folder: Path, tokenizer) -> dict:
+    """Load the parent's weights into ``model`` (plain, before any wrapping; every process
+    does it), after checking that the parent's config, its tokenizer (``tokenizer``, the
+    child's) and the model the options built agree. Returns the record config.json keeps:
+    the parent's path and the SHA-256 of its weights file."""
+    saved = parent_config(folder)
+    try:
+        check_compatible(tokenizer, saved, where=str(folder))
+    except TokenizerError as err:
+        raise TrainingError(f"--init-from {folder}: {err}") from None
+    differences = model_differences(saved, model.config, INHERITED_FIELDS)
+    if differences:
+        raise TrainingError(
+            f"--init-from {folder}: the model these options build is not the one in "
+            f"{folder / 'config.json'}: {'; '.join(differences)}. Leave out the options that "
+            "change it."
+        )
+    weights_file = folder / "model.safetensors"
+    try:
+        weights = checked_weights(weights_file, model, against=str(folder / "config.json"))
+    except RunFolderError as err:
+        raise TrainingError(f"--init-from {folder}: {err}") from None
+    model.load_state_dict(weights)
+    return {"path": str(folder.resolve()), "weights_sha256": weights_sha256(weights_file)}
