@@ -204,7 +204,8 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         last = state.step == plan.total
         tracker.maybe_log(grad_norm, last)
         if periodic_job_due(state.step, cfg.run.eval_every, last):
-            plan.eval_seconds = tracker.timed(run_evaluation, run, tracker.progress)
+            split = "val" if has_validation(run) else "eval"
+            plan.eval_seconds = tracker.timed(run_evaluation, run, tracker.progress, split)
         if stop.requested(env):
             save_run(run, tracker)
             tracker.progress.close()
@@ -391,12 +392,18 @@ def summary(run: Run, tracker: StepTracker) -> dict:
     }
 
 
-def run_evaluation(run: Run, progress: Progress) -> dict:
-    """Held-out metrics, computed by every rank together and logged by rank 0."""
+def has_validation(run: Run) -> bool:
+    """Whether the run has a validation split (--val-fraction) to evaluate periodically."""
+    return any(len(stream) for stream in run.data.streams.val.values())
+
+
+def run_evaluation(run: Run, progress: Progress, split: str = "eval") -> dict:
+    """The metrics of ``split`` ("eval": the held-out data, "val": the validation split),
+    computed by every rank together and logged by rank 0 under ``split/``."""
     results = evaluate(
         run.model,
         run.data.tokenizer,
-        run.data.streams.eval,
+        getattr(run.data.streams, split),
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
@@ -404,9 +411,10 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
         env=run.env,
     )
     if run.env.main:
-        run.metrics.write({"step": run.state.step, **{f"eval/{k}": v for k, v in results.items()}})
+        record = {f"{split}/{k}": v for k, v in results.items()}
+        run.metrics.write({"step": run.state.step, **record})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-        progress.write(f"eval @ step {run.state.step}: {shown}")
+        progress.write(f"{split} @ step {run.state.step}: {shown}")
     return results
 
 

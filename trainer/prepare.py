@@ -322,6 +322,7 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
             objectives.remove(name)
             streams.train.pop(name)
             streams.eval.pop(name, None)
+            streams.val.pop(name, None)
         if not objectives:
             raise TrainingError("no objective has training examples in the given data")
     return RunData(raw, tokenizer, streams, weights)
