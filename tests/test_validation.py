@@ -4,10 +4,11 @@ evaluated periodically, and the weights of its best evaluation kept as model.saf
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import paragraphs
+from conftest import metrics, paragraphs, train_flags
 
 from data.config import DataConfig
 from data.corpus import build_default_corpus, group_key, validation_share
@@ -80,5 +81,93 @@ def test_validation_fraction_is_checked(tmp_path):
         train.train(cfg)
 
 
-def _unused(_: Path) -> None:  # keeps Path imported for the run tests below
-    pass
+# ---------------------------------------------------------------------------- the kept weights
+
+# The validation masked-LM loss each evaluation reports (lower is better): step 6 is the best.
+SCORES = {3: 3.0, 6: 1.0, 9: 2.0, 12: 4.0}
+KEPT_FLAGS = ["--objectives", "masked_lm=1", "--max-steps", "12", "--eval-every", "3"]
+KEPT_FLAGS += ["--save-every", "3", "--keep-checkpoints", "5", "--log-every", "1"]
+
+
+@pytest.fixture
+def scored(monkeypatch):
+    """Validation evaluations report SCORES; the held-out one records the weights it saw."""
+    from trainer import loop
+
+    real, seen = loop.run_evaluation, {}
+
+    def run_evaluation(run, progress, split="eval", model=None):
+        results = real(run, progress, split, model)
+        if split == "val":
+            results["masked_lm/loss"] = SCORES[run.state.step]
+        else:
+            seen["held-out"] = (model or run.model).state_dict()
+        return results
+
+    monkeypatch.setattr(loop, "run_evaluation", run_evaluation)
+    monkeypatch.setattr(loop, "write_training_curves", lambda folder, **_: None)
+    return seen
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_best_evaluations_weights_are_kept(tmp_path, corpus_files, scored):
+    import train
+    from trainer.evaluate import SELECTION_RULE
+
+    out = tmp_path / "run"
+    train.train(train.config_from_args(train_flags(out, corpus_files, *KEPT_FLAGS)))
+    summary = json.loads((out / "summary.json").read_text())
+    kept = summary["kept"]
+    assert kept["step"] == 6 and kept["metric"] == "val/masked_lm/loss" and kept["value"] == 1.0
+    assert kept["rule"] == SELECTION_RULE and summary["steps"] == 12
+    at = {step: _weights(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
+          for step in (6, 12)}  # fmt: skip
+    assert _same(_weights(out / "model.safetensors"), at[6])
+    assert not _same(at[6], at[12])  # the last checkpoint, for --resume, is step 12's
+    # The final held-out evaluation scored the kept weights.
+    assert _same({k: v.detach().cpu() for k, v in scored["held-out"].items()}, at[6])
+    records = metrics(out)
+    assert [r["step"] for r in records if "val/masked_lm/loss" in r] == [3, 6, 9, 12]
+    assert [r["step"] for r in records if "eval/masked_lm/loss" in r] == [12]
+
+
+def test_a_resumed_run_keeps_choosing_as_the_uninterrupted_one(tmp_path, corpus_files, scored):
+    """Stopped at step 7 (after the best evaluation, step 6) and resumed: the kept step comes
+    back with the state, and the kept weights with the checkpoint, even when a later
+    evaluation of the abandoned run had replaced RUN/model.safetensors."""
+    from test_resume import run_until_signal
+
+    import train
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.train(train.config_from_args(train_flags(straight, corpus_files, *KEPT_FLAGS)))
+    assert run_until_signal(train_flags(stopped, corpus_files, *KEPT_FLAGS), 7) != 0
+    state = json.loads((stopped / "checkpoints" / "step-0000007" / "state.json").read_text())
+    assert state["kept"]["step"] == 6
+    # As if the stopped run had gone on and kept other weights before it died.
+    shutil.copyfile(stopped / "checkpoints" / "step-0000007" / "model.safetensors",
+                    stopped / "model.safetensors")  # fmt: skip
+    train.train(train.config_from_args(["--resume", str(stopped)]))
+    kept = json.loads((stopped / "summary.json").read_text())["kept"]
+    assert kept == json.loads((straight / "summary.json").read_text())["kept"]
+    assert kept["step"] == 6
+    assert _same(_weights(stopped / "model.safetensors"), _weights(straight / "model.safetensors"))
+
+
+def test_without_evaluations_the_last_weights_are_kept(tiny_run):
+    """--eval-every 0 (the tiny test runs): as before validation, the last weights."""
+    kept = json.loads((tiny_run / "summary.json").read_text())["kept"]
+    assert kept == {"step": 12, "why": "the last weights: no periodic evaluation (--eval-every 0)"}
+    last = tiny_run / "checkpoints" / "step-0000012" / "model.safetensors"
+    assert _same(_weights(tiny_run / "model.safetensors"), _weights(last))

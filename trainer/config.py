@@ -133,7 +133,9 @@ class RunConfig:
     """Steps between metrics.jsonl lines."""
     eval_every: int = 400
     """Steps between evaluations on the validation split (--val-fraction; without one, on the
-    held-out data). The held-out data is evaluated at the end (0: only then)."""
+    held-out data). model.safetensors keeps the weights of the best one: validation ROUGE-L
+    when summarize trains, else the masked-LM loss (else gap_summary's loss). The held-out data
+    is evaluated at the end, with the kept weights. 0: only that; the last weights are kept."""
     eval_batches: int = 8
     """Batches per objective for loss/accuracy at each evaluation."""
     rouge_samples: int = 200

@@ -16,11 +16,12 @@ from tqdm import tqdm
 from data.batching import MixtureLoader, pieces_for, split_batch
 from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig
-from trainer.checkpoint import intact_checkpoint_note, save_checkpoint
+from trainer.checkpoint import intact_checkpoint_note, kept_model, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate
+from trainer.keep import keep_if_best, kept_summary, selection
 from trainer.metrics import (
     ETA_AFTER_STEPS,
     Progress,
@@ -190,6 +191,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
     """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
+    plan.final_evaluations = 2 if selection(run) else 1
     tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
         t = clock()
@@ -204,8 +206,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         last = state.step == plan.total
         tracker.maybe_log(grad_norm, last)
         if periodic_job_due(state.step, cfg.run.eval_every, last):
-            split = "val" if has_validation(run) else "eval"
-            plan.eval_seconds = tracker.timed(run_evaluation, run, tracker.progress, split)
+            plan.eval_seconds = tracker.timed(periodic_evaluation, run, tracker.progress)
         if stop.requested(env):
             save_run(run, tracker)
             tracker.progress.close()
@@ -236,10 +237,13 @@ def finish(run: Run, tracker: StepTracker, reason: str) -> str:
     state = run.state
     tracker.progress.close()
     if state.step > tracker.start_step:
-        # (A resumed run with nothing left to train already has this evaluation, logged just
+        # (A resumed run with nothing left to train already has these evaluations, logged just
         # before this checkpoint; saving it again would replace the latest complete checkpoint
         # in place.)
-        run_evaluation(run, tracker.progress)
+        rule = selection(run)
+        if rule:
+            keep_if_best(run, run_evaluation(run, tracker.progress, "val"), rule)
+        evaluate_kept(run, tracker.progress)
         save_run(run, tracker)
         draw_curves(run, tracker, final=True)
     if run.env.main:
@@ -389,19 +393,39 @@ def summary(run: Run, tracker: StepTracker) -> dict:
         "processes": run.env.world_size,
         "device": str(run.env.device),
         "precision": "bf16" if run.env.dtype else "fp32",
+        "kept": kept_summary(run),
     }
 
 
-def has_validation(run: Run) -> bool:
-    """Whether the run has a validation split (--val-fraction) to evaluate periodically."""
-    return any(len(stream) for stream in run.data.streams.val.values())
+def periodic_evaluation(run: Run, progress: Progress) -> None:
+    """The validation split, whose best evaluation's weights are kept; without one, the
+    held-out data (and the last weights are kept)."""
+    rule = selection(run)
+    if rule is None:
+        run_evaluation(run, progress, "eval")
+    else:
+        keep_if_best(run, run_evaluation(run, progress, "val"), rule)
 
 
-def run_evaluation(run: Run, progress: Progress, split: str = "eval") -> dict:
-    """The metrics of ``split`` ("eval": the held-out data, "val": the validation split),
-    computed by every rank together and logged by rank 0 under ``split/``."""
+def evaluate_kept(run: Run, progress: Progress) -> None:
+    """The final evaluation of the held-out data, with the kept weights."""
+    kept = run.state.kept
+    if kept is None or kept["step"] == run.state.step:
+        run_evaluation(run, progress, "eval")
+        return
+    if run.env.distributed:
+        torch.distributed.barrier()  # rank 0 has written them
+    run_evaluation(run, progress, "eval", kept_model(run.checkpointer, run.model, run.env.device))
+
+
+def run_evaluation(
+    run: Run, progress: Progress, split: str = "eval", model: torch.nn.Module | None = None
+) -> dict:
+    """The metrics of ``split`` ("eval": the held-out data, "val": the validation split), of
+    ``model`` (default: the run's), computed by every rank together and logged by rank 0 under
+    ``split/``."""
     results = evaluate(
-        run.model,
+        model or run.model,
         run.data.tokenizer,
         getattr(run.data.streams, split),
         batch_size=run.cfg.optim.batch_size,
@@ -438,6 +462,9 @@ def save_run(run: Run, tracker: StepTracker) -> None:
     run.state.data = run.loader.state_dict()
     run.state.elapsed = tracker.elapsed()
     run.state.window_losses = tracker.window.losses
-    save_checkpoint(run.checkpointer, run.model, run.optimizer, run.state.to_dict(), run.env)
+    # The checkpoint's weights are the kept ones unless an evaluation chose others.
+    export = selection(run) is None or run.state.kept is None
+    state = run.state.to_dict()
+    save_checkpoint(run.checkpointer, run.model, run.optimizer, state, run.env, export)
     if run.env.distributed:
         torch.distributed.barrier()

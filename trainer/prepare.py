@@ -70,6 +70,8 @@ class TrainState:
     data: dict = field(default_factory=dict)  # the loader's position
     # The losses of the log window a checkpoint cut in two, so the resumed run logs the same.
     window_losses: dict = field(default_factory=dict)
+    # The evaluation whose weights RUN/model.safetensors keeps: step, metric, value.
+    kept: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
