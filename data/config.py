@@ -39,6 +39,11 @@ class DataConfig:
     """Text encoding of plain-text, jsonl and csv sources."""
     eval_fraction: float = 0.02
     """Share of documents held out (by stable hash) when no eval source is given."""
+    val_fraction: float = 0.05
+    """Share of the training documents and pairs set aside (by a stable hash of near-duplicate
+    groups, drawn apart from the held-out split) as the validation split, which picks the kept
+    weights: at least min(100, a tenth of them), at most 500; 0: none (the last weights are
+    kept). Not with --streaming."""
     tokenizer: str | None = None
     """A tokenizer.json (or folder holding one) to use instead of training one."""
     tokenizer_kind: str = "bpe"

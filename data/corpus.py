@@ -18,6 +18,7 @@ it as Arrow tables in the cache.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import gc
 import hashlib
 import importlib.metadata
@@ -119,12 +120,16 @@ class Corpus:
     train_pairs: list[tuple[str, str]]
     """(document, summary)"""
     eval_pairs: list[tuple[str, str]]
+    val_texts: list[str] = dataclasses.field(default_factory=list)
+    """Set aside from training to pick the kept weights (:func:`validation_document`)."""
+    val_pairs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
-        chars = sum(map(len, self.train_texts)) + sum(map(len, self.eval_texts))
+        chars = sum(map(len, self.train_texts + self.val_texts + self.eval_texts))
         return (
-            f"{len(self.train_texts):,} train / {len(self.eval_texts):,} eval texts "
-            f"({chars:,} chars), {len(self.train_pairs):,} train / "
+            f"{len(self.train_texts):,} train / {len(self.val_texts):,} validation / "
+            f"{len(self.eval_texts):,} eval texts ({chars:,} chars), "
+            f"{len(self.train_pairs):,} train / {len(self.val_pairs):,} validation / "
             f"{len(self.eval_pairs):,} eval pairs"
         )
 
@@ -158,8 +163,34 @@ def held_out_document(text: str, fraction: float) -> bool:
     return is_held_out(group_key(text), fraction)
 
 
+# The validation split: enough documents to tell a change of a point of ROUGE-L (at least
+# min(VALIDATION_FLOOR, a tenth)), few enough not to starve training or slow its evaluations.
+VALIDATION_FLOOR = 100
+VALIDATION_CAP = 500
+VALIDATION_SALT = b"minituring/validation"
+
+
+def validation_share(count: int, fraction: float) -> float:
+    """The share of ``count`` training documents set aside for validation: ``fraction`` of them,
+    at least min(:data:`VALIDATION_FLOOR`, a tenth), at most :data:`VALIDATION_CAP`; 0 when
+    ``fraction`` is 0."""
+    if fraction <= 0 or count <= 0:
+        return 0.0
+    target = min(max(fraction * count, min(VALIDATION_FLOOR, count / 10)), VALIDATION_CAP)
+    return target / count
+
+
+def validation_document(text: str, share: float) -> bool:
+    """Whether a training document is set aside for validation: :func:`is_held_out` of its
+    :func:`group_key` with a salt of its own, so near-duplicates stay on one side and the draw
+    is unrelated to the held-out split's."""
+    return is_held_out(group_key(text), share, salt=VALIDATION_SALT)
+
+
 def build_default_corpus(
-    eval_fraction: float = 0.02, max_chars: int | None = DEFAULT_MAX_CHARS
+    eval_fraction: float = 0.02,
+    max_chars: int | None = DEFAULT_MAX_CHARS,
+    val_fraction: float = 0.0,
 ) -> Corpus:
     """The embedded corpus, built from the installed sources (:mod:`data.raw` caches it).
 
@@ -167,14 +198,16 @@ def build_default_corpus(
     files are read in the order of a hash of their names, which interleaves all packages, until
     ``max_chars`` characters are gathered; the texts with the lowest content hashes that fit
     are kept. The same installed versions give the same corpus on every machine.
-    ``eval_fraction`` of the docstrings (by :func:`held_out_document`) form the eval split.
+    ``eval_fraction`` of the docstrings (by :func:`held_out_document`) form the eval split;
+    of the rest, the validation split is :func:`validation_share` of the docstrings that give
+    pairs (of all, without pairs), drawn by :func:`validation_document`.
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be positive or None, not {max_chars}")
     start = time.perf_counter()
-    corpus = _build(eval_fraction, max_chars)
+    corpus = _build(eval_fraction, max_chars, val_fraction)
     log.info(
         "built the default corpus in %.1fs: %s", time.perf_counter() - start, corpus.describe()
     )
@@ -191,27 +224,35 @@ class _Text:
     """Docstrings may give pairs; documentation topics are not PEP 257 shaped."""
 
 
-def _build(eval_fraction: float, max_chars: int | None) -> Corpus:
+def _build(eval_fraction: float, max_chars: int | None, val_fraction: float = 0.0) -> Corpus:
     texts = _collect(max_chars)
     texts.sort(key=lambda t: _order_key(t.text))
     if max_chars is not None:
         texts = _cap(texts, max_chars)
-    train_texts, eval_texts = [], []
-    train_pairs, eval_pairs = [], []
-    for item in texts:
-        held_out = held_out_document(item.text, eval_fraction)
-        (eval_texts if held_out else train_texts).append(item.text)
-        pair = docstring_pair(item.text) if item.docstring else None
+    # Whole docstrings are split, before texts and pairs are derived: a docstring reaches one
+    # side only, as a text and as a pair.
+    held = [held_out_document(item.text, eval_fraction) for item in texts]
+    pairs = [docstring_pair(item.text) if item.docstring else None for item in texts]
+    with_pairs = sum(pair is not None for pair, h in zip(pairs, held, strict=True) if not h)
+    share = validation_share(with_pairs or held.count(False), val_fraction)
+    sides: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], []), "eval": ([], [])}
+    for item, pair, h in zip(texts, pairs, held, strict=True):
+        side = "eval" if h else "val" if validation_document(item.text, share) else "train"
+        sides[side][0].append(item.text)
         if pair is not None:
-            (eval_pairs if held_out else train_pairs).append(pair)
+            sides[side][1].append(pair)
+    (train_texts, train_pairs), (val_texts, val_pairs) = sides["train"], sides["val"]
+    eval_texts, eval_pairs = sides["eval"]
     # Many docstrings share a summary; an eval pair whose summary is also a training target
     # would measure recall, not summarization.
     train_summaries = {summary for _, summary in train_pairs}
     eval_pairs = [p for p in eval_pairs if p[1] not in train_summaries]
-    # A training docstring's description can be, word for word, a held-out docstring.
-    held = set(eval_texts)
-    train_pairs = [p for p in train_pairs if p[0] not in held and p[1] not in held]
-    return Corpus(train_texts, eval_texts, train_pairs, eval_pairs)
+    val_pairs = [p for p in val_pairs if p[1] not in train_summaries]
+    # A training docstring's description can be, word for word, a held-out (or validation)
+    # docstring.
+    aside = set(eval_texts) | set(val_texts)
+    train_pairs = [p for p in train_pairs if p[0] not in aside and p[1] not in aside]
+    return Corpus(train_texts, eval_texts, train_pairs, eval_pairs, val_texts, val_pairs)
 
 
 def _cap(texts: list[_Text], max_chars: int) -> list[_Text]:
@@ -430,7 +471,7 @@ def _prose_and_code(body: str) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------- key
 
 
-def corpus_key(eval_fraction: float, max_chars: int | None) -> str:
+def corpus_key(eval_fraction: float, max_chars: int | None, val_fraction: float = 0.0) -> str:
     """A hash of everything the corpus depends on: its extraction's version, the Python and
     package versions it reads, and the options."""
     versions = {}
@@ -449,6 +490,7 @@ def corpus_key(eval_fraction: float, max_chars: int | None) -> str:
             "packages": versions,
             "eval_fraction": eval_fraction,
             "max_chars": max_chars,
+            "val_fraction": val_fraction,
         },
         sort_keys=True,
     )

@@ -9,7 +9,7 @@ written atomically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
@@ -204,13 +204,16 @@ def gap_pairs(texts, cfg: DataConfig, tokenizer, name: str, tok_key: str) -> tup
 class Streams:
     train: dict
     eval: dict
+    val: dict = field(default_factory=dict)
+    """The validation split's streams (:class:`data.raw.RawData`), which pick the kept weights."""
 
     def describe(self) -> str:
         parts = []
         for name, s in self.train.items():
-            held = len(self.eval.get(name, []))
+            held, val = len(self.eval.get(name, [])), len(self.val.get(name, []))
             parts.append(
-                f"{name}: {len(s):,} train / {held:,} held-out examples ({s.num_tokens:,} tokens)"
+                f"{name}: {len(s):,} train / {val:,} validation / {held:,} held-out examples "
+                f"({s.num_tokens:,} tokens)"
             )
         return "; ".join(parts)
 
@@ -227,15 +230,16 @@ def build_streams(
     ids = special_ids(tokenizer)
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     masking = cfg.masking()
-    train, evals = {}, {}
+    train, evals, vals = {}, {}, {}
     for name in objectives:
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
     if "masked_lm" in objectives:
         flat = tokenize_texts(raw.train_texts, tokenizer, "text-train", tok_key)
         train["masked_lm"] = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
-        flat = tokenize_texts(raw.eval_texts, tokenizer, "text-eval", tok_key)
-        evals["masked_lm"] = train["masked_lm"].over(flat)
+        for split, texts, out in (("eval", raw.eval_texts, evals), ("val", raw.val_texts, vals)):
+            flat = tokenize_texts(texts, tokenizer, f"text-{split}", tok_key)
+            out["masked_lm"] = train["masked_lm"].over(flat)
     lengths = dict(
         source_len=cfg.source_len, target_len=cfg.target_len, pad_multiple=cfg.pad_multiple
     )
@@ -249,6 +253,7 @@ def build_streams(
         for split, texts, out in (
             ("train", raw.train_texts, train),
             ("eval", raw.eval_texts, evals),
+            ("val", raw.val_texts, vals),
         ):
             src, tgt = gap_pairs(texts, cfg, tokenizer, f"gaps-{split}", tok_key)
             masker = source_masker if split == "train" else None
@@ -259,10 +264,11 @@ def build_streams(
         for split, pairs, out in (
             ("train", raw.train_pairs, train),
             ("eval", raw.eval_pairs, evals),
+            ("val", raw.val_pairs, vals),
         ):
             src, tgt = tokenize_pairs(pairs, tokenizer, f"pairs-{split}", tok_key)
             masker = source_masker if split == "train" else None
             out["summarize"] = Seq2SeqStream(
                 "summarize", src, tgt, ids, **lengths, source_masker=masker
             )
-    return Streams(train, evals)
+    return Streams(train, evals, vals)

@@ -3,7 +3,9 @@ and evaluates on.
 
 ``load_raw`` reads the user's sources (the embedded corpus when the user names none) once,
 streaming, into memory-mapped Arrow tables (:mod:`data.store`), and holds out a stable-hash share
-of them when no evaluation source is given. Every table folder is cached under the cache's
+of them when no evaluation source is given. Of the training documents and pairs, a small share
+is set aside as the validation split (:func:`data.corpus.validation_document`), which picks
+the weights a run keeps; it is never the held-out split. Every table folder is cached under the cache's
 ``prepared`` folder (:mod:`data.cache`), keyed by what identifies its input (the files' paths,
 sizes and modification times, the reading settings), never by hashing the text; the embedded
 corpus by the installed packages it is drawn from (:func:`data.corpus.corpus_key`).
@@ -12,14 +14,24 @@ corpus by the installed packages it is drawn from (:func:`data.corpus.corpus_key
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from data.cache import PREP_VERSION, CacheDir, mp_context, prepared_root
 from data.config import DataConfig
-from data.corpus import DEFAULT_MAX_CHARS, build_default_corpus, corpus_key, held_out_document
+from data.corpus import (
+    DEFAULT_MAX_CHARS,
+    build_default_corpus,
+    corpus_key,
+    held_out_document,
+    validation_document,
+    validation_share,
+)
 from data.sources import Reading, iter_pairs, iter_texts
 from data.store import PairTable, TableWriter, TextTable, digest
 
@@ -33,6 +45,9 @@ class RawData:
     train_pairs: PairTable | list[tuple[str, str]]
     eval_pairs: PairTable | list[tuple[str, str]]
     description: str
+    # Set aside from the training data to pick the kept weights; never the held-out split.
+    val_texts: TextTable | list[str] = field(default_factory=list)
+    val_pairs: PairTable | list[tuple[str, str]] = field(default_factory=list)
 
     def has(self, objective: str) -> bool:
         if objective == "summarize":
@@ -114,9 +129,10 @@ def _replay(meta: dict) -> None:
 def prepare_split(
     kind: str, train_sources: list[str], eval_sources: list[str], cfg: DataConfig
 ) -> tuple:
-    """Read ``kind`` ("texts" or "pairs") into train/eval Arrow tables, cached by the sources'
-    identity and the reading settings. Without eval sources, the held-out share is chosen
-    document by document (by :func:`~data.corpus.held_out_document`) while reading."""
+    """Read ``kind`` ("texts" or "pairs") into train/eval/val Arrow tables, cached by the
+    sources' identity and the reading settings. Without eval sources, the held-out share is
+    chosen document by document (by :func:`~data.corpus.held_out_document`) while reading; the
+    validation split is then carved from the training rows (:func:`carve_validation`)."""
     if kind == "texts":
         columns, settings = ("text",), (cfg.text_column, cfg.text_split)
         table_cls = TextTable
@@ -132,6 +148,7 @@ def prepare_split(
         cfg.hf_split,
         cfg.encoding,
         fraction,
+        cfg.val_fraction,
         [source_identity(s) for s in train_sources],
         [source_identity(s) for s in eval_sources],
     )
@@ -162,18 +179,51 @@ def prepare_split(
                     add("eval", row)
             for w in writers.values():
                 w.close()
+            carve_validation(tmp, table_cls, cfg.val_fraction, chars)
             meta.update(chars=chars, warnings=warnings)
     return tuple(
         table_cls(cache.path / f"{split}.arrow", digest(key, split), meta["chars"][split])
-        for split in ("train", "eval")
+        for split in ("train", "eval", "val")
     )
+
+
+def carve_validation(folder: Path, table_cls: type, fraction: float, chars: dict) -> None:
+    """Split ``folder``/train.arrow into training rows and the validation split, val.arrow:
+    :func:`~data.corpus.validation_share` of the rows, drawn by their document (near-duplicates
+    together). A validation pair whose summary is also a training summary goes back to
+    training: it would measure recall. ``chars`` gets each side's characters."""
+    whole = table_cls(folder / "train.arrow", "")
+    share = validation_share(len(whole), fraction)
+    pairs = table_cls is PairTable
+    first = (lambda row: row[0]) if pairs else (lambda row: row)
+    aside = np.fromiter((validation_document(first(r), share) for r in whole), bool, len(whole))
+    if pairs and aside.any():
+        summaries = {s for (_, s), a in zip(whole, aside, strict=True) if a}
+        shared = {s for (_, s), a in zip(whole, aside, strict=True) if not a and s in summaries}
+        aside &= ~np.fromiter((s in shared for _, s in whole), bool, len(whole))
+    columns = table_cls.columns
+    chars["val"] = 0
+    if not aside.any():
+        TableWriter(folder / "val.arrow", columns).close()
+        return
+    writers = [TableWriter(folder / name, columns) for name in ("rest.arrow", "val.arrow")]
+    chars["train"] = 0
+    for row, a in zip(whole, aside, strict=True):
+        row = row if pairs else (row,)
+        writers[int(a)].add(*row)
+        chars["val" if a else "train"] += len(row[0])
+    for w in writers:
+        w.close()
+    os.replace(folder / "rest.arrow", folder / "train.arrow")
 
 
 def _embedded_corpus(cfg: DataConfig) -> RawData:
     """The embedded corpus as memory-mapped tables: built once, then read from the cache."""
-    kwargs = {} if cfg.corpus_max_chars is None else {"max_chars": cfg.corpus_max_chars}
+    kwargs: dict = {"val_fraction": cfg.val_fraction}
+    if cfg.corpus_max_chars is not None:
+        kwargs["max_chars"] = cfg.corpus_max_chars
     max_chars = kwargs.get("max_chars", DEFAULT_MAX_CHARS)
-    key = digest("corpus", PREP_VERSION, corpus_key(cfg.eval_fraction, max_chars))
+    key = digest("corpus", PREP_VERSION, corpus_key(cfg.eval_fraction, max_chars, cfg.val_fraction))
     cache = CacheDir(prepared_root(), f"corpus-{key}")
     names = _EMBEDDED_TABLES
     if not cache.ready():
@@ -184,16 +234,18 @@ def _embedded_corpus(cfg: DataConfig) -> RawData:
         with ProcessPoolExecutor(1, mp_context=mp_context()) as pool:
             pool.submit(_build_embedded, cache, cfg.eval_fraction, kwargs).result()
     meta = cache.meta()
-    tables = [
-        (PairTable if name.endswith("pairs") else TextTable)(
+    tables = {
+        name: (PairTable if name.endswith("pairs") else TextTable)(
             cache.path / f"{name}.arrow", digest(key, name), meta["chars"][name]
         )
         for name in names
-    ]
-    return RawData(*tables, f"embedded corpus: {meta['describe']}")
+    }
+    return RawData(**tables, description=f"embedded corpus: {meta['describe']}")
 
 
-_EMBEDDED_TABLES = ("train_texts", "eval_texts", "train_pairs", "eval_pairs")
+_EMBEDDED_TABLES = (
+    "train_texts", "eval_texts", "train_pairs", "eval_pairs", "val_texts", "val_pairs",
+)  # fmt: skip
 
 
 def _build_embedded(cache: CacheDir, eval_fraction: float, kwargs: dict) -> None:
@@ -213,11 +265,17 @@ def _build_embedded(cache: CacheDir, eval_fraction: float, kwargs: dict) -> None
 def load_raw(cfg: DataConfig) -> RawData:
     if not cfg.train_text and not cfg.train_pairs:
         return _embedded_corpus(cfg)
-    train_texts, eval_texts = prepare_split("texts", cfg.train_text, cfg.eval_text, cfg)
-    train_pairs, eval_pairs = prepare_split("pairs", cfg.train_pairs, cfg.eval_pairs, cfg)
+    train_texts, eval_texts, val_texts = prepare_split("texts", cfg.train_text, cfg.eval_text, cfg)
+    train_pairs, eval_pairs, val_pairs = prepare_split(
+        "pairs", cfg.train_pairs, cfg.eval_pairs, cfg
+    )
     names = ", ".join(cfg.train_text + cfg.train_pairs)
     desc = (
         f"{names}: {len(train_texts)} texts ({train_texts.num_chars:,} chars), "
-        f"{len(train_pairs)} pairs; held out {len(eval_texts)} texts, {len(eval_pairs)} pairs"
+        f"{len(train_pairs)} pairs; validation {len(val_texts)} texts, {len(val_pairs)} pairs; "
+        f"held out {len(eval_texts)} texts, {len(eval_pairs)} pairs"
     )
-    return RawData(train_texts, eval_texts, train_pairs, eval_pairs, desc)
+    return RawData(
+        train_texts, eval_texts, train_pairs, eval_pairs, desc, val_texts=val_texts,
+        val_pairs=val_pairs,
+    )  # fmt: skip

@@ -15,7 +15,7 @@ def compared(record: dict) -> dict:
     return {
         k: v
         for k, v in record.items()
-        if k in COMPARED or k.startswith(("loss/", "eval/")) or k == "step"
+        if k in COMPARED or k.startswith(("loss/", "eval/", "val/")) or k == "step"
     }
 
 

@@ -76,7 +76,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
             (m["step"], k, v)
             for m in metrics(folder)
             for k, v in sorted(m.items())
-            if k.startswith(("loss/", "eval/"))
+            if k.startswith(("loss/", "eval/", "val/"))
         ]
 
     a, b = curve(expected), curve(actual)

@@ -98,7 +98,7 @@ def test_prepared_data_stays_on_disk(cache, files):
     cfg = _cfg(files)
     raw = load_raw(cfg)
     assert isinstance(raw.train_texts, TextTable) and raw.has("summarize")
-    assert len(raw.train_texts) + len(raw.eval_texts) == 400
+    assert len(raw.train_texts) + len(raw.val_texts) + len(raw.eval_texts) == 400
     assert raw.eval_pairs[0] == list(raw.eval_pairs)[0]
     _, streams = _streams(raw, cfg)
     assert isinstance(streams.train["masked_lm"].flat, FileArray)
@@ -202,7 +202,7 @@ def test_kill_during_preparation_leaves_nothing_that_is_reused(cache, files):
     assert [p for p in prepared.iterdir() if ".tmp-" in p.name]
     assert not list(prepared.glob(f"*/{DONE}"))
     raw = load_raw(_cfg(files))
-    assert len(raw.train_texts) + len(raw.eval_texts) == 400
+    assert len(raw.train_texts) + len(raw.val_texts) + len(raw.eval_texts) == 400
     assert not [p for p in prepared.iterdir() if ".tmp-" in p.name]
 
 

@@ -6,6 +6,11 @@ Layout (a Hugging Face model folder plus the trainer's state)::
     RUN/checkpoints/step-0000400/{model.safetensors, optimizer.pt, rng.pt, state.json}
     RUN/checkpoints/step-0000400/{dcp/, rng.pt, state.json}   under FSDP: sharded weights + optimizer
     RUN/checkpoints/latest        name of the newest complete checkpoint
+    RUN/checkpoints/step-0000400/kept.safetensors   the kept weights, when not this step's
+
+RUN/model.safetensors is the kept weights: the best validation evaluation's (written when it
+happens, ``save_kept_weights``), else the latest checkpoint's. A checkpoint holds the kept
+weights of its moment (a copy), so a resumed run restores them with its state.
 
 Writing never stores non-finite weights, and a failed write (disk full) leaves nothing
 half-written behind; reading names the file at fault.
@@ -59,6 +64,13 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
         os.chmod(tmp, 0o644)
 
 
+def _copy_weights(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``, atomically. A copy, not a hard link: a file written
+    over in place (``cp``) would change the checkpoint's copy too."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 class Checkpointer:
     """Saves and restores everything a run needs, atomically (the layout is the module's doc).
 
@@ -84,13 +96,14 @@ class Checkpointer:
         complete = [p for p in self.dir.glob("step-*") if (p / "state.json").is_file()]
         return max(complete, key=_checkpoint_step) if complete else None
 
-    def write(self, model: MiniTuringModel, optimizer, state: dict) -> Path:
+    def write(self, model: MiniTuringModel, optimizer, state: dict, export: bool = True) -> Path:
         """Write checkpoint ``step-N`` of ``state["step"]`` (weights, optimizer, RNG, state) and
         publish it, unchecked: ``save_checkpoint`` is the checked save. Called on every rank. A
         replicated model (one process, DDP) is written by rank 0 alone; a sharded one (FSDP)
-        by all ranks together (see ``_save_sharded``)."""
+        by all ranks together (see ``_save_sharded``). ``export``: these weights are the kept
+        ones (RUN/model.safetensors); else RUN/model.safetensors already holds the kept ones."""
         if is_fsdp(model):
-            return self._save_sharded(model, optimizer, state)
+            return self._save_sharded(model, optimizer, state, export)
         if not self.main:
             return self.dir / f"step-{state['step']:07d}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -101,12 +114,15 @@ class Checkpointer:
         weights = model.state_dict()
         _save_weights(weights, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        return self._publish(tmp, name, weights, state)
+        return self._publish(tmp, name, weights, state, export)
 
-    def _publish(self, tmp: Path, name: str, weights: dict, state: dict) -> Path:
+    def _publish(self, tmp: Path, name: str, weights: dict, state: dict, export: bool) -> Path:
         """Rank 0's part of every save, once the weights and optimizer are in ``tmp``: add the
-        RNG and JSON state, flush, rename into place, switch ``latest``, export the weights for
-        inference, prune."""
+        kept weights (unless they are these), the RNG and JSON state, flush, rename into place,
+        switch ``latest``, export the weights for inference (if they are the kept ones),
+        prune."""
+        if not export:
+            _copy_weights(self.folder / "model.safetensors", tmp / "kept.safetensors")
         rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -120,12 +136,12 @@ class Checkpointer:
         os.replace(tmp, final)
         fsync_dir(self.dir)
         atomic_write_text(self.dir / "latest", name)
-        # The folder's own model.safetensors is the newest weights, for inference.
-        _save_weights(weights, self.folder / "model.safetensors")
+        if export:  # the folder's own model.safetensors: the kept weights, for inference
+            _save_weights(weights, self.folder / "model.safetensors")
         self._prune(keep_name=name)
         return final
 
-    def _save_sharded(self, model, optimizer, state: dict) -> Path:
+    def _save_sharded(self, model, optimizer, state: dict, export: bool) -> Path:
         """FSDP: every rank writes its own shards of the weights and optimizer state with
         torch.distributed.checkpoint into ``step-N/dcp/``, so no process ever holds the whole
         model or optimizer; rank 0 then adds the JSON state and renames the folder. Only the
@@ -142,20 +158,25 @@ class Checkpointer:
         torch.distributed.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-        weights = full_state_dict(model)  # collective: every rank takes part
+        weights = full_state_dict(model) if export else {}  # collective: every rank takes part
         if self.main:
-            self._publish(tmp, name, weights, state)
+            self._publish(tmp, name, weights, state, export)
         torch.distributed.barrier()
         return final
 
     def finish(self, path: Path, model: torch.nn.Module) -> None:
         """Redo the last steps of publishing ``path``, the export for inference and the pruning,
         which a crash right after ``latest`` was switched cuts short; a run resumed from it
-        with nothing left to train would otherwise leave them undone. Every rank calls it (the
-        export is gathered under FSDP)."""
-        weights = full_state_dict(model)
+        with nothing left to train would otherwise leave them undone; and put back the kept
+        weights the checkpoint holds (a later evaluation of the abandoned run may have replaced
+        them). Every rank calls it (the export is gathered under FSDP)."""
+        kept = path / "kept.safetensors"
+        weights = {} if kept.is_file() else full_state_dict(model)
         if self.main:
-            _save_weights(weights, self.folder / "model.safetensors")
+            if kept.is_file():
+                _copy_weights(kept, self.folder / "model.safetensors")
+            else:
+                _save_weights(weights, self.folder / "model.safetensors")
             self._prune(keep_name=path.name)
 
     def _prune(self, keep_name: str) -> None:
@@ -198,7 +219,27 @@ class Checkpointer:
         return read_state(path / "state.json")
 
 
-def save_checkpoint(ckpt: Checkpointer, model, optimizer, state: dict, env: Env) -> None:
+def save_kept_weights(ckpt: Checkpointer, model, env: Env) -> None:
+    """The model's weights now as RUN/model.safetensors, the kept weights (atomically; written
+    by rank 0, gathered from every rank under FSDP)."""
+    weights = full_state_dict(model) if is_fsdp(model) or env.main else {}
+    if env.main:
+        ckpt.folder.mkdir(parents=True, exist_ok=True)
+        _save_weights(weights, ckpt.folder / "model.safetensors")
+
+
+def kept_model(ckpt: Checkpointer, model: torch.nn.Module, device) -> MiniTuringModel:
+    """A plain copy of ``model`` (plain or sharded) holding the kept weights, on ``device``."""
+    with torch.device("meta"):
+        replica = MiniTuringModel(model.config)
+    path = ckpt.folder / "model.safetensors"
+    replica.load_state_dict(read_weights(path, replica), assign=True)
+    return replica.to(device)
+
+
+def save_checkpoint(
+    ckpt: Checkpointer, model, optimizer, state: dict, env: Env, export: bool = True
+) -> None:
     """``ckpt.write``, refusing non-finite weights; a write that fails (disk full, a folder
     turned read-only) removes its partial files and says which checkpoint is intact."""
     name = f"step-{state['step']:07d}"
@@ -210,7 +251,7 @@ def save_checkpoint(ckpt: Checkpointer, model, optimizer, state: dict, env: Env)
             "Try a lower --lr or --clip-grad."
         )
     try:
-        ckpt.write(model, optimizer, state)
+        ckpt.write(model, optimizer, state, export)
     except OSError as err:
         shutil.rmtree(ckpt.dir / f".{name}.tmp", ignore_errors=True)
         with contextlib.suppress(OSError):

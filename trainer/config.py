@@ -149,12 +149,15 @@ class RunConfig:
     log_every: int = 20
     """Steps between metrics.jsonl lines."""
     eval_every: int = 400
-    """Steps between evaluations on held-out data (0: only at the end)."""
+    """Steps between evaluations on the validation split (--val-fraction; without one, on the
+    held-out data). model.safetensors keeps the weights of the best one: validation ROUGE-L
+    when summarize trains, else the masked-LM loss (else gap_summary's loss). The held-out data
+    is evaluated at the end, with the kept weights. 0: only that; the last weights are kept."""
     eval_batches: int = 8
-    """Held-out batches per objective for loss/accuracy."""
+    """Batches per objective for loss/accuracy at each evaluation."""
     rouge_samples: int = 200
-    """Held-out documents summarized for ROUGE at each evaluation, decoded as summarize does
-    (the run's generation_config.json)."""
+    """Documents summarized for ROUGE at each evaluation, decoded as summarize does (the run's
+    generation_config.json)."""
     save_every: int = 400
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -302,6 +305,7 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
             f"--attention-dropout must be in [0, 1), got {m.attention_dropout}",
         ),
         (0 <= d.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {d.eval_fraction}"),
+        (0 <= d.val_fraction < 1, f"--val-fraction must be in [0, 1), got {d.val_fraction}"),
         (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
         (
             m.hidden_act in ACTIVATIONS,

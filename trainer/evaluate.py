@@ -39,6 +39,25 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return dict(zip(ROUGE_KEYS, means.tolist(), strict=True))
 
 
+SELECTION_RULE = (
+    "validation ROUGE-L of the summaries (higher is better) when summarize trains and "
+    "--rouge-samples > 0, the product skill; else the validation loss (lower is better) of "
+    "masked_lm, else of gap_summary, else of summarize"
+)
+
+
+def selection_metric(val_streams: dict, rouge_samples: int) -> tuple[str, bool] | None:
+    """The validation metric that picks the kept weights (:data:`SELECTION_RULE`) and whether
+    higher is better; None without a validation split."""
+    present = [name for name, stream in val_streams.items() if len(stream)]
+    if "summarize" in present and rouge_samples > 0:
+        return "summarize/rougeL", True
+    for name in ("masked_lm", "gap_summary", "summarize"):
+        if name in present:
+            return f"{name}/loss", False
+    return None
+
+
 def _one_process(model: torch.nn.Module) -> Env:
     return Env(next(model.parameters()).device, None)
 

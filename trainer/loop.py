@@ -16,11 +16,12 @@ from tqdm import tqdm
 from data.batching import MixtureLoader, pieces_for, split_batch
 from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig
-from trainer.checkpoint import intact_checkpoint_note, save_checkpoint
+from trainer.checkpoint import intact_checkpoint_note, kept_model, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate
+from trainer.keep import keep_if_best, kept_summary, selection
 from trainer.metrics import (
     ETA_AFTER_STEPS,
     Progress,
@@ -190,6 +191,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
     """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
+    plan.final_evaluations = 2 if selection(run) else 1
     tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
         t = clock()
@@ -207,7 +209,7 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         last = state.step == plan.total
         tracker.maybe_log(grad_norm, last)
         if periodic_job_due(state.step, cfg.run.eval_every, last):
-            plan.eval_seconds = tracker.timed(run_evaluation, run, tracker.progress)
+            plan.eval_seconds = tracker.timed(periodic_evaluation, run, tracker.progress)
         if stop.requested(env):
             save_run(run, tracker)
             tracker.progress.close()
@@ -238,10 +240,13 @@ def finish(run: Run, tracker: StepTracker, reason: str) -> str:
     state = run.state
     tracker.progress.close()
     if state.step > tracker.start_step:
-        # (A resumed run with nothing left to train already has this evaluation, logged just
+        # (A resumed run with nothing left to train already has these evaluations, logged just
         # before this checkpoint; saving it again would replace the latest complete checkpoint
         # in place.)
-        run_evaluation(run, tracker.progress)
+        rule = selection(run)
+        if rule:
+            keep_if_best(run, run_evaluation(run, tracker.progress, "val"), rule)
+        evaluate_kept(run, tracker.progress)
         save_run(run, tracker)
         draw_curves(run, tracker, final=True)
     if run.env.main:
@@ -392,15 +397,41 @@ def summary(run: Run, tracker: StepTracker) -> dict:
         "device": str(run.env.device),
         "precision": "bf16" if run.env.dtype else "fp32",
         "init_from": getattr(run.model.config, "init_from", None),  # the parent run, if any
+        "kept": kept_summary(run),
     }
 
 
-def run_evaluation(run: Run, progress: Progress) -> dict:
-    """Held-out metrics, computed by every rank together and logged by rank 0."""
+def periodic_evaluation(run: Run, progress: Progress) -> None:
+    """The validation split, whose best evaluation's weights are kept; without one, the
+    held-out data (and the last weights are kept)."""
+    rule = selection(run)
+    if rule is None:
+        run_evaluation(run, progress, "eval")
+    else:
+        keep_if_best(run, run_evaluation(run, progress, "val"), rule)
+
+
+def evaluate_kept(run: Run, progress: Progress) -> None:
+    """The final evaluation of the held-out data, with the kept weights."""
+    kept = run.state.kept
+    if kept is None or kept["step"] == run.state.step:
+        run_evaluation(run, progress, "eval")
+        return
+    if run.env.distributed:
+        torch.distributed.barrier()  # rank 0 has written them
+    run_evaluation(run, progress, "eval", kept_model(run.checkpointer, run.model, run.env.device))
+
+
+def run_evaluation(
+    run: Run, progress: Progress, split: str = "eval", model: torch.nn.Module | None = None
+) -> dict:
+    """The metrics of ``split`` ("eval": the held-out data, "val": the validation split), of
+    ``model`` (default: the run's), computed by every rank together and logged by rank 0 under
+    ``split/``."""
     results = evaluate(
-        run.model,
+        model or run.model,
         run.data.tokenizer,
-        run.data.streams.eval,
+        getattr(run.data.streams, split),
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
@@ -408,9 +439,10 @@ def run_evaluation(run: Run, progress: Progress) -> dict:
         env=run.env,
     )
     if run.env.main:
-        run.metrics.write({"step": run.state.step, **{f"eval/{k}": v for k, v in results.items()}})
+        record = {f"{split}/{k}": v for k, v in results.items()}
+        run.metrics.write({"step": run.state.step, **record})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-        progress.write(f"eval @ step {run.state.step}: {shown}")
+        progress.write(f"{split} @ step {run.state.step}: {shown}")
     return results
 
 
@@ -434,6 +466,9 @@ def save_run(run: Run, tracker: StepTracker) -> None:
     run.state.data = run.loader.state_dict()
     run.state.elapsed = tracker.elapsed()
     run.state.window_losses = tracker.window.losses
-    save_checkpoint(run.checkpointer, run.model, run.optimizer, run.state.to_dict(), run.env)
+    # The checkpoint's weights are the kept ones unless an evaluation chose others.
+    export = selection(run) is None or run.state.kept is None
+    state = run.state.to_dict()
+    save_checkpoint(run.checkpointer, run.model, run.optimizer, state, run.env, export)
     if run.env.distributed:
         torch.distributed.barrier()

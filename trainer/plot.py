@@ -44,7 +44,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _objectives(keys: set[str]) -> list[str]:
-    found = {k.split("/")[1] for k in keys if k.startswith("eval/")}
+    found = {k.split("/")[1] for k in keys if k.startswith(("eval/", "val/"))}
     found |= {k.split("/")[1] for k in keys if k.startswith("loss/")}
     return sorted(found, key=lambda n: (OBJECTIVES + (n,)).index(n))
 
@@ -102,6 +102,7 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
         for name in objectives
         for line in (
             (f"loss/{name}", "-", colors[name], f"{name} (train)"),
+            (f"val/{name}/loss", "s:", colors[name], f"{name} (validation)"),
             (f"eval/{name}/loss", "o--", colors[name], f"{name} (held-out)"),
         )
     ]
@@ -109,7 +110,8 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
     _finish_panel(loss_ax, drawn, "loss", title="loss per objective", ylabel="cross-entropy")
 
     accuracy_lines = [
-        (f"eval/{name}/{metric}", "o-", colors[name], f"{name} {metric}")
+        (f"{split}/{name}/{metric}", fmt, colors[name], f"{name} {metric}{label}")
+        for split, fmt, label in (("val", "s:", " (validation)"), ("eval", "o-", ""))
         for name in objectives
         for metric in ("accuracy", "token_accuracy")
     ]
@@ -120,6 +122,7 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
         line
         for i, metric in enumerate(("rouge1", "rouge2", "rougeL"))
         for line in (
+            (f"val/summarize/{metric}", "s:", f"C{i}", f"{metric} (validation)"),
             (f"eval/summarize/{metric}", "o-", f"C{i}", metric),
             # The lead baseline (the document's first words), where the evaluation reports it.
             (f"eval/summarize/lead_{metric}", "x:", f"C{i}", f"{metric}, lead baseline"),

@@ -72,6 +72,8 @@ class TrainState:
     data: dict = field(default_factory=dict)  # the loader's position
     # The losses of the log window a checkpoint cut in two, so the resumed run logs the same.
     window_losses: dict = field(default_factory=dict)
+    # The evaluation whose weights RUN/model.safetensors keeps: step, metric, value.
+    kept: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -332,6 +334,7 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
             objectives.remove(name)
             streams.train.pop(name)
             streams.eval.pop(name, None)
+            streams.val.pop(name, None)
         if not objectives:
             raise TrainingError("no objective has training examples in the given data")
     return RunData(raw, tokenizer, streams, weights)

@@ -49,6 +49,7 @@ class Plan:
         self.step_seconds: list[float] = []
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
+        self.final_evaluations = 1  # two with a validation split: it, then the held-out data
         # The training curves' latest drawing: when (elapsed seconds) and how long it took.
         self.plot_at: float | None = None
         self.plot_seconds = 0.0
@@ -61,7 +62,7 @@ class Plan:
 
     def final_cost(self) -> float:
         """Seconds kept back for the final evaluation, checkpoint and training curves."""
-        timed = (self.eval_seconds, self.save_seconds)
+        timed = (self.eval_seconds,) * self.final_evaluations + (self.save_seconds,)
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
         jobs = sum(FINAL_MARGIN * seconds if seconds else guess for seconds in timed)
         return jobs + FINAL_MARGIN * self.plot_seconds
