@@ -94,6 +94,18 @@ def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=
     return cls._from_config(config, attn_implementation="sdpa")
 
 
+def hf_trainer(model, data, collator, out, callbacks, seq2seq: bool = False, **settings):
+    """HF's ``Trainer`` (``Seq2SeqTrainer`` with ``seq2seq``) for ``model`` on ``data``, writing
+    to ``out``, never evaluating, saving or reporting; ``settings``: the TrainingArguments."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+    arguments, trainer = (Seq2SeqTrainingArguments, Seq2SeqTrainer) if seq2seq else (TrainingArguments, Trainer)  # fmt: skip
+    args = arguments(output_dir=str(out), eval_strategy="no", save_strategy="no",
+                     report_to="none", disable_tqdm=True, **settings)  # fmt: skip
+    return trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                   callbacks=callbacks)  # fmt: skip
+
+
 def grouped_by_length() -> dict:
     """The TrainingArguments of HF's length-grouped sampler (ours buckets pairs by length);
     transformers < 5 names it ``group_by_length``."""

@@ -4,24 +4,10 @@
     python -m bench.compare --parts mlm --steps 40 --json bench.json
     python -m bench.compare --device cuda --preset base       # GPU: BERT-base shape, sequence 512
 
-Ours is ``python train.py`` as a user runs it, in a fresh folder, read back from its
-``RUN/summary.json``; the Hugging Face side is ``bench/sides.py``, one process a contestant, on
-data prepared from the same files with the public functions of our ``data`` package. Parts:
-
-* ``mlm``: ``train.py --objectives masked_lm=1`` against ``BertForMaskedLM`` + ``Trainer`` +
-  ``DataCollatorForLanguageModeling``: same shape, same packed blocks, precision, schedule, fused
-  AdamW, steps. Model FLOP/s, nominal (the config's formula, the same for both) and counted
-  (``FlopCounterMode`` over one real training step of each side), as a share of the ceiling.
-* ``seq2seq``: ``train.py --objectives summarize=1`` against BART (about our size) + ``Trainer``
-  + ``DataCollatorForSeq2Seq`` on the same document/summary pairs; counted FLOP/s.
-* ``generate``: a batch of summaries, exactly N new tokens, greedy and beam, ours against BART's
-  ``generate``, both randomly initialised.
-* ``ceiling`` (with mlm and seq2seq): the best FLOP/s of several matrix products in the run's
-  precision, a square one and the model's own (feed-forward, attention, output layer), read
-  before and after the masked-LM runs.
-
-Each part runs its sides HF, ours, ours, HF (``--train-rounds``, ``--gen-rounds``), tokens and
-seconds pooled, so a machine whose speed drifts weighs on both alike. The table comes last.
+Ours is ``python train.py``, read back from its summary.json; the HF side (``bench/sides.py``,
+a process each) trains on data prepared from the same files by our ``data`` package. Parts:
+``mlm`` (BertForMaskedLM + Trainer), ``seq2seq`` (BART + Trainer) and ``ceiling`` (the best
+matmul FLOP/s); sides run HF, ours, ours, HF. docs/performance.md explains each column.
 """
 
 from __future__ import annotations
@@ -30,14 +16,13 @@ import argparse
 import datetime
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import Failed, run, run_train, table
 
-PARTS = ("mlm", "seq2seq", "generate", "ceiling")
+PARTS = ("mlm", "seq2seq", "ceiling")
 SHAPES = {
     "tiny": dict(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024, seq_len=128),
     "base": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_size=3072, seq_len=512),
@@ -51,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = p.add_argument
-    add("--parts", default="mlm,seq2seq,generate", help=f"comma list of {PARTS}")
+    add("--parts", default="mlm,seq2seq", help=f"comma list of {PARTS}")
     add("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     add("--preset", default="tiny", choices=sorted(SHAPES), help="base needs a GPU")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.py's")
@@ -70,13 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bart-layers", default=None, help="ENC,DEC (default: half our layers each)")
     add("--source-len", type=int, default=256)
     add("--target-len", type=int, default=32)
-    add("--gen-batch", type=int, default=8, help="documents per generate call")
-    add("--new-tokens", type=int, default=32, help="exactly this many, both sides")
-    add("--beams", type=int, default=4)
-    add("--no-repeat-ngram", type=int, default=3)
-    add("--gen-repeats", type=int, default=7, help="timed calls per process")
-    add("--gen-rounds", type=int, default=2, help="rounds of HF, ours, ours, HF processes")
-    add("--gen-precision", default="fp32", choices=("fp32", "bf16"))
     add("--train-text", nargs="+", default=[], help="as train.py's (default: embedded corpus)")
     add("--train-pairs", nargs="+", default=[], help="as train.py's")
     add("--corpus-max-chars", type=int, default=None)
@@ -121,16 +99,11 @@ def resolve(args: argparse.Namespace) -> dict:
         (all(min(s) >= 1 for s in steps.values()), "steps and warm-ups must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (shape["seq_len"] <= args.max_positions, "--seq-len exceeds --max-positions"),
-        (
-            args.source_len + max(args.target_len, args.new_tokens) <= args.max_positions,
-            "--source-len + --target-len (or --new-tokens) exceeds --max-positions",
-        ),
+        (args.source_len + args.target_len <= args.max_positions,
+         "--source-len + --target-len exceeds --max-positions"),
         (len(bart) == 2 and min(bart) >= 1, "--bart-layers wants ENC,DEC (>= 1 each)"),
-        (
-            min(args.beams, args.gen_repeats, args.gen_rounds, args.train_rounds) >= 1,
-            "--beams, --gen-repeats, --gen-rounds, --train-rounds must be >= 1",
-        ),
-    ]
+        (args.train_rounds >= 1, "--train-rounds must be >= 1"),
+    ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"error: {message}")
@@ -145,8 +118,8 @@ def resolve(args: argparse.Namespace) -> dict:
 
 def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     """One tokenizer for both sides, and the HF side's data, from the same files through the
-    public functions of our data package: masked-LM blocks (``pack_blocks``/``block``),
-    framed pairs (``build_example``), generation sources."""
+    public functions of our data package: masked-LM blocks (``pack_blocks``/``block``) and
+    framed pairs (``build_example``)."""
     from datasets import Dataset
 
     from data.config import DataConfig
@@ -165,8 +138,7 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
         target_len=args.target_len,
     )  # fmt: skip
     raw = load_raw(cfg)
-    objectives = [o for p, o in (("mlm", "masked_lm"), ("seq2seq", "summarize"),
-                                 ("generate", "summarize")) if p in parts]  # fmt: skip
+    objectives = [o for p, o in (("mlm", "masked_lm"), ("seq2seq", "summarize")) if p in parts]
     for name in objectives:
         if not raw.has(name):
             raise SystemExit(f"error: the data has no {'pairs' if name == 'summarize' else 'text'}")
@@ -197,18 +169,6 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
         pairs = {"input_ids": [x[:p] for x, _, p in examples],
                  "labels": [y[p - 1 :] for _, y, p in examples]}  # fmt: skip
         Dataset.from_dict(pairs).save_to_disk(str(tmp / "seq2seq-data"))
-    if "generate" in parts:  # held-out documents first
-        pool = [*streams.eval["summarize"].sources, *streams.train["summarize"].sources]
-        framed = [build_example(x, [], cls_id=ids.cls, sep_id=ids.sep, **lengths) for x in pool]
-        sources = [[int(t) for t in x] for x, _, _ in framed]
-        spec["sources"] = (sources * args.gen_batch)[: args.gen_batch]
-        import train  # the model train.py builds at this shape, for our generation side
-        from trainer.config import build_model_config
-
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items() if k != "vocab_size"]
-        flags += [f"--source-len={args.source_len}", f"--target-len={args.target_len}"]
-        config = build_model_config(train.config_from_args(flags), tokenizer)
-        spec["our_config"] = config.to_dict()
     return spec
 
 
@@ -265,17 +225,11 @@ def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
 
 def pool(first: dict | None, second: dict) -> dict:
     """A task's runs joined: training tokens and seconds summed (each run's speed in ``runs``),
-    data wait and padding weighted by seconds and tokens; generation's timed calls pooled,
-    their median; the higher peak memory. A failed run stands for all."""
+    data wait and padding weighted by seconds and tokens; the higher peak memory. A failed run
+    stands for all."""
     if first is None or "error" in first or "error" in second:
         return second if first is None or "error" in second else first
     merged = {**first, "peak_mem_mib": max(first["peak_mem_mib"], second["peak_mem_mib"])}
-    if "modes" in first:
-        merged["modes"] = {}
-        for mode, a in first["modes"].items():
-            times = a["times"] + second["modes"][mode]["times"]
-            merged["modes"][mode] = {**a, "times": times, "seconds_per_batch": statistics.median(times)}  # fmt: skip
-        return merged
     runs = first.get("runs", [first["tokens"] / first["seconds"]])
     merged["runs"] = runs + [second["tokens"] / second["seconds"]]
     for key, weight in (("data_wait", "seconds"), ("padding_share", "tokens")):
@@ -293,14 +247,12 @@ def abba(part: str, rounds: int) -> list[str]:
     return [task for i in range(rounds) for task in pairs[i % 2]]
 
 
-def tasks_for(parts: list[str], train_rounds: int = 1, gen_rounds: int = 1) -> list[str]:
+def tasks_for(parts: list[str], train_rounds: int = 1) -> list[str]:
     order = ["ceiling"] if "ceiling" in parts else []
     if "mlm" in parts:  # the ceiling again after masked LM: the better reading counts
         order += abba("mlm", train_rounds) + ["ceiling"] * ("ceiling" in parts)
     if "seq2seq" in parts:
         order += abba("seq2seq", train_rounds)
-    if "generate" in parts:
-        order += abba("generate", 2 * gen_rounds)
     return order
 
 
@@ -333,20 +285,15 @@ def task_specs(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) 
             "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"),
             "dataset": str(tmp / f"{part}-data"),
         }  # fmt: skip
-    specs["generate"] = {
-        **spec, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
-        "no_repeat_ngram_size": args.no_repeat_ngram, "gen_precision": args.gen_precision,
-        "modes": {"greedy": 1, f"beam {args.beams}": args.beams},
-    }  # fmt: skip
     return specs
 
 
 def run_all(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> dict:
     specs, results = task_specs(args, settings, spec, tmp), {}
-    for task in tasks_for(settings["parts"], args.train_rounds, args.gen_rounds):
+    for task in tasks_for(settings["parts"], args.train_rounds):
         part, _, who = task.partition("_")
         print(f"  {task}", flush=True)
-        if who == "ours" and part != "generate":
+        if who == "ours":
             result = ours(args, specs[part], part, tmp)
             if "error" not in result and f"{part}_count" not in results:
                 objective = "masked_lm" if part == "mlm" else "summarize"
@@ -408,16 +355,6 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
                 "nominal_flops_per_token": nominal, "counted_flops_per_token": counted,
                 "counted_fraction": counted * speed[key] / peak,
             })  # fmt: skip
-    gen = {"HF BART generate": results.get("generate_hf"),
-           "ours model.generate": results.get("generate_ours")}  # fmt: skip
-    for mode in spec.get("modes", {}) if any(gen.values()) else ():
-        for name, r in gen.items():
-            row = {"part": f"generate {mode}", "contestant": name, "unit": "s/batch"}
-            row["value"] = r["modes"][mode]["seconds_per_batch"] if ok(r) else None
-            row.update({k: r[k] for k in ("peak_mem_mib", "error") if r and k in r})
-            rows.append(row)
-        hf_s, ours_s = rows[-2]["value"], rows[-1]["value"]
-        rows[-1]["ratio"] = hf_s / ours_s if hf_s and ours_s else None  # > 1: ours is faster
     if ceiling is not None:
         shown = f"best of {len(ceiling.get('shapes', []))} matmuls, {ceiling.get('dtype', '')}"
         rows.append({"part": "ceiling", "contestant": shown, "value": peak, "unit": "FLOP/s",
@@ -431,9 +368,7 @@ def format_value(r: dict) -> str:
         return "FAILED" if r.get("error") else "-"
     if r["unit"] == "tokens/s":
         return f"{v:,.0f} tok/s"
-    if r["unit"] == "FLOP/s":
-        return f"{v / 1e12:.3f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.2f} GFLOP/s"
-    return f"{v:.3f} s/batch"
+    return f"{v / 1e12:.3f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.2f} GFLOP/s"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -476,11 +411,6 @@ def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict
         "of each side (what it computes: ours runs the output layer and last block only where "
         "the loss reads), per real token",
     ]
-    if "generate" in settings["parts"]:
-        lines.append(f"generate: {args.gen_batch} documents, exactly {args.new_tokens} new "
-                     f"tokens, {args.gen_precision}, random init; median of "
-                     f"{2 * args.gen_rounds} processes x {args.gen_repeats} calls a side; "
-                     "ratio = HF s / ours s")  # fmt: skip
     for task in ("mlm_hf", "seq2seq_hf"):
         if ok(results.get(task)):
             t = results[task]["settings"]
@@ -500,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             raise SystemExit(f"error: {err}") from None
         results = run_all(args, settings, spec, tmp)
-        rows = build_rows({**spec, **task_specs(args, settings, spec, tmp)["generate"]}, results)
+        rows = build_rows(spec, results)
         if args.json:
             report = {
                 "command": ["python", "-m", "bench.compare", *(sys.argv[1:] if argv is None else argv)],

@@ -7,13 +7,9 @@ closing table of ``bench/gpu_check.sh``.
     python -m bench.gpu_throughput --tiny --device cpu  # a seconds-long smoke run of this script
     python -m bench.gpu_throughput --report OUT_DIR     # the table of OUT_DIR/parts.tsv, *.json
 
-The run is ``train.train`` itself (data loader, masking, optimizer and all), so the number is
-what training gets; it is read from the run's summary.json: tokens/s over the steps after the
-first log window (start-up and warm-up). MFU is the model FLOPs per token of
-``MiniTuringConfig.flops_per_token`` (forward + backward, output layer counted at every
-position) x tokens/s, over the peak dense bf16 FLOP/s of the GPUs used: a table of known GPUs,
-else a measured large matmul. The report uses nothing but the standard library, so the table
-prints even where torch is broken.
+Tokens/s and model FLOP/s come from the run's summary.json; MFU divides them by the data
+sheet's dense bf16 peak of the GPUs used (else a measured matmul). The report needs only the
+standard library, so the table prints even where torch is broken.
 """
 
 from __future__ import annotations

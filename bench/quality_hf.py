@@ -1,16 +1,7 @@
-"""The Hugging Face contestants of ``bench/quality.py``: a byte-level BPE tokenizer trained with
-``tokenizers``, ``BartForConditionalGeneration`` trained with ``Seq2SeqTrainer`` and
-``BertForMaskedLM`` trained with ``Trainer`` + ``DataCollatorForLanguageModeling``, each from
-scratch for a wall-clock budget, then beam-search summaries and top-1 mask fills.
-
-Both trainers get the learning-rate schedule ``train.py --time-budget`` uses (``trainer.optim
-.lr_at`` with train.py's defaults: linear warm-up over min(100, total // 10) steps, then cosine
-decay to 10% of the peak at ``total``), where ``total`` is fixed after 20 steps from the speed
-so far (budget / seconds a step) and refitted every 50. Everything
-else is HF's default (AdamW betas 0.9/0.999, no weight decay, gradient clipping at 1.0), except
-the batch size, ours (32), and the regularisation, which is our trainer's defaults (dropout on
-residual branches and embeddings, on attention probabilities, and BART's label smoothing) unless
-``bench/quality.py`` is told otherwise.
+"""The Hugging Face contestants of ``bench/quality.py``: a byte-level BPE tokenizer, BART
+(``Seq2SeqTrainer``) and BERT (``Trainer`` + ``DataCollatorForLanguageModeling``) trained from
+scratch for a wall-clock budget with ``train.py``'s schedule, HF's AdamW defaults and our
+regularisation; then beam-search summaries and top-1 mask fills.
 """
 
 from __future__ import annotations
@@ -21,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import grouped_by_length, hf_model
+from bench.common import grouped_by_length, hf_model, hf_trainer
 from model.transformer import IGNORE_INDEX
 from trainer.config import OptimConfig
 from trainer.optim import lr_at
@@ -41,32 +32,19 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(s, special=True, lstrip=s == "<mask>") for s in SPECIALS]
-    trainer = tok_trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = tok_trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)  # fmt: skip
     tok.train_from_iterator(texts, trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        cls_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
+        tokenizer_object=tok, bos_token="<s>", cls_token="<s>", eos_token="</s>", sep_token="</s>",
+        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
         model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-# ---------------------------------------------------------------------------- models
+    )  # fmt: skip
 
 
 def bart_layers(num_layers: int) -> tuple[int, int]:
@@ -81,9 +59,6 @@ def build(kind: str, shape: dict, tokenizer, seed: int, dropout=0.0, attention_d
            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}  # fmt: skip
     return hf_model(kind, shape, ids, seed, bart_layers(shape["num_layers"]), dropout,
                     attention_dropout)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- training
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -120,8 +95,7 @@ def _budget_callback(seconds: float, plan: dict, name: str):
 
         def on_train_end(self, args, state, control, **kwargs):
             print(f"  {name} | stopped at step {plan['steps']} (planned {plan['total']}) after "
-                  f"{plan['train_seconds']:.0f}s",
-                  flush=True)  # fmt: skip
+                  f"{plan['train_seconds']:.0f}s", flush=True)  # fmt: skip
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -131,41 +105,23 @@ def _budget_callback(seconds: float, plan: dict, name: str):
     return Budget()
 
 
-def _train(trainer_cls, args_cls, model, data, collator, seconds, lr, seed, batch_size, name, **kw):
+def _train(model, data, collator, seconds, lr, seed, batch_size, name, **kw):
     """Train ``model`` for ``seconds`` of wall clock; returns steps and seconds trained."""
     from transformers import PrinterCallback
 
     max_steps = 10**7  # the callback stops it; the schedule's length comes from the plan
     plan = {"total": max_steps, "max_steps": max_steps, "steps": 0, "train_seconds": 0.0}
     with tempfile.TemporaryDirectory(prefix="quality-hf-") as out:
-        args = args_cls(
-            output_dir=out,
-            max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=lr,
-            use_cpu=not torch.cuda.is_available(),
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="steps",
-            logging_steps=50,
-            report_to="none",
-            disable_tqdm=True,
-            seed=seed,
-            **kw,
-        )
-        trainer = trainer_cls(
-            model=model,
-            args=args,
-            train_dataset=data,
-            data_collator=collator,
-            callbacks=[_budget_callback(seconds, plan, name)],
-        )
+        trainer = hf_trainer(
+            model, data, collator, out, [_budget_callback(seconds, plan, name)],
+            max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+            use_cpu=not torch.cuda.is_available(), logging_strategy="steps", logging_steps=50,
+            seed=seed, **kw,
+        )  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # the Budget callback prints the progress
         # The Trainer's own AdamW (parameter groups, HF defaults), with train.py's schedule.
-        optimizer = trainer.create_optimizer()
         trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, plan["total"])
-        )
+            trainer.create_optimizer(), lambda step: lr_factor(step, plan["total"]))  # fmt: skip
         trainer.train()
     model.eval()
     return {"steps": plan["steps"], "train_seconds": plan["train_seconds"],
@@ -196,25 +152,20 @@ def mlm_blocks(texts, tokenizer, seq_len: int):
 
 
 def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size, label_smoothing=0.0):
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers import DataCollatorForSeq2Seq
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
     # Length-grouped batches, as ours buckets summarization pairs by length.
-    return _train(Seq2SeqTrainer, Seq2SeqTrainingArguments, model, data, collator, seconds,
-                  lr, seed, batch_size, "BART", label_smoothing_factor=label_smoothing,
-                  **grouped_by_length())  # fmt: skip
+    return _train(model, data, collator, seconds, lr, seed, batch_size, "BART", seq2seq=True,
+                  label_smoothing_factor=label_smoothing, **grouped_by_length())  # fmt: skip
 
 
 def train_bert(model, data, tokenizer, seconds, lr, seed, batch_size, mask_rate=0.15):
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling
 
     # Token-level masking, 80% <mask> / 10% random / 10% kept: the collator's defaults.
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mask_rate)
-    return _train(Trainer, TrainingArguments, model, data, collator, seconds, lr, seed,
-                  batch_size, "BERT")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- inference
+    return _train(model, data, collator, seconds, lr, seed, batch_size, "BERT")
 
 
 @torch.inference_mode()
@@ -224,14 +175,9 @@ def bart_summarize(model, tokenizer, docs, *, num_beams, max_new_tokens, source_
     for i in range(0, len(docs), batch_size):
         enc = tokenizer(docs[i : i + batch_size], truncation=True, max_length=source_len,
                         padding=True, return_tensors="pt")  # fmt: skip
-        ids = model.generate(
-            **enc,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            length_penalty=1.0,
-            do_sample=False,
-        )
+        ids = model.generate(**enc, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                             no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=1.0,
+                             do_sample=False)  # fmt: skip
         out += [s.strip() for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
 

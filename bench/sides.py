@@ -1,17 +1,11 @@
-"""What ``bench/compare.py`` runs in a process of its own (ours trains as ``python train.py``):
+"""What ``bench/compare.py`` runs in a process of its own, each with its own peak memory:
 
-    python -m bench.sides TASK SPEC.json RESULT.json
-
-Tasks: ``ceiling``; ``mlm_hf`` and ``seq2seq_hf`` (a Hugging Face model + ``Trainer`` on the
-data compare.py prepared); ``count_ours`` (the FLOPs of one of our training steps, from a run
-folder); ``generate_hf`` and ``generate_ours``. A process each gives a contestant its own peak
-memory (VmHWM on CPU, ``torch.cuda.max_memory_allocated`` on GPU).
+python -m bench.sides {ceiling,mlm_hf,seq2seq_hf,count_ours} SPEC.json RESULT.json
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import grouped_by_length, hf_model
+from bench.common import grouped_by_length, hf_model, hf_trainer
 from trainer.metrics import peak_memory_mb
 
 IGNORE_INDEX = -100
@@ -65,28 +59,10 @@ def ceiling(spec: dict) -> dict:
     return {"flops_per_s": rates[best], "shape": best, "shapes": rates, "dtype": str(dtype)[6:]}
 
 
-def training_arguments(spec: dict, out: Path, **extra):
-    """The HF Trainer's settings, matched to train.py's: precision, peak learning rate, warm-up
-    and cosine decay to 10%, AdamW betas/eps/decay, fused AdamW, clipping; no eval/save/log."""
-    from transformers import TrainingArguments
-
-    kwargs = dict(
-        max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["batch_size"],
-        learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=spec["lr_warmup"],
-        weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0,
-        optim="adamw_torch_fused", bf16=spec["precision"] == "bf16",
-        use_cpu=spec["device"] == "cpu", dataloader_num_workers=0, eval_strategy="no",
-        save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
-        seed=spec["seed"], **extra,
-    )  # fmt: skip
-    return TrainingArguments(output_dir=str(out), **kwargs), kwargs
-
-
 def train_hf(spec: dict, model, data, collator, count) -> dict:
     """Train with HF's Trainer; time from the end of the warm-up steps to the end of the last
     step; ``count(batch)`` gives a batch's (tokens, positions). Then count one step's FLOPs."""
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
     marks, counts = {}, []
@@ -109,10 +85,18 @@ def train_hf(spec: dict, model, data, collator, count) -> dict:
     next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(
         note_autocast
     )
-    args, shown = training_arguments(spec, Path(spec["out"]), **spec.get("hf_extra", {}))
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]
-    )
+    # Matched to train.py's: precision, peak learning rate, warm-up and cosine decay to 10%, AdamW
+    # betas/eps/decay, fused AdamW, clipping; no logging.
+    shown = dict(
+        max_steps=total, per_device_train_batch_size=spec["batch_size"], learning_rate=spec["lr"],
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=spec["lr_warmup"], weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98,
+        adam_epsilon=1e-6, max_grad_norm=1.0, optim="adamw_torch_fused",
+        bf16=spec["precision"] == "bf16", use_cpu=spec["device"] == "cpu",
+        dataloader_num_workers=0, logging_strategy="no", seed=spec["seed"],
+        **spec.get("hf_extra", {}),
+    )  # fmt: skip
+    trainer = hf_trainer(model, data, collator, spec["out"], [Timer()], **shown)
     trainer.train()
     if sorted(marks) != [warmup, total] or len(counts) != total:
         raise RuntimeError(f"expected steps {warmup} and {total}, saw {sorted(marks)}")
@@ -202,72 +186,7 @@ def count_ours(spec: dict) -> dict:
     return {"counted_flops_per_token": flops / tokens, "params": model.num_parameters()}
 
 
-def generation(spec: dict, generate_batch) -> dict:
-    """Each mode's timed calls of ``generate_batch(beams)`` (after one untimed call: allocator,
-    kernels, caches), their median, and the new tokens it made per row."""
-    kind = torch.device(spec["device"]).type
-    bf16 = spec["gen_precision"] == "bf16"
-    modes = {}
-    for label, beams in spec["modes"].items():
-        times, made = [], []
-        for _ in range(spec["repeats"] + 1):
-            sync(spec["device"])
-            start = time.perf_counter()
-            with torch.inference_mode(), torch.autocast(kind, torch.bfloat16, enabled=bf16):
-                made = generate_batch(beams)
-            sync(spec["device"])
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times[1:])
-        modes[label] = {"times": times[1:], "seconds_per_batch": median, "new_tokens": made}
-    return {"modes": modes, "peak_mem_mib": peak_memory_mb()}
-
-
-def generate_ours(spec: dict) -> dict:
-    from model.config import MiniTuringConfig
-    from model.generate import DecodingConfig, generate
-    from model.transformer import MiniTuringModel
-
-    torch.manual_seed(spec["seed"])
-    model = (
-        MiniTuringModel(MiniTuringConfig.from_dict(spec["our_config"])).to(spec["device"]).eval()
-    )
-    n, ngram = spec["new_tokens"], spec["no_repeat_ngram_size"]
-
-    def batch(beams: int) -> list[int]:
-        decoding = DecodingConfig(max_new_tokens=n, min_new_tokens=n, num_beams=beams,
-                                  no_repeat_ngram_size=ngram, length_penalty=1.0)  # fmt: skip
-        return [len(x) for x in generate(model, spec["sources"], decoding)]
-
-    return generation(spec, batch)
-
-
-def generate_hf(spec: dict) -> dict:
-    from transformers import GenerationConfig
-
-    model = contestant(spec, "bart").to(spec["device"]).eval()
-    ids, sources = spec["ids"], spec["sources"]
-    longest = max(len(s) for s in sources)
-    inputs = torch.tensor([s + [ids["pad"]] * (longest - len(s)) for s in sources])
-    mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in sources])
-    inputs, mask = inputs.to(spec["device"]), mask.to(spec["device"])
-    n = spec["new_tokens"]
-
-    def batch(beams: int) -> list[int]:
-        config = GenerationConfig(
-            max_new_tokens=n, min_new_tokens=n, num_beams=beams, length_penalty=1.0,
-            no_repeat_ngram_size=spec["no_repeat_ngram_size"], do_sample=False,
-            early_stopping=False, bos_token_id=ids["cls"], eos_token_id=ids["sep"],
-            pad_token_id=ids["pad"], decoder_start_token_id=ids["cls"],
-        )  # fmt: skip
-        out = model.generate(input_ids=inputs, attention_mask=mask, generation_config=config)
-        return [out.shape[1] - 1] * len(out)  # the first position is the decoder start
-
-    return generation(spec, batch)
-
-
-TASKS = {
-    f.__name__: f for f in (ceiling, mlm_hf, seq2seq_hf, count_ours, generate_hf, generate_ours)
-}
+TASKS = {f.__name__: f for f in (ceiling, mlm_hf, seq2seq_hf, count_ours)}
 
 
 def main(argv: list[str]) -> None:

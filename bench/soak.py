@@ -3,24 +3,8 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
 
     python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
 
-1. Trains the reference: a tiny CPU fp32 run (one process, or two gloo processes under
-   ``torch.distributed.run``), uninterrupted, timing its phases.
-2. Trains the same run again, killing it while it prepares data, trains a step, evaluates, or
-   in every part of a checkpoint save (weights, optimizer, RNG state, state.json, the rename,
-   the ``latest`` pointer, the exported weights, pruning), each time resuming (or starting
-   afresh when no checkpoint exists yet) until it finishes; kills left over start another
-   round in a fresh folder. After each kill the folder must load with ``model.load``.
-3. Compares each finished round with the reference: the run folder's weights and the latest
-   checkpoint (weights, optimizer, state) bitwise, ``metrics.jsonl`` line by line except
-   wall-clock fields, ``samples.json``, and no temporary file left in the folder.
-4. Prints the kills, where they landed, the resumes and the verdict; exits 1 on divergence.
-
-Kills land where they were aimed: ``bench/faults.py`` announces the phase the run is in
-(and, for the brief parts of a save, holds the chosen one open for a moment); the landing is
-read back at the moment of the kill, with whether a ``.step-*.tmp`` folder existed then.
-With two processes, a kill stops the whole job (every process of it), a SIGTERM reaches both
-ranks. Gloo sums two ranks' gradients in the same order each time, so the comparison stays
-bitwise there too.
+Kills are aimed with the phases ``bench/faults.py`` announces; each finished round is compared
+bitwise with an uninterrupted reference (``compare_runs``); exit status 1 on a divergence.
 """
 
 from __future__ import annotations
