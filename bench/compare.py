@@ -21,24 +21,18 @@ import tempfile
 from pathlib import Path
 
 from bench.common import Failed, run, run_train, table
+from model.config import SHAPE_FIELDS, resolve_shape
 
 PARTS = ("mlm", "seq2seq", "ceiling")
-SHAPES = {
-    "tiny": dict(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024, seq_len=128),
-    "base": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_size=3072, seq_len=512),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.compare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
     add("--parts", default="mlm,seq2seq", help=f"comma list of {PARTS}")
     add("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    add("--preset", default="tiny", choices=sorted(SHAPES), help="base needs a GPU")
+    add("--preset", default="tiny", choices=("tiny", "base"), help="base needs a GPU")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.py's")
     add("--steps", type=int, default=None, help="timed masked-LM steps (CPU 20, GPU 50)")
     add("--warmup", type=int, default=None, help="untimed masked-LM steps (CPU 5, GPU 10)")
@@ -48,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=2e-3, help="peak learning rate, both sides")
     add("--seed", type=int, default=0)
-    for name in SHAPES["tiny"]:
+    for name in SHAPE_FIELDS:
         add("--" + name.replace("_", "-"), type=int, default=None, help="default: the preset's")
     add("--max-positions", type=int, default=512)
     add("--vocab-size", type=int, default=8192, help="tokenizer entries")
@@ -82,7 +76,7 @@ def resolve(args: argparse.Namespace) -> dict:
     gpu = device.startswith("cuda")
     if args.preset == "base" and not gpu:
         raise SystemExit("error: --preset base is the GPU benchmark; run it with --device cuda")
-    shape = {k: getattr(args, k) or v for k, v in SHAPES[args.preset].items()}
+    shape = resolve_shape(args.preset, **{k: getattr(args, k) for k in SHAPE_FIELDS})
     shape["max_positions"] = args.max_positions
 
     def given(value, cpu, cuda):
@@ -132,19 +126,16 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     from model.tokenizer import load_tokenizer, special_ids
 
     parts, shape = settings["parts"], settings["shape"]
-    cfg = DataConfig(
-        train_text=list(args.train_text), train_pairs=list(args.train_pairs),
-        corpus_max_chars=args.corpus_max_chars, source_len=args.source_len,
-        target_len=args.target_len,
-    )  # fmt: skip
+    lengths = dict(source_len=args.source_len, target_len=args.target_len)
+    cfg = DataConfig(train_text=list(args.train_text), train_pairs=list(args.train_pairs),
+                     corpus_max_chars=args.corpus_max_chars, **lengths)  # fmt: skip
     raw = load_raw(cfg)
     objectives = [o for p, o in (("mlm", "masked_lm"), ("seq2seq", "summarize")) if p in parts]
     for name in objectives:
         if not raw.has(name):
             raise SystemExit(f"error: the data has no {'pairs' if name == 'summarize' else 'text'}")
-    tokenizer = train_tokenizer(
-        raw.train_texts + [d for d, _ in raw.train_pairs], vocab_size=args.vocab_size
-    )
+    texts = raw.train_texts + [d for d, _ in raw.train_pairs]
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
     save_tokenizer(tokenizer, tmp / "tokenizer")
     tokenizer = load_tokenizer(tmp / "tokenizer")
     ids = special_ids(tokenizer)
@@ -155,9 +146,8 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
         "shape": shape, "bart_layers": settings["bart_layers"],
         "ids": {"pad": ids.pad, "cls": ids.cls, "sep": ids.sep}, "data": raw.description,
         "tokenizer": str(tmp / "tokenizer"), "lr": args.lr, "batch_size": args.batch_size,
-        "source_len": args.source_len, "target_len": args.target_len,
+        **lengths,
     }  # fmt: skip
-    lengths = dict(source_len=args.source_len, target_len=args.target_len)
     if "mlm" in parts:
         flat, n = streams.train["masked_lm"].flat, shape["seq_len"]
         blocks = [block(flat, i, n, ids.cls) for i in range(pack_blocks(flat, n))]
@@ -186,11 +176,10 @@ def side(task: str, spec: dict, tmp: Path, timeout: float) -> dict:
 
 def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
     """The train.py command line of our side of ``part``."""
-    s, warmup, steps = spec["shape"], spec["warmup"], spec["steps"]
+    warmup, steps = spec["warmup"], spec["steps"]
+    shape = [f"--{k.replace('_', '-')}={v}" for k, v in spec["shape"].items() if k != "vocab_size"]
     flags = [
-        "--hidden-size", s["hidden_size"], "--num-layers", s["num_layers"],
-        "--num-heads", s["num_heads"], "--ffn-size", s["ffn_size"], "--seq-len", s["seq_len"],
-        "--max-positions", s["max_positions"], "--source-len", args.source_len,
+        *shape, "--source-len", args.source_len,
         "--target-len", args.target_len, "--batch-size", args.batch_size, "--lr", args.lr,
         "--warmup-steps", spec["lr_warmup"], "--max-steps", warmup + steps,
         "--log-every", warmup,  # the first log window is the warm-up; the timed steps follow
@@ -199,10 +188,8 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
         "--seed", args.seed, "--tokenizer", spec["tokenizer"], "--mask-rate", spec["mask_rate"],
         "--objectives", "masked_lm=1" if part == "mlm" else "summarize=1",
     ]  # fmt: skip
-    if args.corpus_max_chars is not None:
-        flags += ["--corpus-max-chars", args.corpus_max_chars]
-    data = args.train_text if part == "mlm" else args.train_pairs
-    if data:
+    flags += ["--corpus-max-chars", args.corpus_max_chars] * (args.corpus_max_chars is not None)
+    if data := (args.train_text if part == "mlm" else args.train_pairs):
         flags += ["--train-text" if part == "mlm" else "--train-pairs", *data]
     return [str(x) for x in flags]
 
@@ -312,7 +299,7 @@ def run_all(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> 
 
 
 def ok(result: dict | None) -> bool:
-    return bool(result) and "error" not in result
+    return bool(result) and "error" not in result  # ran, and did not fail
 
 
 def build_rows(spec: dict, results: dict) -> list[dict]:
@@ -321,10 +308,8 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
     ceiling = results.get("ceiling")
     peak = ceiling["flops_per_s"] if ok(ceiling) else None
     enc, dec = spec["bart_layers"]
-    names = {
-        "mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
-        "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize"),
-    }
+    names = {"mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
+             "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize")}  # fmt: skip
     keep = ("peak_mem_mib", "data_wait", "padding_share", "runs", "params")
     for part, (hf_name, ours_name) in names.items():
         sides = {"HF": results.get(f"{part}_hf"), "ours": results.get(f"{part}_ours")}
@@ -363,8 +348,7 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
 
 
 def format_value(r: dict) -> str:
-    v = r["value"]
-    if v is None:
+    if (v := r["value"]) is None:
         return "FAILED" if r.get("error") else "-"
     if r["unit"] == "tokens/s":
         return f"{v:,.0f} tok/s"
@@ -439,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         print(f"\n{describe(args, settings, spec, results)}\n\n{format_table(rows)}")
-        failed = [t for t, r in results.items() if not ok(r)]
-        if failed:
+        if failed := [t for t, r in results.items() if not ok(r)]:
             print(f"\nfailed: {', '.join(failed)} (logs in {tmp})", file=sys.stderr)
             args.keep = True
         return 1 if failed else 0

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendor's data sheets, per GPU. The
@@ -28,25 +27,20 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
                    ("H200", 989e12), ("A100", 312e12))  # fmt: skip
 
 
-def peak_flops(device, dtype) -> tuple[float, str]:
+def peak_flops(device, precision: str) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from: the table, else the FLOP/s of
     a large square matmul."""
     import torch
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_BF16_FLOPS:
-            if key in name and dtype == torch.bfloat16:
-                return flops, f"data sheet ({key})"
-    n, iters = (8192 if device.type == "cuda" else 512), 20
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for warm in (True, False):
-        start = time.perf_counter()
-        for _ in range(3 if warm else iters):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start), "measured matmul"
+    from bench.sides import ceiling
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, flops in PEAK_BF16_FLOPS if precision == "bf16" else ():
+        if key in name:
+            return flops, f"data sheet ({key})"
+    n = 8192 if device.type == "cuda" else 512
+    square = {"device": str(device), "precision": precision, "ceiling": {"": (1, n, n, n)}}
+    return ceiling(square)["flops_per_s"], "measured matmul"
 
 
 def train_flags(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -66,7 +60,7 @@ def train_flags(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return flags + ["--compile"] * args.compile + ["--activation-checkpointing"] * args.activation_checkpointing  # fmt: skip
 
 
-def measure(run_dir: Path, device, dtype, log_every: int) -> dict:
+def measure(run_dir: Path, device, precision: str, log_every: int) -> dict:
     """The row of one run, from its summary.json and config.json."""
     import torch
 
@@ -76,7 +70,7 @@ def measure(run_dir: Path, device, dtype, log_every: int) -> dict:
     if not s["tokens_per_s"]:
         raise SystemExit(f"error: {run_dir} logged one window only; raise --steps or lower --log-every")  # fmt: skip
     config, world = MiniTuringConfig.from_pretrained(run_dir), s["processes"]
-    peak, source = peak_flops(device, dtype)
+    peak, source = peak_flops(device, precision)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": world, "precision": s["precision"],
@@ -158,8 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         # train.py has moved this process to its GPU (cuda:LOCAL_RANK, or the one named).
         cuda = args.device.startswith("cuda")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        r = {"label": args.label, **measure(folder, device, dtype, args.log_every)}
+        r = {"label": args.label, **measure(folder, device, args.precision, args.log_every)}
         print(f"{args.label}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%\n"
               f"  on {r['device']} x{r['processes']}, {r['precision']}; peak "
               f"{r['peak_flops_per_device'] / 1e12:.4g} TFLOP/s per device ({r['peak_source']})",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.common import grouped_by_length, hf_model, hf_trainer
-from model.transformer import IGNORE_INDEX
+from model.constants import IGNORE_INDEX
 from trainer.config import OptimConfig
 from trainer.optim import lr_at
 from trainer.schedule import FIRST_PLAN_AT, REPLAN_EVERY

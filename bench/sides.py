@@ -15,9 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import grouped_by_length, hf_model, hf_trainer
+from model.constants import IGNORE_INDEX
 from trainer.metrics import peak_memory_mb
-
-IGNORE_INDEX = -100
 
 
 def sync(device: str) -> None:
@@ -118,40 +117,25 @@ def train_hf(spec: dict, model, data, collator, count) -> dict:
     }
 
 
-def contestant(spec: dict, kind: str):
-    """HF's model at the benchmark's shape, without dropout, as ours trains by default."""
-    ids = spec["ids"]
+def hf_side(spec: dict, kind: str) -> dict:
+    """HF's BERT ("bert": packed blocks, every position a token) or BART ("bart": our framed
+    pairs, length-grouped) at the benchmark's shape, without dropout as ours trains by default,
+    trained on the data compare.py prepared."""
+    from datasets import load_from_disk
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
+
+    from model.tokenizer import load_tokenizer
+
+    tokenizer, ids = load_tokenizer(spec["tokenizer"]), spec["ids"]
     ids = {"vocab": spec["shape"]["vocab_size"], "pad": ids["pad"], "bos": ids["cls"], "eos": ids["sep"]}  # fmt: skip
-    return hf_model(kind, spec["shape"], ids, spec["seed"], layers=spec["bart_layers"])
-
-
-def mlm_hf(spec: dict) -> dict:
-    from datasets import load_from_disk
-    from transformers import DataCollatorForLanguageModeling
-
-    from model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(spec["tokenizer"])
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mask_rate"])
-    data = load_from_disk(spec["dataset"])
-
-    def count(kw):  # packed blocks: every position is a token
-        return kw["input_ids"].numel(), kw["input_ids"].numel()
-
-    return train_hf(spec, contestant(spec, "bert"), data, collator, count)
-
-
-def seq2seq_hf(spec: dict) -> dict:
-    from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq
-
-    from model.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(spec["tokenizer"])
-    model = contestant(spec, "bart")
-    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
-    spec["hf_extra"] = grouped_by_length()
-    return train_hf(spec, model, load_from_disk(spec["dataset"]), collator, seq2seq_tokens)
+    model = hf_model(kind, spec["shape"], ids, spec["seed"], layers=spec["bart_layers"])
+    if kind == "bert":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mask_rate"])
+        count = lambda kw: (kw["input_ids"].numel(),) * 2  # noqa: E731
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
+        count, spec["hf_extra"] = seq2seq_tokens, grouped_by_length()
+    return train_hf(spec, model, load_from_disk(spec["dataset"]), collator, count)
 
 
 def seq2seq_tokens(kw: dict) -> tuple:
@@ -175,9 +159,8 @@ def count_ours(spec: dict) -> dict:
     model = MiniTuringModel.from_pretrained(spec["run"]).to(spec["device"]).train()
     cfg = TrainConfig.from_dict(model.config.training)
     name = spec["objective"]
-    streams = build_streams(
-        load_raw(cfg.data), load_tokenizer(spec["run"]), cfg.data, [name], model.config.seq_len
-    )
+    tokenizer = load_tokenizer(spec["run"])
+    streams = build_streams(load_raw(cfg.data), tokenizer, cfg.data, [name], model.config.seq_len)
     loader = MixtureLoader(streams.train, {name: 1.0}, cfg.optim.batch_size, cfg.run.seed)
     batch = {k: v.to(spec["device"]) for k, v in loader.next_batch()[1].items()}
     mask = batch.get("attention_mask")
@@ -186,7 +169,8 @@ def count_ours(spec: dict) -> dict:
     return {"counted_flops_per_token": flops / tokens, "params": model.num_parameters()}
 
 
-TASKS = {f.__name__: f for f in (ceiling, mlm_hf, seq2seq_hf, count_ours)}
+TASKS = {"ceiling": ceiling, "count_ours": count_ours, "mlm_hf": lambda spec: hf_side(spec, "bert"),
+         "seq2seq_hf": lambda spec: hf_side(spec, "bart")}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +24,9 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT
+from bench.faults import SAVE_PHASES
 from trainer.plot import read_metrics
 
-SAVE_PHASES = (
-    "save:weights", "save:optimizer", "save:rng", "save:state",
-    "save:rename", "save:pointer", "save:export", "save:prune",
-)  # fmt: skip
 # Wall-clock fields: the only ones a resumed run may log differently.
 TIMING = frozenset({"elapsed", "tokens_per_s", "data_wait"})
 STATE_TIMING = frozenset({"elapsed"})
@@ -181,57 +180,36 @@ class Job:
     def __init__(self, argv: list[str], work: Path, procs: int, pause: str | None = None):
         self.phase_file, self.pids = work / "phase", work / "pids"
         self.phase_file.unlink(missing_ok=True)
-        self.pids.mkdir(exist_ok=True)
-        for p in self.pids.iterdir():
-            p.unlink()
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MINITURING_CACHE": str(work / "cache"),
-            "SOAK_PHASE": str(self.phase_file),
-            "SOAK_LOG": str(work / "phases.jsonl"),
-            "MINITURING_PID_DIR": str(self.pids),
-        }
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
-        if pause:
-            env["SOAK_PAUSE"] = f"{pause}:{PAUSE_S}"
+        shutil.rmtree(self.pids, ignore_errors=True)
+        self.pids.mkdir()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+        env.update(OMP_NUM_THREADS="1", MINITURING_CACHE=str(work / "cache"),
+                   SOAK_PHASE=str(self.phase_file), SOAK_LOG=str(work / "phases.jsonl"),
+                   MINITURING_PID_DIR=str(self.pids), **({"SOAK_PAUSE": f"{pause}:{PAUSE_S}"} if pause else {}))  # fmt: skip
         launcher = [sys.executable]
         if procs > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
         self.log = open(work / "job.log", "a")  # noqa: SIM115
         self.log.write(f"\n$ {' '.join(argv)}\n")
         self.log.flush()
-        self.proc = subprocess.Popen(
-            [*launcher, "-m", "bench.faults", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a kill reaches the launcher and every worker
-        )
+        # A session of its own: a kill reaches the launcher and every worker.
+        self.proc = subprocess.Popen([*launcher, "-m", "bench.faults", *argv], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
 
     def phase(self) -> str | None:
-        try:
-            return self.phase_file.read_text() or None
-        except OSError:
-            return None
+        return (self.phase_file.read_text() or None) if self.phase_file.is_file() else None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self, sig: int) -> None:
-        if sig == signal.SIGKILL:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
-        for pid_file in self.pids.glob("rank-*.pid"):  # each rank, as a scheduler would
-            try:
-                os.kill(int(pid_file.read_text()), sig)
-            except (ProcessLookupError, ValueError):
-                pass
+        """SIGKILL: the whole job; else each rank, as a scheduler would."""
+        group = [f"-{self.proc.pid}"]  # a negative pid: the process group
+        for pid in group if sig == signal.SIGKILL else [f.read_text() for f in self.pids.glob("rank-*.pid")]:  # fmt: skip
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), sig)
 
     def wait(self, timeout: float = 600) -> int:
         try:
@@ -320,22 +298,16 @@ def soak(args) -> int:
             phase, tmp = job.phase(), any((out / "checkpoints").glob(".step-*.tmp"))
             job.kill(sig)
             finished = job.wait() == 0  # a SIGTERM at the very end: the run completed
-            kills, terms, in_save_tmp = (
-                kills + 1,
-                terms + (sig == signal.SIGTERM),
-                in_save_tmp + tmp,
-            )
+            kills, terms, in_save_tmp = kills + 1, terms + (sig == signal.SIGTERM), in_save_tmp + tmp  # fmt: skip
             where = "startup" if phase is None else "save" if phase.startswith("save:") else phase
             landed[where] += 1
             sub_phases[phase] += where == "save"
         else:
-            rc = job.wait()
-            if rc != 0:
+            if (rc := job.wait()) != 0:
                 print(f"round {rounds}: an attempt failed by itself ({rc}); see {work / 'job.log'}")  # fmt: skip
                 return 2
             finished = True
-        problem = loadable(out)
-        if problem:
+        if problem := loadable(out):
             load_failures.append(f"round {rounds}, after kill {kills}: {problem}")
         if finished:
             found = compare_runs(reference, out)
@@ -359,11 +331,12 @@ def soak(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=100, help="kills in all (default: 100)")
-    parser.add_argument("--procs", type=int, choices=(1, 2), default=1, help="training processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
-    parser.add_argument("--steps", type=int, default=40, help="steps of the run (default: 40)")
-    parser.add_argument("--workdir", help="folder for the runs (default: a new temporary one)")
+    add = parser.add_argument
+    add("--kills", type=int, default=100, help="kills in all (default: 100)")
+    add("--procs", type=int, choices=(1, 2), default=1, help="training processes")
+    add("--seed", type=int, default=0, help="seed of the kill schedule")
+    add("--steps", type=int, default=40, help="steps of the run (default: 40)")
+    add("--workdir", help="folder for the runs (default: a new temporary one)")
     args = parser.parse_args(argv)
     if args.kills < 0 or args.steps < 2:
         parser.error("--kills must be >= 0 and --steps >= 2")

@@ -112,9 +112,10 @@ def test_summary_counts_real_tokens_after_warm_up(tmp_path, corpus_files, withou
 
 def test_our_side_is_train_py_with_the_benchmark_settings(tmp_path):
     import train
+    from model.config import PRESETS
 
     args = compare.build_parser().parse_args(TINY + ["--train-text", "a.txt"])
-    spec = {"shape": {**compare.SHAPES["tiny"], "seq_len": 32, "max_positions": 128},
+    spec = {"shape": {**PRESETS["tiny"](), "seq_len": 32, "max_positions": 128},
             "warmup": 2, "steps": 3, "lr_warmup": 1, "device": "cpu", "precision": "bf16",
             "tokenizer": "tok", "mask_rate": 0.15}  # fmt: skip
     flags = compare.ours_flags(args, spec, "mlm")
