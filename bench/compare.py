@@ -380,21 +380,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict) -> str:
-    """What was compared, above the table."""
+    """What was compared, above the table (docs/performance.md explains the columns)."""
     s, (mw, ms), (sw, ss) = spec["shape"], settings["steps"]["mlm"], settings["steps"]["seq2seq"]
     lines = [
-        f"device {settings['device']}, precision {settings['precision']}; {s['num_layers']} "
-        f"layers x {s['hidden_size']}, {s['num_heads']} heads, FFN {s['ffn_size']}, vocabulary "
-        f"{s['vocab_size']}, batch {args.batch_size}; data: {spec['data']}",
-        f"training: {args.train_rounds} runs a side (HF, ours, ours, HF); tokens/s = timed tokens "
-        "/ timed seconds of all runs, the steps after the warm-up; mlm: sequence "
-        f"{s['seq_len']}, {mw} + {ms} steps; seq2seq: source {args.source_len}, target "
-        f"{args.target_len}, {sw} + {ss} steps, tokens = [CLS] source [SEP] target (no padding)",
-        "model FLOP/s: nominal = the config's formula (6 x parameters + attention) x tokens/s, "
-        "the same per token for both; counted = FlopCounterMode over one real training step "
-        "of each side (what it computes: ours runs the output layer and last block only where "
-        "the loss reads), per real token",
-    ]
+        f"device {settings['device']}, precision {settings['precision']}; {s['num_layers']} layers x "
+        f"{s['hidden_size']}, {s['num_heads']} heads, FFN {s['ffn_size']}, vocabulary {s['vocab_size']}, "
+        f"batch {args.batch_size}; data: {spec['data']}",
+        f"{args.train_rounds} runs a side (HF, ours, ours, HF), tokens/s over the steps after the "
+        f"warm-up; mlm: sequence {s['seq_len']}, {mw} + {ms} steps; seq2seq: source "
+        f"{args.source_len}, target {args.target_len}, {sw} + {ss} steps",
+    ]  # fmt: skip
     for task in ("mlm_hf", "seq2seq_hf"):
         if ok(results.get(task)):
             t = results[task]["settings"]

@@ -66,9 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------- scores
-
-
 def lead(document: str, n: int) -> str:
     return " ".join(document.split()[:n])
 
@@ -94,8 +91,8 @@ def single_token(tokenizer, word: str) -> bool:
 
 
 def cloze_items(texts: list[str], fits, seed: int, limit: int | None = None) -> list:
-    """(text with one word replaced by [MASK], the word) for each text that has a candidate:
-    see the module's docstring. ``fits(word)``: the word is one token for every contestant."""
+    """(text with one word replaced by [MASK], the word) for each text that has a candidate (see
+    docs/performance.md). ``fits(word)``: the word is one token for every contestant."""
     items = []
     for i, text in enumerate(texts):
         spans = list(re.finditer(r"\S+", text))[:CONTEXT_WORDS]
@@ -115,9 +112,6 @@ def cloze_items(texts: list[str], fits, seed: int, limit: int | None = None) -> 
 
 def accuracy(predicted: list[str], words: list[str]) -> float:
     return 100 * sum(p == w for p, w in zip(predicted, words, strict=True)) / max(len(words), 1)
-
-
-# ---------------------------------------------------------------------------- contestants
 
 
 def load_data(args: argparse.Namespace):
@@ -142,19 +136,15 @@ def our_flags(args: argparse.Namespace, seconds: float) -> list[str]:
     return [*flags, *shlex.split(args.ours_flags)]
 
 
-def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
-    """train.py as a user runs it, in its own process; its output echoed as progress."""
-    s = run_train(our_flags(args, budget), work / "ours", echo="  ours")
-    return {"run": str(work / "ours"), "steps": s["steps"],
-            "train_seconds": s["elapsed"] - s["data_seconds"],
-            "prep_seconds": s["data_seconds"], "total_seconds": s["wall_s"],
-            "command": s["command"]}  # fmt: skip
-
-
 def run_ours(args, seconds, work, test_pairs) -> tuple[dict, object]:
+    """train.py as a user runs it, in its own process, its output echoed as progress; then
+    ``model.load`` of its run summarizes the test documents."""
     import model
 
-    info = train_ours(args, seconds, work)
+    s = run_train(our_flags(args, seconds), work / "ours", echo="  ours")
+    info = {"run": str(work / "ours"), "steps": s["steps"],
+            "train_seconds": s["elapsed"] - s["data_seconds"], "prep_seconds": s["data_seconds"],
+            "total_seconds": s["wall_s"], "command": s["command"]}  # fmt: skip
     lm = model.load(info["run"])
     info["params"] = sum(p.numel() for p in lm.model.parameters())
     if test_pairs:
@@ -231,9 +221,6 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         )  # fmt: skip
         results["bert"] = {**info, "model": bert}
     return results
-
-
-# ---------------------------------------------------------------------------- the table
 
 
 def machine() -> str:
@@ -327,25 +314,18 @@ def main(argv: list[str] | None = None) -> int:
                 row = next(r for r in rows if r["name"].startswith({"ours": "ours", "bert": "HF BERT"}[key]))  # fmt: skip
                 row["cloze"] = accuracy(predict([t for t, _ in items]), [w for _, w in items])
         reg = hf_regularisation(args)
-        notes = [
-            f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} "
-            f"heads, FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block "
-            f"{shape['seq_len']}: ours and BERT; BART the same width with the layers split "
-            "between encoder and decoder (its decoder layers add cross-attention)",
-            f"test: {len(test_pairs)} held-out pairs; cloze: {cloze_n} held-out texts "
-            f"(first {CONTEXT_WORDS} words, one single-token letters-only word masked, top-1 "
-            "exact match); ROUGE F x100 (rouge_score, stemmer), beam 4, no repeated trigram, at "
-            f"most {args.max_new_tokens} new tokens",
-            f"budget {seconds:g}s of preparation and training on each side (HF's loop gets the "
-            "budget less its tokenizer training and tokenization); ours trains one model on every objective in it, HF one model per task, each "
-            f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
-            "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout "
-            f"{reg['dropout']:g}, attention dropout {reg['attention_dropout']:g}, BART label "
-            f"smoothing {reg['label_smoothing']:g}, batch {args.batch_size}); BERT token-level masking, ours whole-word (its default)",
-            "in all: ours the whole train.py process (start-up, data prep, training, its final "
-            "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
-            "set not counted",
-        ]
+        notes = [  # what docs/performance.md explains at length ("How the race counts")
+            f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} heads, "
+            f"FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block {shape['seq_len']}: "
+            "ours and BERT; BART the same width, its layers split between encoder and decoder",
+            f"test: {len(test_pairs)} held-out pairs, ROUGE F x100 (rouge_score, stemmer), beam 4, no "
+            f"repeated trigram, at most {args.max_new_tokens} new tokens; cloze: {cloze_n} held-out "
+            f"texts (first {CONTEXT_WORDS} words, one single-token word masked, top-1 exact match)",
+            f"budget {seconds:g}s of preparation and training on each side, test decoding not counted; "
+            f"BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g}, train.py's schedule, HF AdamW "
+            f"defaults, dropout {reg['dropout']:g}, attention dropout {reg['attention_dropout']:g}, "
+            f"BART label smoothing {reg['label_smoothing']:g}, batch {args.batch_size}",
+        ]  # fmt: skip
         dropped = ("model", "summaries") + (("run",) if args.workdir is None else ())
         rows_out = [{k: v for k, v in r.items() if k not in dropped} for r in rows]
         if args.json:
