@@ -4,10 +4,8 @@
     python -m bench.compare --parts mlm --steps 40 --json bench.json
     python -m bench.compare --device cuda --preset base       # GPU: BERT-base shape, sequence 512
 
-Ours is ``python train.py``, read back from its summary.json; the HF side (``bench/sides.py``,
-a process each) trains on data prepared from the same files by our ``data`` package. Parts:
-``mlm`` (BertForMaskedLM + Trainer), ``seq2seq`` (BART + Trainer) and ``ceiling`` (the best
-matmul FLOP/s); sides run HF, ours, ours, HF. docs/performance.md explains each column.
+Parts ``mlm`` (BertForMaskedLM + Trainer) and ``seq2seq`` (BART + Trainer); ours is ``train.py``,
+the HF side ``bench/hf.py``, each on the same data; docs/performance.md explains the columns.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from pathlib import Path
 from bench.common import Failed, run, run_train, table
 from model.config import SHAPE_FIELDS, resolve_shape
 
-PARTS = ("mlm", "seq2seq", "ceiling")
+PARTS = ("mlm", "seq2seq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train-text", nargs="+", default=[], help="as train.py's (default: embedded corpus)")
     add("--train-pairs", nargs="+", default=[], help="as train.py's")
     add("--corpus-max-chars", type=int, default=None)
-    add("--matmul-size", type=int, default=None, help="square ceiling product (CPU 2048, GPU 8192)")
     add("--timeout", type=float, default=900, help="seconds per process")
     add("--json", default=None, metavar="PATH", help="write all results here")
     add("--keep", action="store_true", help="keep the temporary folder")
@@ -69,8 +66,6 @@ def resolve(args: argparse.Namespace) -> dict:
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not parts or set(parts) - set(PARTS):
         raise SystemExit(f"error: --parts: unknown {parts}; choose from {', '.join(PARTS)}")
-    if {"mlm", "seq2seq"} & set(parts) and "ceiling" not in parts:
-        parts.append("ceiling")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     gpu = device.startswith("cuda")
@@ -167,7 +162,7 @@ def side(task: str, spec: dict, tmp: Path, timeout: float) -> dict:
     spec_file, result = tmp / f"{name}.json", tmp / f"{name}.result"
     spec_file.write_text(json.dumps(spec))
     try:
-        run([sys.executable, "-m", "bench.sides", task, str(spec_file), str(result)],
+        run([sys.executable, "-m", "bench.hf", task, str(spec_file), str(result)],
             tmp / f"{name}.log", timeout=timeout)  # fmt: skip
     except Failed as err:
         return {"error": err.why}
@@ -196,6 +191,8 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
 
 def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
     """``python train.py`` in a fresh folder; the timed window of its summary.json."""
+    from model.config import MiniTuringConfig
+
     out = tmp / f"ours-{part}-{len(list(tmp.glob(f'ours-{part}-*.log')))}"
     try:
         s = run_train(ours_flags(args, spec, part), out, timeout=args.timeout)
@@ -205,8 +202,8 @@ def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
         "seconds": s["timed_seconds"],
         "tokens": s["timed_tokens"] if part == "mlm" else s["timed_real_tokens"],
         "padding_share": s["padding_share"], "data_wait": s["data_wait"],
-        "peak_mem_mib": s["peak_memory_mb"], "nominal_flops_per_token": s["flops_per_token"],
-        "precision": s["precision"], "run": str(out), "command": s["command"],
+        "peak_mem_mib": s["peak_memory_mb"], "precision": s["precision"], "run": str(out),
+        "command": s["command"], "params": MiniTuringConfig.from_pretrained(out).num_parameters(),
     }  # fmt: skip
 
 
@@ -235,66 +232,22 @@ def abba(part: str, rounds: int) -> list[str]:
 
 
 def tasks_for(parts: list[str], train_rounds: int = 1) -> list[str]:
-    order = ["ceiling"] if "ceiling" in parts else []
-    if "mlm" in parts:  # the ceiling again after masked LM: the better reading counts
-        order += abba("mlm", train_rounds) + ["ceiling"] * ("ceiling" in parts)
-    if "seq2seq" in parts:
-        order += abba("seq2seq", train_rounds)
-    return order
-
-
-def ceiling_shapes(spec: dict, size: int) -> dict:
-    """(batch, m, k, n) matrix products: a square one and those of a masked-LM step."""
-    s, b = spec["shape"], spec["batch_size"]
-    t, d, f, h = s["seq_len"], s["hidden_size"], s["ffn_size"], s["num_heads"]
-    rows, heads, dh = b * t, b * h, d // h
-    rows2 = b * (spec["source_len"] + spec["target_len"])  # a summarization batch at its longest
-    labelled = -(-int(0.15 * rows) // 64) * 64  # the output layer's rows, as ours pads them
-    return {
-        f"square {size}^2": (1, size, size, size),
-        f"ffn up {rows}x{d} @ {d}x{f}": (1, rows, d, f),
-        f"ffn down {rows}x{f} @ {f}x{d}": (1, rows, f, d),
-        f"qkv {rows}x{d} @ {d}x{3 * d}": (1, rows, d, 3 * d),
-        f"scores {heads} x {t}x{dh} @ {dh}x{t}": (heads, t, dh, t),
-        f"values {heads} x {t}x{t} @ {t}x{dh}": (heads, t, t, dh),
-        f"output {labelled}x{d} @ {d}x{s['vocab_size']}": (1, labelled, d, s["vocab_size"]),
-        f"seq2seq ffn up {rows2}x{d} @ {d}x{f}": (1, rows2, d, f),
-    }
-
-
-def task_specs(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> dict:
-    size = args.matmul_size or (8192 if settings["gpu"] else 2048)
-    specs = {"ceiling": {**spec, "ceiling": ceiling_shapes(spec, size)}}
-    for part in ("mlm", "seq2seq"):
-        warmup, steps = settings["steps"][part]
-        specs[part] = {
-            **spec, "warmup": warmup, "steps": steps, "lr_warmup": max((warmup + steps) // 10, 1),
-            "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"),
-            "dataset": str(tmp / f"{part}-data"),
-        }  # fmt: skip
-    return specs
+    return [task for part in PARTS if part in parts for task in abba(part, train_rounds)]
 
 
 def run_all(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> dict:
-    specs, results = task_specs(args, settings, spec, tmp), {}
+    results = {}
     for task in tasks_for(settings["parts"], args.train_rounds):
         part, _, who = task.partition("_")
         print(f"  {task}", flush=True)
+        warmup, steps = settings["steps"][part]
+        specs = {**spec, "warmup": warmup, "steps": steps, "lr_warmup": max((warmup + steps) // 10, 1),
+                 "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"), "dataset": str(tmp / f"{part}-data")}  # fmt: skip
         if who == "ours":
-            result = ours(args, specs[part], part, tmp)
-            if "error" not in result and f"{part}_count" not in results:
-                objective = "masked_lm" if part == "mlm" else "summarize"
-                count = {**spec, "run": result["run"], "objective": objective}
-                results[f"{part}_count"] = side("count_ours", count, tmp, args.timeout)
+            result = ours(args, specs, part, tmp)
         else:
-            result = side(task, specs[part], tmp, args.timeout)
-        if part == "ceiling" and "error" not in result:
-            readings = results.get(task, {}).get("readings", []) + [result["flops_per_s"]]
-            earlier = results[task] if ok(results.get(task)) else result
-            best = max(earlier, result, key=lambda r: r["flops_per_s"])
-            results[task] = {**best, "readings": readings}
-        else:
-            results[task] = pool(results.get(task), result)
+            result = side(task, specs, tmp, args.timeout)
+        results[task] = pool(results.get(task), result)
     return results
 
 
@@ -305,8 +258,6 @@ def ok(result: dict | None) -> bool:
 def build_rows(spec: dict, results: dict) -> list[dict]:
     """One row per measurement; every ratio computed here from the measured numbers."""
     rows: list[dict] = []
-    ceiling = results.get("ceiling")
-    peak = ceiling["flops_per_s"] if ok(ceiling) else None
     enc, dec = spec["bart_layers"]
     names = {"mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
              "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize")}  # fmt: skip
@@ -315,7 +266,6 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
         sides = {"HF": results.get(f"{part}_hf"), "ours": results.get(f"{part}_ours")}
         if sides == {"HF": None, "ours": None}:
             continue
-        count = results.get(f"{part}_count", {})
         speed = {k: r["tokens"] / r["seconds"] if ok(r) else None for k, r in sides.items()}
         for (key, r), name in zip(sides.items(), (hf_name, ours_name), strict=True):
             row = {"part": part, "contestant": name, "value": speed[key], "unit": "tokens/s"}
@@ -323,57 +273,23 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
             if not ok(r):
                 row["error"] = (r or {}).get("error", "not run")
             elif key == "ours":
-                row["params"] = count.get("params")
                 row["ratio"] = speed["ours"] / speed["HF"] if speed["HF"] else None
             rows.append(row)
-        # Nominal: the config's formula, one number for both sides (masked LM: one shape).
-        mine = sides["ours"]
-        nominal = mine.get("nominal_flops_per_token") if part == "mlm" and ok(mine) else None
-        for key, r in sides.items():
-            counted = (r if key == "HF" else count).get("counted_flops_per_token")
-            if not (ok(r) and peak and counted):
-                continue
-            per_token = nominal or counted
-            rows.append({
-                "part": part, "contestant": f"{key} model FLOP/s", "unit": "FLOP/s",
-                "value": per_token * speed[key], "fraction_of_ceiling": per_token * speed[key] / peak,
-                "nominal_flops_per_token": nominal, "counted_flops_per_token": counted,
-                "counted_fraction": counted * speed[key] / peak,
-            })  # fmt: skip
-    if ceiling is not None:
-        shown = f"best of {len(ceiling.get('shapes', []))} matmuls, {ceiling.get('dtype', '')}"
-        rows.append({"part": "ceiling", "contestant": shown, "value": peak, "unit": "FLOP/s",
-                     "note": ceiling.get("shape"), "error": ceiling.get("error")})  # fmt: skip
     return rows
-
-
-def format_value(r: dict) -> str:
-    if (v := r["value"]) is None:
-        return "FAILED" if r.get("error") else "-"
-    if r["unit"] == "tokens/s":
-        return f"{v:,.0f} tok/s"
-    return f"{v / 1e12:.3f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.2f} GFLOP/s"
 
 
 def format_table(rows: list[dict]) -> str:
     header = ("part", "contestant", "speed", "ours vs HF", "peak mem", "data wait", "note")
     lines = []
     for r in rows:
-        note = [r["note"]] if r.get("note") else []
-        if r.get("params"):
-            note.append(f"{r['params'] / 1e6:.2f}M params")
+        note = [f"{r['params'] / 1e6:.2f}M params"] if r.get("params") else []
         if r.get("padding_share") is not None and r["part"] == "seq2seq":
             note.append(f"{100 * r['padding_share']:.0f}% padding")
         if r.get("runs"):
             note.append("runs " + " / ".join(f"{x:,.0f}" for x in r["runs"]))
-        if r.get("nominal_flops_per_token"):
-            note.append(f"nominal {100 * r['fraction_of_ceiling']:.1f}% of ceiling "
-                        f"({r['nominal_flops_per_token'] / 1e6:.1f} MFLOP/token)")  # fmt: skip
-        if r.get("counted_flops_per_token"):
-            note.append(f"counted {100 * r['counted_fraction']:.1f}% "
-                        f"({r['counted_flops_per_token'] / 1e6:.1f} MFLOP/token)")  # fmt: skip
-        mem, wait, ratio = r.get("peak_mem_mib"), r.get("data_wait"), r.get("ratio")
-        lines.append((r["part"], r["contestant"], format_value(r), f"{ratio:.2f}x" if ratio else "",
+        v, mem, wait, ratio = r["value"], r.get("peak_mem_mib"), r.get("data_wait"), r.get("ratio")
+        speed = ("FAILED" if r.get("error") else "-") if v is None else f"{v:,.0f} tok/s"
+        lines.append((r["part"], r["contestant"], speed, f"{ratio:.2f}x" if ratio else "",
                       f"{mem:,.0f} MiB" if mem else "", f"{100 * wait:.1f}%" if wait is not None else "",
                       ", ".join(note)))  # fmt: skip
     return table([header, *lines], rule=True)

@@ -7,9 +7,8 @@ data wait with and without the prefetching thread.
     python -m bench.data_scale --sizes 100 1000 --streaming   # and --streaming on 1 GB
     python -m bench.data_scale --prefetch --streaming         # --prefetch 0 against 2, 10 MB
 
-Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process, on the
-embedded corpus's documents repeated to the size (under ``--workdir``); see
-docs/performance.md for what each column means.
+Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process; see
+docs/performance.md for the corpus and what each column means.
 """
 
 from __future__ import annotations
@@ -60,8 +59,7 @@ _PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
 
 
 def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str], env=None) -> dict:
-    """Train on ``corpus`` in a child process (``env``: more environment variables); what
-    it measured."""
+    """Train on ``corpus`` in a child process (``env``: more environment variables)."""
     flags = ["--train-text", str(corpus), "--objectives", "masked_lm=1", "--max-steps", str(steps)]
     try:
         s = run_train([*flags, *extra], out, env={**(env or {}), "MINITURING_CACHE": str(cache)})
@@ -69,20 +67,11 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
         raise SystemExit(f"{' '.join(flags)} failed: {err}") from None
     prepared = _PREPARED.search(Path(out.parent / f"{out.name}.log").read_text())
     logged = [m for m in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in m]
-    return {
-        "wall_s": s["wall_s"],
-        "prepare_s": float(prepared.group(1)) if prepared else None,
-        "peak_rss_mib": s["peak_rss_mib"],
-        "first_step_s": s["first_step_seconds"],
-        "tokens_per_s": logged[-1]["tokens_per_s"] if logged else None,
-        # Over the steps after the first log window (summary.json), not the last window:
-        "data_wait": s["data_wait"],
-        "timed_tokens_per_s": s["tokens_per_s"],
-    }
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return {"wall_s": s["wall_s"], "prepare_s": float(prepared.group(1)) if prepared else None,
+            "peak_rss_mib": s["peak_rss_mib"], "first_step_s": s["first_step_seconds"],
+            "tokens_per_s": logged[-1]["tokens_per_s"] if logged else None,
+            # Over the steps after the first log window (summary.json), not the last window:
+            "data_wait": s["data_wait"], "timed_tokens_per_s": s["tokens_per_s"]}  # fmt: skip
 
 
 def race_prefetch(args: argparse.Namespace) -> list[dict]:
@@ -122,8 +111,7 @@ def scale(args: argparse.Namespace) -> list[dict]:
                 continue
             out = args.workdir / f"run-{size}mb-{kind}"
             result = run_child(corpus, out, cache, args.steps, args.extra)
-            row = {"size_mb": size, "cache": kind, **result}
-            rows.append(row)
+            rows.append(row := {"size_mb": size, "cache": kind, **result})
             print(json.dumps(row), flush=True)
     if args.streaming:
         size = max(args.sizes)
@@ -134,16 +122,13 @@ def scale(args: argparse.Namespace) -> list[dict]:
         result = run_child(corpus, out, cache, args.steps, [*args.extra, "--streaming"])
         rows.append(row := {"size_mb": size, "cache": "streaming", **result})
         print(json.dumps(row), flush=True)
-    print(
-        "\n| corpus | cache | prepared (s) | peak RSS (MiB) | first step (s) | tokens/s | wall (s) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("\n| corpus | cache | prepared (s) | peak RSS (MiB) | first step (s) | tokens/s | wall (s) |"
+          "\n|---|---|---|---|---|---|---|")  # fmt: skip
+    cells = (("prepare_s", ".0f"), ("peak_rss_mib", ".0f"), ("first_step_s", ".1f"),
+             ("tokens_per_s", ".0f"), ("wall_s", ".0f"))  # fmt: skip
     for r in rows:
-        print(
-            f"| {r['size_mb']} MB | {r['cache']} | {_fmt(r['prepare_s'], '.0f')} | "
-            f"{r['peak_rss_mib']:.0f} | {_fmt(r['first_step_s'], '.1f')} | "
-            f"{_fmt(r['tokens_per_s'], '.0f')} | {r['wall_s']:.0f} |"
-        )
+        shown = ["-" if r[k] is None else format(r[k], f) for k, f in cells]
+        print(f"| {r['size_mb']} MB | {r['cache']} | " + " | ".join(shown) + " |")
     return rows
 
 

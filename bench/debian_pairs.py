@@ -5,9 +5,8 @@ description (``/var/lib/dpkg/status``) as the document, its one-line synopsis as
     python -m bench.quality --minutes 10 --skip-mlm --pairs debian/train.jsonl \\
         --test-pairs debian/test.jsonl --text debian/corpus.jsonl
 
-For a generality check measured once, never for choosing a recipe. A fifth of the packages
-are held out as train.py holds out its split (``data.corpus.held_out_document``), so
-near-duplicates (a library and its -dev package sharing a description) fall on one side.
+A fifth of the packages are held out as train.py holds out its split, so near-duplicates (a
+library and its -dev package) fall on one side. For a generality check, never for a recipe.
 """
 
 from __future__ import annotations

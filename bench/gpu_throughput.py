@@ -7,9 +7,8 @@ closing table of ``bench/gpu_check.sh``.
     python -m bench.gpu_throughput --tiny --device cpu  # a seconds-long smoke run of this script
     python -m bench.gpu_throughput --report OUT_DIR     # the table of OUT_DIR/parts.tsv, *.json
 
-Tokens/s and model FLOP/s come from the run's summary.json; MFU divides them by the data
-sheet's dense bf16 peak of the GPUs used (else a measured matmul). The report needs only the
-standard library, so the table prints even where torch is broken.
+MFU: the model FLOP/s of the run's summary.json over the data sheet's dense bf16 peak of the
+GPUs used (else a measured matmul). The report needs only the standard library.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendor's data sheets, per GPU. The
@@ -32,15 +32,20 @@ def peak_flops(device, precision: str) -> tuple[float, str]:
     a large square matmul."""
     import torch
 
-    from bench.sides import ceiling
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     for key, flops in PEAK_BF16_FLOPS if precision == "bf16" else ():
         if key in name:
             return flops, f"data sheet ({key})"
-    n = 8192 if device.type == "cuda" else 512
-    square = {"device": str(device), "precision": precision, "ceiling": {"": (1, n, n, n)}}
-    return ceiling(square)["flops_per_s"], "measured matmul"
+    n, iters = (8192 if device.type == "cuda" else 512), 20
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for warm in (True, False):
+        start = time.perf_counter()
+        for _ in range(3 if warm else iters):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start), "measured matmul"
 
 
 def train_flags(args: argparse.Namespace, run_dir: Path) -> list[str]:

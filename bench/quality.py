@@ -5,9 +5,8 @@ on the same data, on this machine, for the same time.
     python -m bench.quality --minutes 2 --test-limit 40 --json quality.json
     python -m bench.quality --pairs train.jsonl --test-pairs test.jsonl --text docs.txt
 
-Ours is ``train.py --time-budget``; HF BART and BERT are ``bench/quality_hf.py``; the lead and
-oracle baselines and the cloze test are here. docs/performance.md says what each side's budget
-covers and how the cloze words are chosen.
+Ours is ``train.py --time-budget``, HF BART and BERT ``bench/hf.py``; docs/performance.md
+("How the race counts") says what each budget covers and how the cloze words are chosen.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import quality_hf
+from bench import hf
 from bench.common import run_train
 from trainer.evaluate import rouge, rouge_scores
 
@@ -181,7 +180,7 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     # The HF side takes plain lists, as a script written for it would (our tables are
     # memory-mapped and read batch by batch).
     texts, pairs = list(raw.train_texts), [tuple(p) for p in raw.train_pairs]
-    tokenizer = quality_hf.train_tokenizer(texts + [d for d, _ in pairs], shape["vocab_size"])
+    tokenizer = hf.train_tokenizer(texts + [d for d, _ in pairs], shape["vocab_size"])
     tok_seconds = time.perf_counter() - start
     print(f"[quality] HF tokenizer: {len(tokenizer)} entries in {tok_seconds:.0f}s", flush=True)
 
@@ -190,7 +189,7 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         start = time.perf_counter()
         data = make_data()
         prep = tok_seconds + time.perf_counter() - start
-        model = quality_hf.build(kind, shape, tokenizer, args.seed, reg["dropout"], reg["attention_dropout"])  # fmt: skip
+        model = hf.build(kind, shape, tokenizer, args.seed, reg["dropout"], reg["attention_dropout"])  # fmt: skip
         print(f"[quality] {name}: {model.num_parameters() / 1e6:.2f}M params, {len(data)} {what}, "
               f"lr {lr:g}, {seconds:g}s", flush=True)  # fmt: skip
         info = train(model, data, tokenizer, max(seconds - prep, 1.0), lr, args.seed, args.batch_size, **kw)  # fmt: skip
@@ -200,13 +199,13 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     results: dict = {"tokenizer": tokenizer}
     if pairs:
         bart, info = contest(
-            "bart", f"BART {quality_hf.bart_layers(shape['num_layers'])}",
-            lambda: quality_hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len),
-            "pairs", quality_hf.train_bart, args.bart_lr, label_smoothing=reg["label_smoothing"],
+            "bart", f"BART {hf.bart_layers(shape['num_layers'])}",
+            lambda: hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len),
+            "pairs", hf.train_bart, args.bart_lr, label_smoothing=reg["label_smoothing"],
         )  # fmt: skip
         if test_pairs:
             print(f"[quality] BART: summarizing {len(test_pairs)} test documents", flush=True)
-            summaries = quality_hf.bart_summarize(
+            summaries = hf.bart_summarize(
                 bart, tokenizer, [d for d, _ in test_pairs], num_beams=4,
                 max_new_tokens=args.max_new_tokens, source_len=cfg.source_len,
                 no_repeat_ngram_size=3,
@@ -216,8 +215,8 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         del bart
     if raw.train_texts and not args.skip_mlm:
         bert, info = contest(
-            "bert", "BERT", lambda: quality_hf.mlm_blocks(texts, tokenizer, shape["seq_len"]),
-            f"blocks of {shape['seq_len']}", quality_hf.train_bert, args.bert_lr,
+            "bert", "BERT", lambda: hf.mlm_blocks(texts, tokenizer, shape["seq_len"]),
+            f"blocks of {shape['seq_len']}", hf.train_bert, args.bert_lr,
         )  # fmt: skip
         results["bert"] = {**info, "model": bert}
     return results
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         for name, predictions in baselines(test_pairs).items() if test_pairs else ():
             rows.append({"name": name, **rouge(predictions, [s for _, s in test_pairs])})
-        lm = ours = hf = None
+        lm = ours = theirs = None
         if not args.skip_ours:
             print(f"[quality] ours: train.py for {seconds:g}s of training", flush=True)
             try:
@@ -287,19 +286,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": "ours train.py", "error": f"{type(err).__name__}: {err}"})
         if not args.skip_hf:
             try:
-                hf = run_hf(args, seconds, raw, cfg, shape, test_pairs)
+                theirs = run_hf(args, seconds, raw, cfg, shape, test_pairs)
             except Exception as err:
                 rows.append({"name": "HF", "error": f"{type(err).__name__}: {err}"})
         for key, label in (("bart", "HF BART {}M + Seq2SeqTrainer"), ("bert", "HF BERT {}M + Trainer")):  # fmt: skip
-            if hf and key in hf:
-                rows.append({"name": label.format(f"{hf[key]['params'] / 1e6:.2f}"), **hf[key]})
+            if theirs and key in theirs:
+                rows.append(
+                    {"name": label.format(f"{theirs[key]['params'] / 1e6:.2f}"), **theirs[key]}
+                )
         # The cloze test, over words that are one token for every model that takes it.
         fill = {}
         if lm is not None and raw.train_texts and not args.skip_mlm:
             fill["ours"] = (lm.tokenizer, lambda texts: our_fill(lm, texts))
-        if hf and "bert" in hf:
-            tok, bert = hf["tokenizer"], hf["bert"]["model"]
-            fill["bert"] = (tok, lambda texts: quality_hf.bert_fill(
+        if theirs and "bert" in theirs:
+            tok, bert = theirs["tokenizer"], theirs["bert"]["model"]
+            fill["bert"] = (tok, lambda texts: hf.bert_fill(
                 bert, tok, [t.replace(MASK, tok.mask_token) for t in texts]))  # fmt: skip
         cloze_n = 0
         if fill and raw.eval_texts:

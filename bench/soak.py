@@ -3,8 +3,7 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
 
     python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40]
 
-Kills are aimed with the phases ``bench/faults.py`` announces; each finished round is compared
-bitwise with an uninterrupted reference (``compare_runs``); exit status 1 on a divergence.
+Kills are aimed at the phases ``bench/faults.py`` announces; exit status 1 on a divergence.
 """
 
 from __future__ import annotations
@@ -64,8 +63,7 @@ def _same_tensors(a: dict, b: dict, what: str, tol: float | None) -> list[str]:
 
 
 def _split(obj, prefix: str = "", tensors: dict | None = None):
-    """A nested structure (an optimizer state dict) without its tensors, and its tensors by
-    path."""
+    """A nested structure (an optimizer state dict) without its tensors, and its tensors."""
     import torch
 
     tensors = {} if tensors is None else tensors
@@ -80,9 +78,8 @@ def _split(obj, prefix: str = "", tensors: dict | None = None):
 
 
 def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[str]:
-    """What differs between two finished run folders; empty when they are the same run.
-
-    ``tol=None``: tensors bitwise equal; otherwise equal to ``tol`` (absolute)."""
+    """What differs between two finished run folders; empty when they are the same run (tensors
+    bitwise equal, or with ``tol``, equal to that absolute tolerance)."""
     import torch
     from safetensors.torch import load_file
 
@@ -98,20 +95,21 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
             keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
             problems.append(f"metrics.jsonl line {n} (step {x.get('step')}): {keys} differ")
             break
+
+    def same_weights(name: str, a: Path, b: Path) -> list[str]:
+        return _same_tensors(load_file(str(a / name)), load_file(str(b / name)), name, tol)
+
     if not (run / "model.safetensors").is_file():
         problems.append("model.safetensors is missing")
     else:
-        problems += _same_tensors(load_file(str(reference / "model.safetensors")),
-                                  load_file(str(run / "model.safetensors")), "model.safetensors", tol)  # fmt: skip
+        problems += same_weights("model.safetensors", reference, run)
     pointer_a = (reference / "checkpoints" / "latest").read_text().strip()
     pointer_b = run / "checkpoints" / "latest"
     if not pointer_b.is_file() or pointer_b.read_text().strip() != pointer_a:
         problems.append(f"checkpoints/latest does not name {pointer_a}")
     else:
         ca, cb = reference / "checkpoints" / pointer_a, run / "checkpoints" / pointer_a
-        problems += _same_tensors(load_file(str(ca / "model.safetensors")),
-                                  load_file(str(cb / "model.safetensors")),
-                                  f"checkpoints/{pointer_a}/model.safetensors", tol)  # fmt: skip
+        problems += same_weights(f"checkpoints/{pointer_a}/model.safetensors", reference, run)
         (oa, ta), (ob, tb) = (_split(torch.load(c / "optimizer.pt", weights_only=True))
                               for c in (ca, cb))  # fmt: skip
         problems += _same_tensors(ta, tb, f"checkpoints/{pointer_a}/optimizer.pt", tol)

@@ -1,22 +1,86 @@
-"""The Hugging Face contestants of ``bench/quality.py``: a byte-level BPE tokenizer, BART
-(``Seq2SeqTrainer``) and BERT (``Trainer`` + ``DataCollatorForLanguageModeling``) trained from
-scratch for a wall-clock budget with ``train.py``'s schedule, HF's AdamW defaults and our
-regularisation; then beam-search summaries and top-1 mask fills.
+"""The Hugging Face contestants, BART and BERT at our shape, built once for both races:
+``bench/compare.py`` runs each of its HF sides in a process of its own (its own peak memory),
+
+    python -m bench.hf {mlm_hf,seq2seq_hf} SPEC.json RESULT.json
+
+and ``bench/quality.py`` trains them from scratch for a wall-clock budget with ``train.py``'s
+schedule, HF's AdamW defaults and our regularisation, with a byte-level BPE tokenizer of their
+own; then beam-search summaries and top-1 mask fills.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import grouped_by_length, hf_model, hf_trainer
 from model.constants import IGNORE_INDEX
 from trainer.config import OptimConfig
+from trainer.metrics import peak_memory_mb
 from trainer.optim import lr_at
 from trainer.schedule import FIRST_PLAN_AT, REPLAN_EVERY
+
+
+def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=0.0,
+             attention_dropout=0.0):  # fmt: skip
+    """Hugging Face's ``BertForMaskedLM`` (``kind`` "bert") at exactly our shape, or
+    ``BartForConditionalGeneration`` ("bart") at our width, heads and FFN with ``layers``
+    (encoder, decoder): its decoder layers add cross-attention, so it has somewhat more
+    parameters than ours. Randomly initialised from ``seed``, sdpa attention. ``ids``: the
+    vocabulary size and the pad, bos and eos ids; ``shape``: our config's names."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM
+
+    s, common = shape, {"vocab_size": ids["vocab"], "pad_token_id": ids["pad"]}
+    if kind == "bert":
+        config = BertConfig(
+            **common, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
+            num_attention_heads=s["num_heads"], intermediate_size=s["ffn_size"],
+            max_position_embeddings=s["max_positions"], hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+        )  # fmt: skip
+    else:
+        config = BartConfig(
+            **common, d_model=s["hidden_size"], encoder_layers=layers[0], decoder_layers=layers[1],
+            encoder_attention_heads=s["num_heads"], decoder_attention_heads=s["num_heads"],
+            encoder_ffn_dim=s["ffn_size"], decoder_ffn_dim=s["ffn_size"],
+            max_position_embeddings=s["max_positions"], dropout=dropout,
+            attention_dropout=attention_dropout, activation_dropout=0.0, bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"], decoder_start_token_id=ids["bos"], forced_bos_token_id=None,
+            forced_eos_token_id=None,
+        )  # fmt: skip
+    import torch
+
+    torch.manual_seed(seed)
+    cls = BertForMaskedLM if kind == "bert" else BartForConditionalGeneration
+    return cls._from_config(config, attn_implementation="sdpa")
+
+
+def hf_trainer(model, data, collator, out, callbacks, seq2seq: bool = False, **settings):
+    """HF's ``Trainer`` (``Seq2SeqTrainer`` with ``seq2seq``) for ``model`` on ``data``, writing
+    to ``out``, never evaluating, saving or reporting; ``settings``: the TrainingArguments."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+    arguments, trainer = (Seq2SeqTrainingArguments, Seq2SeqTrainer) if seq2seq else (TrainingArguments, Trainer)  # fmt: skip
+    args = arguments(output_dir=str(out), eval_strategy="no", save_strategy="no",
+                     report_to="none", disable_tqdm=True, **settings)  # fmt: skip
+    return trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                   callbacks=callbacks)  # fmt: skip
+
+
+def grouped_by_length() -> dict:
+    """The TrainingArguments of HF's length-grouped sampler (ours buckets pairs by length);
+    transformers < 5 names it ``group_by_length``."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 
@@ -197,3 +261,94 @@ def bert_fill(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[
         best = logits[rows, cols].argmax(-1).tolist()
         out += [tokenizer.decode([t]).strip() for t in best]
     return out
+
+
+# ---------------------------------------------------------------------------- bench/compare.py's side
+
+
+KINDS = {"mlm_hf": "bert", "seq2seq_hf": "bart"}
+
+
+def train_hf(spec: dict, kind: str) -> dict:
+    """HF's BERT ("bert": packed blocks, every position a token) or BART ("bart": our framed
+    pairs, length-grouped) at the benchmark's shape, without dropout as ours trains by default,
+    trained with HF's Trainer on the data compare.py prepared; timed from the end of the warm-up
+    steps to the end of the last step, its tokens counted as ours counts its own."""
+    from datasets import load_from_disk
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
+        TrainerCallback,
+    )
+
+    from model.tokenizer import load_tokenizer
+
+    tokenizer, ids = load_tokenizer(spec["tokenizer"]), spec["ids"]
+    ids = {"vocab": spec["shape"]["vocab_size"], "pad": ids["pad"], "bos": ids["cls"], "eos": ids["sep"]}  # fmt: skip
+    model = hf_model(kind, spec["shape"], ids, spec["seed"], layers=spec["bart_layers"])
+    if kind == "bert":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=spec["mask_rate"])
+        count, extra = (lambda kw: (kw["input_ids"].numel(),) * 2), {}
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
+        count, extra = seq2seq_tokens, grouped_by_length()
+    warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
+    marks, counts, autocast = {}, [], {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, total):
+                if spec["device"].startswith("cuda"):
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
+    def note_autocast(module, args):
+        autocast.setdefault("seen", torch.is_autocast_enabled(torch.device(spec["device"]).type))
+
+    model.register_forward_pre_hook(lambda module, args, kw: counts.append(count(kw)), with_kwargs=True)  # fmt: skip
+    # On a layer inside: accelerate enters autocast within the forward, after the model's hooks.
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(
+        note_autocast
+    )
+    # Matched to train.py's: precision, peak learning rate, warm-up and cosine decay to 10%, AdamW
+    # betas/eps/decay, fused AdamW, clipping; no logging.
+    shown = dict(
+        max_steps=total, per_device_train_batch_size=spec["batch_size"], learning_rate=spec["lr"],
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=spec["lr_warmup"], weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98,
+        adam_epsilon=1e-6, max_grad_norm=1.0, optim="adamw_torch_fused",
+        bf16=spec["precision"] == "bf16", use_cpu=spec["device"] == "cpu",
+        dataloader_num_workers=0, logging_strategy="no", seed=spec["seed"], **extra,
+    )  # fmt: skip
+    data = load_from_disk(spec["dataset"])
+    hf_trainer(model, data, collator, spec["out"], [Timer()], **shown).train()
+    if sorted(marks) != [warmup, total] or len(counts) != total:
+        raise RuntimeError(f"expected steps {warmup} and {total}, saw {sorted(marks)}")
+    tokens = sum(int(t) for t, _ in counts[warmup:])
+    positions = sum(int(p) for _, p in counts[warmup:])
+    return {
+        "seconds": marks[total] - marks[warmup], "tokens": tokens,
+        "padding_share": 1 - tokens / positions, "peak_mem_mib": peak_memory_mb(),
+        "params": sum(p.numel() for p in model.parameters()), "autocast": autocast.get("seen"),
+        "settings": {k: v for k, v in shown.items() if not isinstance(v, dict)},
+    }  # fmt: skip
+
+
+def seq2seq_tokens(kw: dict) -> tuple:
+    """A BART batch's tokens as ours counts its own, [CLS] source [SEP] target (the closing
+    [SEP] is a label, not an input, in ours), and its input positions, padding included."""
+    labels = kw["labels"] != IGNORE_INDEX
+    tokens = kw["attention_mask"].sum() + labels.sum() - len(labels)
+    return tokens, kw["input_ids"].numel() + labels.numel()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[0] not in KINDS:
+        raise SystemExit(f"usage: python -m bench.hf {{{','.join(KINDS)}}} SPEC RESULT")
+    task, spec_file, result_file = argv
+    spec = json.loads(Path(spec_file).read_text())
+    Path(result_file).write_text(json.dumps(train_hf(spec, KINDS[task]), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
