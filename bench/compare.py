@@ -77,10 +77,8 @@ def resolve(args: argparse.Namespace) -> dict:
     def given(value, cpu, cuda):
         return value if value is not None else (cuda if gpu else cpu)
 
-    steps = {
-        "mlm": (given(args.warmup, 5, 10), given(args.steps, 20, 50)),
-        "seq2seq": (given(args.seq2seq_warmup, 3, 10), given(args.seq2seq_steps, 12, 50)),
-    }
+    steps = {"mlm": (given(args.warmup, 5, 10), given(args.steps, 20, 50)),
+             "seq2seq": (given(args.seq2seq_warmup, 3, 10), given(args.seq2seq_steps, 12, 50))}  # fmt: skip
     bart = [max(1, shape["num_layers"] // 2)] * 2
     if args.bart_layers:
         bart = [int(x) for x in args.bart_layers.split(",") if x.isdigit()]
@@ -93,9 +91,8 @@ def resolve(args: argparse.Namespace) -> dict:
         (len(bart) == 2 and min(bart) >= 1, "--bart-layers wants ENC,DEC (>= 1 each)"),
         (args.train_rounds >= 1, "--train-rounds must be >= 1"),
     ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
+    if failed := [message for ok, message in checks if not ok]:
+        raise SystemExit(f"error: {failed[0]}")
     try:  # train.py's own decision (bf16 on GPUs, and on CPUs where it measures faster)
         env = setup_env(RunConfig(device=device, precision=args.precision))
     except Exception as err:

@@ -48,9 +48,7 @@ def read_status(path: Path) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.debian_pairs", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.debian_pairs", description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--status", type=Path, default=Path("/var/lib/dpkg/status"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -63,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train.append((document, summary))
     args.out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "train.jsonl": [{"document": d, "summary": s} for d, s in train],
-        "test.jsonl": [{"document": d, "summary": s} for d, s in test.items()],
-        "corpus.jsonl": [{"text": d} for d, _ in train],
-    }
+    files = {"train.jsonl": [{"document": d, "summary": s} for d, s in train],
+             "test.jsonl": [{"document": d, "summary": s} for d, s in test.items()],
+             "corpus.jsonl": [{"text": d} for d, _ in train]}  # fmt: skip
     for name, rows in files.items():
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(train)} training and {len(test)} test pairs in {args.out}")

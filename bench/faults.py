@@ -89,10 +89,8 @@ def freeze(point: str, n: int, ready: Path) -> None:
     when, seen = "before" if point in ("rename", "pointer") else "after", [0]
 
     def handler(moment: str, now: str, path) -> None:
-        if moment != f"save:{point}" or now != when:
-            return
-        seen[0] += 1
-        if seen[0] == n:
+        seen[0] += (moment, now) == (f"save:{point}", when)
+        if (moment, now) == (f"save:{point}", when) and seen[0] == n:
             if when == "after":
                 with open(path, "r+b") as f:
                     f.truncate(os.path.getsize(path) // 2)
@@ -127,7 +125,7 @@ class Phases:
     def enter(self, phase: str) -> None:
         if phase == self.current:
             return
-        self.current = phase
+        self.current = phase  # written whole (a rename), so the soak never reads half a word
         if self.file:
             with open(self.file + ".new", "w") as f:
                 f.write(phase)

@@ -18,8 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset, load_from_disk
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import trainers as tok_trainers
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from model.constants import IGNORE_INDEX
+from model.tokenizer import load_tokenizer
 from trainer.config import OptimConfig
 from trainer.metrics import peak_memory_mb
 from trainer.optim import lr_at
@@ -33,8 +52,6 @@ def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=
     (encoder, decoder): its decoder layers add cross-attention, so it has somewhat more
     parameters than ours. Randomly initialised from ``seed``, sdpa attention. ``ids``: the
     vocabulary size and the pad, bos and eos ids; ``shape``: our config's names."""
-    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM
-
     s, common = shape, {"vocab_size": ids["vocab"], "pad_token_id": ids["pad"]}
     if kind == "bert":
         config = BertConfig(
@@ -53,8 +70,6 @@ def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=
             eos_token_id=ids["eos"], decoder_start_token_id=ids["bos"], forced_bos_token_id=None,
             forced_eos_token_id=None,
         )  # fmt: skip
-    import torch
-
     torch.manual_seed(seed)
     cls = BertForMaskedLM if kind == "bert" else BartForConditionalGeneration
     return cls._from_config(config, attn_implementation="sdpa")
@@ -63,8 +78,6 @@ def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=
 def hf_trainer(model, data, collator, out, callbacks, seq2seq: bool = False, **settings):
     """HF's ``Trainer`` (``Seq2SeqTrainer`` with ``seq2seq``) for ``model`` on ``data``, writing
     to ``out``, never evaluating, saving or reporting; ``settings``: the TrainingArguments."""
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
-
     arguments, trainer = (Seq2SeqTrainingArguments, Seq2SeqTrainer) if seq2seq else (TrainingArguments, Trainer)  # fmt: skip
     args = arguments(output_dir=str(out), eval_strategy="no", save_strategy="no",
                      report_to="none", disable_tqdm=True, **settings)  # fmt: skip
@@ -72,26 +85,15 @@ def hf_trainer(model, data, collator, out, callbacks, seq2seq: bool = False, **s
                    callbacks=callbacks)  # fmt: skip
 
 
-def grouped_by_length() -> dict:
-    """The TrainingArguments of HF's length-grouped sampler (ours buckets pairs by length);
-    transformers < 5 names it ``group_by_length``."""
-    from transformers import TrainingArguments
-
-    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
-
-
+# The TrainingArguments of HF's length-grouped sampler (ours buckets pairs by length);
+# transformers < 5 names it group_by_length.
+GROUPED_BY_LENGTH = {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {"group_by_length": True}  # fmt: skip
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (a prefix space, so a sentence-initial word is the same token as mid-text),
     with BART's special tokens; ``<mask>`` absorbs the space before it, as RoBERTa's does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import trainers as tok_trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
@@ -131,8 +133,6 @@ def lr_factor(step: int, total: int) -> float:
 
 
 def _budget_callback(seconds: float, plan: dict, name: str):
-    from transformers import TrainerCallback
-
     class Budget(TrainerCallback):
         """Fits the schedule after 20 steps and refits it every ``REPLAN_EVERY`` steps from
         the latest steps' speed, as train.py does; stops once ``seconds`` have passed since
@@ -171,8 +171,6 @@ def _budget_callback(seconds: float, plan: dict, name: str):
 
 def _train(model, data, collator, seconds, lr, seed, batch_size, name, **kw):
     """Train ``model`` for ``seconds`` of wall clock; returns steps and seconds trained."""
-    from transformers import PrinterCallback
-
     max_steps = 10**7  # the callback stops it; the schedule's length comes from the plan
     plan = {"total": max_steps, "max_steps": max_steps, "steps": 0, "train_seconds": 0.0}
     with tempfile.TemporaryDirectory(prefix="quality-hf-") as out:
@@ -194,8 +192,6 @@ def _train(model, data, collator, seconds, lr, seed, batch_size, name, **kw):
 
 def seq2seq_data(pairs, tokenizer, source_len: int, target_len: int):
     """Sources as <s> document </s> (cut to source_len), labels as summary </s> (target_len)."""
-    from datasets import Dataset
-
     sources = tokenizer([d for d, _ in pairs], truncation=True, max_length=source_len)
     targets = tokenizer([s for _, s in pairs], add_special_tokens=False)["input_ids"]
     labels = [t[: target_len - 1] + [tokenizer.eos_token_id] for t in targets]
@@ -205,8 +201,6 @@ def seq2seq_data(pairs, tokenizer, source_len: int, target_len: int):
 def mlm_blocks(texts, tokenizer, seq_len: int):
     """Every text's tokens followed by </s>, one flat stream cut into blocks of <s> + seq_len-1
     tokens (as our masked-LM stream packs them)."""
-    from datasets import Dataset
-
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     flat = np.fromiter((t for x in ids for t in [*x, tokenizer.eos_token_id]), dtype=np.int64)
     n = len(flat) // (seq_len - 1)
@@ -216,17 +210,13 @@ def mlm_blocks(texts, tokenizer, seq_len: int):
 
 
 def train_bart(model, data, tokenizer, seconds, lr, seed, batch_size, label_smoothing=0.0):
-    from transformers import DataCollatorForSeq2Seq
-
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
     # Length-grouped batches, as ours buckets summarization pairs by length.
     return _train(model, data, collator, seconds, lr, seed, batch_size, "BART", seq2seq=True,
-                  label_smoothing_factor=label_smoothing, **grouped_by_length())  # fmt: skip
+                  label_smoothing_factor=label_smoothing, **GROUPED_BY_LENGTH)  # fmt: skip
 
 
 def train_bert(model, data, tokenizer, seconds, lr, seed, batch_size, mask_rate=0.15):
-    from transformers import DataCollatorForLanguageModeling
-
     # Token-level masking, 80% <mask> / 10% random / 10% kept: the collator's defaults.
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mask_rate)
     return _train(model, data, collator, seconds, lr, seed, batch_size, "BERT")
@@ -274,15 +264,6 @@ def train_hf(spec: dict, kind: str) -> dict:
     pairs, length-grouped) at the benchmark's shape, without dropout as ours trains by default,
     trained with HF's Trainer on the data compare.py prepared; timed from the end of the warm-up
     steps to the end of the last step, its tokens counted as ours counts its own."""
-    from datasets import load_from_disk
-    from transformers import (
-        DataCollatorForLanguageModeling,
-        DataCollatorForSeq2Seq,
-        TrainerCallback,
-    )
-
-    from model.tokenizer import load_tokenizer
-
     tokenizer, ids = load_tokenizer(spec["tokenizer"]), spec["ids"]
     ids = {"vocab": spec["shape"]["vocab_size"], "pad": ids["pad"], "bos": ids["cls"], "eos": ids["sep"]}  # fmt: skip
     model = hf_model(kind, spec["shape"], ids, spec["seed"], layers=spec["bart_layers"])
@@ -291,7 +272,7 @@ def train_hf(spec: dict, kind: str) -> dict:
         count, extra = (lambda kw: (kw["input_ids"].numel(),) * 2), {}
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX)
-        count, extra = seq2seq_tokens, grouped_by_length()
+        count, extra = seq2seq_tokens, GROUPED_BY_LENGTH
     warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
     marks, counts, autocast = {}, [], {}
 
@@ -307,9 +288,8 @@ def train_hf(spec: dict, kind: str) -> dict:
 
     model.register_forward_pre_hook(lambda module, args, kw: counts.append(count(kw)), with_kwargs=True)  # fmt: skip
     # On a layer inside: accelerate enters autocast within the forward, after the model's hooks.
-    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(
-        note_autocast
-    )
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_pre_hook(note_autocast)
     # Matched to train.py's: precision, peak learning rate, warm-up and cosine decay to 10%, AdamW
     # betas/eps/decay, fused AdamW, clipping; no logging.
     shown = dict(

@@ -291,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": "HF", "error": f"{type(err).__name__}: {err}"})
         for key, label in (("bart", "HF BART {}M + Seq2SeqTrainer"), ("bert", "HF BERT {}M + Trainer")):  # fmt: skip
             if theirs and key in theirs:
-                rows.append(
-                    {"name": label.format(f"{theirs[key]['params'] / 1e6:.2f}"), **theirs[key]}
-                )
+                rows.append({"name": label.format(f"{theirs[key]['params'] / 1e6:.2f}"), **theirs[key]})  # fmt: skip
         # The cloze test, over words that are one token for every model that takes it.
         fill = {}
         if lm is not None and raw.train_texts and not args.skip_mlm:
@@ -302,15 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             tok, bert = theirs["tokenizer"], theirs["bert"]["model"]
             fill["bert"] = (tok, lambda texts: hf.bert_fill(
                 bert, tok, [t.replace(MASK, tok.mask_token) for t in texts]))  # fmt: skip
-        cloze_n = 0
+        items = []
         if fill and raw.eval_texts:
-
-            def fits(word):
-                return all(single_token(t, word) for t, _ in fill.values())
-
+            fits = lambda word: all(single_token(t, word) for t, _ in fill.values())  # noqa: E731
             items = cloze_items(list(raw.eval_texts), fits, args.seed, args.test_limit)
-            cloze_n = len(items)
-            print(f"[quality] cloze: {cloze_n} held-out texts, one word masked each", flush=True)
+            print(f"[quality] cloze: {len(items)} held-out texts, one word masked each", flush=True)
             for key, (_, predict) in fill.items():
                 row = next(r for r in rows if r["name"].startswith({"ours": "ours", "bert": "HF BERT"}[key]))  # fmt: skip
                 row["cloze"] = accuracy(predict([t for t, _ in items]), [w for _, w in items])
@@ -320,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             f"FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block {shape['seq_len']}: "
             "ours and BERT; BART the same width, its layers split between encoder and decoder",
             f"test: {len(test_pairs)} held-out pairs, ROUGE F x100 (rouge_score, stemmer), beam 4, no "
-            f"repeated trigram, at most {args.max_new_tokens} new tokens; cloze: {cloze_n} held-out "
+            f"repeated trigram, at most {args.max_new_tokens} new tokens; cloze: {len(items)} held-out "
             f"texts (first {CONTEXT_WORDS} words, one single-token word masked, top-1 exact match)",
             f"budget {seconds:g}s of preparation and training on each side, test decoding not counted; "
             f"BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g}, train.py's schedule, HF AdamW "

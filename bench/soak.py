@@ -36,9 +36,6 @@ SAVE_EVERY, EVAL_EVERY, LOG_EVERY, KEEP = 4, 6, 3, 2
 PAUSE_S = 0.8  # how long a chosen part of a save is held open
 
 
-# ---------------------------------------------------------------------------- comparing
-
-
 def _timeless(record: dict, timing: frozenset = TIMING) -> dict:
     return {k: v for k, v in record.items() if k not in timing}
 
@@ -133,20 +130,13 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
     return problems + ([f"temporary files left: {left}"] if left else [])
 
 
-# ---------------------------------------------------------------------------- running
-
-
 def write_corpus(folder: Path) -> tuple[Path, Path]:
     """A few hundred paragraphs of the interpreter's docs, and document/summary pairs."""
     import pydoc_data.topics
 
-    texts = []
-    for key in sorted(pydoc_data.topics.topics):
-        for p in pydoc_data.topics.topics[key].split("\n\n"):
-            p = " ".join(p.split())
-            if len(p.split()) >= 12:
-                texts.append(p)
-    texts = texts[:600]
+    topics = pydoc_data.topics.topics
+    texts = [" ".join(p.split()) for key in sorted(topics) for p in topics[key].split("\n\n")]
+    texts = [p for p in texts if len(p.split()) >= 12][:600]
     folder.mkdir(parents=True, exist_ok=True)
     text_file, pairs = folder / "docs.txt", folder / "pairs.jsonl"
     text_file.write_text("\n".join(texts) + "\n")
@@ -262,9 +252,8 @@ def soak(args) -> int:
     timings = phase_timings(work / "phases.jsonl")
     print(f"reference: {time.monotonic() - t0:.1f}s", flush=True)
 
-    def span(phase: str) -> float:
-        values = timings.get(phase) or [0.05]
-        return max(values) if phase != "step" else sum(values)
+    def span(phase: str) -> float:  # how long a kill aimed at this phase may wait
+        return (max if phase != "step" else sum)(timings.get(phase) or [0.05])
 
     # 2. The same run, killed again and again.
     landed, sub_phases = collections.Counter(), collections.Counter()
