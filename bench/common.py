@@ -1,5 +1,5 @@
 """What the benchmarks share: running ``train.py`` as a user runs it and reading what it wrote,
-and the Hugging Face contestants, BART and BERT at our shape."""
+and a plain-text table."""
 
 from __future__ import annotations
 
@@ -58,50 +58,6 @@ def run_train(flags: list[str], out: Path, **kwargs) -> dict:
     measured = run(command, out.parent / f"{out.name}.log", **kwargs)
     summary = json.loads((out / "summary.json").read_text())
     return {**summary, **measured, "command": command[1:]}
-
-
-def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=0.0,
-             attention_dropout=0.0):  # fmt: skip
-    """Hugging Face's ``BertForMaskedLM`` (``kind`` "bert") at exactly our shape, or
-    ``BartForConditionalGeneration`` ("bart") at our width, heads and FFN with ``layers``
-    (encoder, decoder): its decoder layers add cross-attention, so it has somewhat more
-    parameters than ours. Randomly initialised from ``seed``, sdpa attention. ``ids``: the
-    vocabulary size and the pad, bos and eos ids; ``shape``: our config's names."""
-    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM
-
-    s, common = shape, {"vocab_size": ids["vocab"], "pad_token_id": ids["pad"]}
-    if kind == "bert":
-        config = BertConfig(
-            **common, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
-            num_attention_heads=s["num_heads"], intermediate_size=s["ffn_size"],
-            max_position_embeddings=s["max_positions"], hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=attention_dropout,
-        )  # fmt: skip
-    else:
-        config = BartConfig(
-            **common, d_model=s["hidden_size"], encoder_layers=layers[0], decoder_layers=layers[1],
-            encoder_attention_heads=s["num_heads"], decoder_attention_heads=s["num_heads"],
-            encoder_ffn_dim=s["ffn_size"], decoder_ffn_dim=s["ffn_size"],
-            max_position_embeddings=s["max_positions"], dropout=dropout,
-            attention_dropout=attention_dropout, activation_dropout=0.0, bos_token_id=ids["bos"],
-            eos_token_id=ids["eos"], decoder_start_token_id=ids["bos"], forced_bos_token_id=None,
-            forced_eos_token_id=None,
-        )  # fmt: skip
-    import torch
-
-    torch.manual_seed(seed)
-    cls = BertForMaskedLM if kind == "bert" else BartForConditionalGeneration
-    return cls._from_config(config, attn_implementation="sdpa")
-
-
-def grouped_by_length() -> dict:
-    """The TrainingArguments of HF's length-grouped sampler (ours buckets pairs by length);
-    transformers < 5 names it ``group_by_length``."""
-    from transformers import TrainingArguments
-
-    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
 
 
 def table(rows: list[tuple[str, ...]], rule: bool = False) -> str:

@@ -4,24 +4,8 @@
     python -m bench.compare --parts mlm --steps 40 --json bench.json
     python -m bench.compare --device cuda --preset base       # GPU: BERT-base shape, sequence 512
 
-Ours is ``python train.py`` as a user runs it, in a fresh folder, read back from its
-``RUN/summary.json``; the Hugging Face side is ``bench/sides.py``, one process a contestant, on
-data prepared from the same files with the public functions of our ``data`` package. Parts:
-
-* ``mlm``: ``train.py --objectives masked_lm=1`` against ``BertForMaskedLM`` + ``Trainer`` +
-  ``DataCollatorForLanguageModeling``: same shape, same packed blocks, precision, schedule, fused
-  AdamW, steps. Model FLOP/s, nominal (the config's formula, the same for both) and counted
-  (``FlopCounterMode`` over one real training step of each side), as a share of the ceiling.
-* ``seq2seq``: ``train.py --objectives summarize=1`` against BART (about our size) + ``Trainer``
-  + ``DataCollatorForSeq2Seq`` on the same document/summary pairs; counted FLOP/s.
-* ``generate``: a batch of summaries, exactly N new tokens, greedy and beam, ours against BART's
-  ``generate``, both randomly initialised.
-* ``ceiling`` (with mlm and seq2seq): the best FLOP/s of several matrix products in the run's
-  precision, a square one and the model's own (feed-forward, attention, output layer), read
-  before and after the masked-LM runs.
-
-Each part runs its sides HF, ours, ours, HF (``--train-rounds``, ``--gen-rounds``), tokens and
-seconds pooled, so a machine whose speed drifts weighs on both alike. The table comes last.
+Parts ``mlm`` (BertForMaskedLM + Trainer) and ``seq2seq`` (BART + Trainer); ours is ``train.py``,
+the HF side ``bench/hf.py``, each on the same data; docs/performance.md explains the columns.
 """
 
 from __future__ import annotations
@@ -30,30 +14,23 @@ import argparse
 import datetime
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import Failed, run, run_train, table
+from model.config import SHAPE_FIELDS, resolve_shape
 
-PARTS = ("mlm", "seq2seq", "generate", "ceiling")
-SHAPES = {
-    "tiny": dict(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024, seq_len=128),
-    "base": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_size=3072, seq_len=512),
-}
+PARTS = ("mlm", "seq2seq")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.compare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add = p.add_argument
-    add("--parts", default="mlm,seq2seq,generate", help=f"comma list of {PARTS}")
+    add("--parts", default="mlm,seq2seq", help=f"comma list of {PARTS}")
     add("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    add("--preset", default="tiny", choices=sorted(SHAPES), help="base needs a GPU")
+    add("--preset", default="tiny", choices=("tiny", "base"), help="base needs a GPU")
     add("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.py's")
     add("--steps", type=int, default=None, help="timed masked-LM steps (CPU 20, GPU 50)")
     add("--warmup", type=int, default=None, help="untimed masked-LM steps (CPU 5, GPU 10)")
@@ -63,24 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=2e-3, help="peak learning rate, both sides")
     add("--seed", type=int, default=0)
-    for name in SHAPES["tiny"]:
+    for name in SHAPE_FIELDS:
         add("--" + name.replace("_", "-"), type=int, default=None, help="default: the preset's")
     add("--max-positions", type=int, default=512)
     add("--vocab-size", type=int, default=8192, help="tokenizer entries")
     add("--bart-layers", default=None, help="ENC,DEC (default: half our layers each)")
     add("--source-len", type=int, default=256)
     add("--target-len", type=int, default=32)
-    add("--gen-batch", type=int, default=8, help="documents per generate call")
-    add("--new-tokens", type=int, default=32, help="exactly this many, both sides")
-    add("--beams", type=int, default=4)
-    add("--no-repeat-ngram", type=int, default=3)
-    add("--gen-repeats", type=int, default=7, help="timed calls per process")
-    add("--gen-rounds", type=int, default=2, help="rounds of HF, ours, ours, HF processes")
-    add("--gen-precision", default="fp32", choices=("fp32", "bf16"))
     add("--train-text", nargs="+", default=[], help="as train.py's (default: embedded corpus)")
     add("--train-pairs", nargs="+", default=[], help="as train.py's")
     add("--corpus-max-chars", type=int, default=None)
-    add("--matmul-size", type=int, default=None, help="square ceiling product (CPU 2048, GPU 8192)")
     add("--timeout", type=float, default=900, help="seconds per process")
     add("--json", default=None, metavar="PATH", help="write all results here")
     add("--keep", action="store_true", help="keep the temporary folder")
@@ -97,23 +66,19 @@ def resolve(args: argparse.Namespace) -> dict:
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not parts or set(parts) - set(PARTS):
         raise SystemExit(f"error: --parts: unknown {parts}; choose from {', '.join(PARTS)}")
-    if {"mlm", "seq2seq"} & set(parts) and "ceiling" not in parts:
-        parts.append("ceiling")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     gpu = device.startswith("cuda")
     if args.preset == "base" and not gpu:
         raise SystemExit("error: --preset base is the GPU benchmark; run it with --device cuda")
-    shape = {k: getattr(args, k) or v for k, v in SHAPES[args.preset].items()}
+    shape = resolve_shape(args.preset, **{k: getattr(args, k) for k in SHAPE_FIELDS})
     shape["max_positions"] = args.max_positions
 
     def given(value, cpu, cuda):
         return value if value is not None else (cuda if gpu else cpu)
 
-    steps = {
-        "mlm": (given(args.warmup, 5, 10), given(args.steps, 20, 50)),
-        "seq2seq": (given(args.seq2seq_warmup, 3, 10), given(args.seq2seq_steps, 12, 50)),
-    }
+    steps = {"mlm": (given(args.warmup, 5, 10), given(args.steps, 20, 50)),
+             "seq2seq": (given(args.seq2seq_warmup, 3, 10), given(args.seq2seq_steps, 12, 50))}  # fmt: skip
     bart = [max(1, shape["num_layers"] // 2)] * 2
     if args.bart_layers:
         bart = [int(x) for x in args.bart_layers.split(",") if x.isdigit()]
@@ -121,19 +86,13 @@ def resolve(args: argparse.Namespace) -> dict:
         (all(min(s) >= 1 for s in steps.values()), "steps and warm-ups must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (shape["seq_len"] <= args.max_positions, "--seq-len exceeds --max-positions"),
-        (
-            args.source_len + max(args.target_len, args.new_tokens) <= args.max_positions,
-            "--source-len + --target-len (or --new-tokens) exceeds --max-positions",
-        ),
+        (args.source_len + args.target_len <= args.max_positions,
+         "--source-len + --target-len exceeds --max-positions"),
         (len(bart) == 2 and min(bart) >= 1, "--bart-layers wants ENC,DEC (>= 1 each)"),
-        (
-            min(args.beams, args.gen_repeats, args.gen_rounds, args.train_rounds) >= 1,
-            "--beams, --gen-repeats, --gen-rounds, --train-rounds must be >= 1",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
+        (args.train_rounds >= 1, "--train-rounds must be >= 1"),
+    ]  # fmt: skip
+    if failed := [message for ok, message in checks if not ok]:
+        raise SystemExit(f"error: {failed[0]}")
     try:  # train.py's own decision (bf16 on GPUs, and on CPUs where it measures faster)
         env = setup_env(RunConfig(device=device, precision=args.precision))
     except Exception as err:
@@ -145,8 +104,8 @@ def resolve(args: argparse.Namespace) -> dict:
 
 def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     """One tokenizer for both sides, and the HF side's data, from the same files through the
-    public functions of our data package: masked-LM blocks (``pack_blocks``/``block``),
-    framed pairs (``build_example``), generation sources."""
+    public functions of our data package: masked-LM blocks (``pack_blocks``/``block``) and
+    framed pairs (``build_example``)."""
     from datasets import Dataset
 
     from data.config import DataConfig
@@ -159,20 +118,16 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
     from model.tokenizer import load_tokenizer, special_ids
 
     parts, shape = settings["parts"], settings["shape"]
-    cfg = DataConfig(
-        train_text=list(args.train_text), train_pairs=list(args.train_pairs),
-        corpus_max_chars=args.corpus_max_chars, source_len=args.source_len,
-        target_len=args.target_len,
-    )  # fmt: skip
+    lengths = dict(source_len=args.source_len, target_len=args.target_len)
+    cfg = DataConfig(train_text=list(args.train_text), train_pairs=list(args.train_pairs),
+                     corpus_max_chars=args.corpus_max_chars, **lengths)  # fmt: skip
     raw = load_raw(cfg)
-    objectives = [o for p, o in (("mlm", "masked_lm"), ("seq2seq", "summarize"),
-                                 ("generate", "summarize")) if p in parts]  # fmt: skip
+    objectives = [o for p, o in (("mlm", "masked_lm"), ("seq2seq", "summarize")) if p in parts]
     for name in objectives:
         if not raw.has(name):
             raise SystemExit(f"error: the data has no {'pairs' if name == 'summarize' else 'text'}")
-    tokenizer = train_tokenizer(
-        raw.train_texts + [d for d, _ in raw.train_pairs], vocab_size=args.vocab_size
-    )
+    texts = raw.train_texts + [d for d, _ in raw.train_pairs]
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
     save_tokenizer(tokenizer, tmp / "tokenizer")
     tokenizer = load_tokenizer(tmp / "tokenizer")
     ids = special_ids(tokenizer)
@@ -183,9 +138,8 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
         "shape": shape, "bart_layers": settings["bart_layers"],
         "ids": {"pad": ids.pad, "cls": ids.cls, "sep": ids.sep}, "data": raw.description,
         "tokenizer": str(tmp / "tokenizer"), "lr": args.lr, "batch_size": args.batch_size,
-        "source_len": args.source_len, "target_len": args.target_len,
+        **lengths,
     }  # fmt: skip
-    lengths = dict(source_len=args.source_len, target_len=args.target_len)
     if "mlm" in parts:
         flat, n = streams.train["masked_lm"].flat, shape["seq_len"]
         blocks = [block(flat, i, n, ids.cls) for i in range(pack_blocks(flat, n))]
@@ -197,18 +151,6 @@ def prepare(args: argparse.Namespace, settings: dict, tmp: Path) -> dict:
         pairs = {"input_ids": [x[:p] for x, _, p in examples],
                  "labels": [y[p - 1 :] for _, y, p in examples]}  # fmt: skip
         Dataset.from_dict(pairs).save_to_disk(str(tmp / "seq2seq-data"))
-    if "generate" in parts:  # held-out documents first
-        pool = [*streams.eval["summarize"].sources, *streams.train["summarize"].sources]
-        framed = [build_example(x, [], cls_id=ids.cls, sep_id=ids.sep, **lengths) for x in pool]
-        sources = [[int(t) for t in x] for x, _, _ in framed]
-        spec["sources"] = (sources * args.gen_batch)[: args.gen_batch]
-        import train  # the model train.py builds at this shape, for our generation side
-        from trainer.config import build_model_config
-
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items() if k != "vocab_size"]
-        flags += [f"--source-len={args.source_len}", f"--target-len={args.target_len}"]
-        config = build_model_config(train.config_from_args(flags), tokenizer)
-        spec["our_config"] = config.to_dict()
     return spec
 
 
@@ -217,7 +159,7 @@ def side(task: str, spec: dict, tmp: Path, timeout: float) -> dict:
     spec_file, result = tmp / f"{name}.json", tmp / f"{name}.result"
     spec_file.write_text(json.dumps(spec))
     try:
-        run([sys.executable, "-m", "bench.sides", task, str(spec_file), str(result)],
+        run([sys.executable, "-m", "bench.hf", task, str(spec_file), str(result)],
             tmp / f"{name}.log", timeout=timeout)  # fmt: skip
     except Failed as err:
         return {"error": err.why}
@@ -226,11 +168,10 @@ def side(task: str, spec: dict, tmp: Path, timeout: float) -> dict:
 
 def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
     """The train.py command line of our side of ``part``."""
-    s, warmup, steps = spec["shape"], spec["warmup"], spec["steps"]
+    warmup, steps = spec["warmup"], spec["steps"]
+    shape = [f"--{k.replace('_', '-')}={v}" for k, v in spec["shape"].items() if k != "vocab_size"]
     flags = [
-        "--hidden-size", s["hidden_size"], "--num-layers", s["num_layers"],
-        "--num-heads", s["num_heads"], "--ffn-size", s["ffn_size"], "--seq-len", s["seq_len"],
-        "--max-positions", s["max_positions"], "--source-len", args.source_len,
+        *shape, "--source-len", args.source_len,
         "--target-len", args.target_len, "--batch-size", args.batch_size, "--lr", args.lr,
         "--warmup-steps", spec["lr_warmup"], "--max-steps", warmup + steps,
         "--log-every", warmup,  # the first log window is the warm-up; the timed steps follow
@@ -239,16 +180,16 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
         "--seed", args.seed, "--tokenizer", spec["tokenizer"], "--mask-rate", spec["mask_rate"],
         "--objectives", "masked_lm=1" if part == "mlm" else "summarize=1",
     ]  # fmt: skip
-    if args.corpus_max_chars is not None:
-        flags += ["--corpus-max-chars", args.corpus_max_chars]
-    data = args.train_text if part == "mlm" else args.train_pairs
-    if data:
+    flags += ["--corpus-max-chars", args.corpus_max_chars] * (args.corpus_max_chars is not None)
+    if data := (args.train_text if part == "mlm" else args.train_pairs):
         flags += ["--train-text" if part == "mlm" else "--train-pairs", *data]
     return [str(x) for x in flags]
 
 
 def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
     """``python train.py`` in a fresh folder; the timed window of its summary.json."""
+    from model.config import MiniTuringConfig
+
     out = tmp / f"ours-{part}-{len(list(tmp.glob(f'ours-{part}-*.log')))}"
     try:
         s = run_train(ours_flags(args, spec, part), out, timeout=args.timeout)
@@ -258,24 +199,18 @@ def ours(args: argparse.Namespace, spec: dict, part: str, tmp: Path) -> dict:
         "seconds": s["timed_seconds"],
         "tokens": s["timed_tokens"] if part == "mlm" else s["timed_real_tokens"],
         "padding_share": s["padding_share"], "data_wait": s["data_wait"],
-        "peak_mem_mib": s["peak_memory_mb"], "nominal_flops_per_token": s["flops_per_token"],
-        "precision": s["precision"], "run": str(out), "command": s["command"],
+        "peak_mem_mib": s["peak_memory_mb"], "precision": s["precision"], "run": str(out),
+        "command": s["command"], "params": MiniTuringConfig.from_pretrained(out).num_parameters(),
     }  # fmt: skip
 
 
 def pool(first: dict | None, second: dict) -> dict:
     """A task's runs joined: training tokens and seconds summed (each run's speed in ``runs``),
-    data wait and padding weighted by seconds and tokens; generation's timed calls pooled,
-    their median; the higher peak memory. A failed run stands for all."""
+    data wait and padding weighted by seconds and tokens; the higher peak memory. A failed run
+    stands for all."""
     if first is None or "error" in first or "error" in second:
         return second if first is None or "error" in second else first
     merged = {**first, "peak_mem_mib": max(first["peak_mem_mib"], second["peak_mem_mib"])}
-    if "modes" in first:
-        merged["modes"] = {}
-        for mode, a in first["modes"].items():
-            times = a["times"] + second["modes"][mode]["times"]
-            merged["modes"][mode] = {**a, "times": times, "seconds_per_batch": statistics.median(times)}  # fmt: skip
-        return merged
     runs = first.get("runs", [first["tokens"] / first["seconds"]])
     merged["runs"] = runs + [second["tokens"] / second["seconds"]]
     for key, weight in (("data_wait", "seconds"), ("padding_share", "tokens")):
@@ -293,97 +228,41 @@ def abba(part: str, rounds: int) -> list[str]:
     return [task for i in range(rounds) for task in pairs[i % 2]]
 
 
-def tasks_for(parts: list[str], train_rounds: int = 1, gen_rounds: int = 1) -> list[str]:
-    order = ["ceiling"] if "ceiling" in parts else []
-    if "mlm" in parts:  # the ceiling again after masked LM: the better reading counts
-        order += abba("mlm", train_rounds) + ["ceiling"] * ("ceiling" in parts)
-    if "seq2seq" in parts:
-        order += abba("seq2seq", train_rounds)
-    if "generate" in parts:
-        order += abba("generate", 2 * gen_rounds)
-    return order
-
-
-def ceiling_shapes(spec: dict, size: int) -> dict:
-    """(batch, m, k, n) matrix products: a square one and those of a masked-LM step."""
-    s, b = spec["shape"], spec["batch_size"]
-    t, d, f, h = s["seq_len"], s["hidden_size"], s["ffn_size"], s["num_heads"]
-    rows, heads, dh = b * t, b * h, d // h
-    rows2 = b * (spec["source_len"] + spec["target_len"])  # a summarization batch at its longest
-    labelled = -(-int(0.15 * rows) // 64) * 64  # the output layer's rows, as ours pads them
-    return {
-        f"square {size}^2": (1, size, size, size),
-        f"ffn up {rows}x{d} @ {d}x{f}": (1, rows, d, f),
-        f"ffn down {rows}x{f} @ {f}x{d}": (1, rows, f, d),
-        f"qkv {rows}x{d} @ {d}x{3 * d}": (1, rows, d, 3 * d),
-        f"scores {heads} x {t}x{dh} @ {dh}x{t}": (heads, t, dh, t),
-        f"values {heads} x {t}x{t} @ {t}x{dh}": (heads, t, t, dh),
-        f"output {labelled}x{d} @ {d}x{s['vocab_size']}": (1, labelled, d, s["vocab_size"]),
-        f"seq2seq ffn up {rows2}x{d} @ {d}x{f}": (1, rows2, d, f),
-    }
-
-
-def task_specs(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> dict:
-    size = args.matmul_size or (8192 if settings["gpu"] else 2048)
-    specs = {"ceiling": {**spec, "ceiling": ceiling_shapes(spec, size)}}
-    for part in ("mlm", "seq2seq"):
-        warmup, steps = settings["steps"][part]
-        specs[part] = {
-            **spec, "warmup": warmup, "steps": steps, "lr_warmup": max((warmup + steps) // 10, 1),
-            "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"),
-            "dataset": str(tmp / f"{part}-data"),
-        }  # fmt: skip
-    specs["generate"] = {
-        **spec, "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
-        "no_repeat_ngram_size": args.no_repeat_ngram, "gen_precision": args.gen_precision,
-        "modes": {"greedy": 1, f"beam {args.beams}": args.beams},
-    }  # fmt: skip
-    return specs
+def tasks_for(parts: list[str], train_rounds: int = 1) -> list[str]:
+    return [task for part in PARTS if part in parts for task in abba(part, train_rounds)]
 
 
 def run_all(args: argparse.Namespace, settings: dict, spec: dict, tmp: Path) -> dict:
-    specs, results = task_specs(args, settings, spec, tmp), {}
-    for task in tasks_for(settings["parts"], args.train_rounds, args.gen_rounds):
+    results = {}
+    for task in tasks_for(settings["parts"], args.train_rounds):
         part, _, who = task.partition("_")
         print(f"  {task}", flush=True)
-        if who == "ours" and part != "generate":
-            result = ours(args, specs[part], part, tmp)
-            if "error" not in result and f"{part}_count" not in results:
-                objective = "masked_lm" if part == "mlm" else "summarize"
-                count = {**spec, "run": result["run"], "objective": objective}
-                results[f"{part}_count"] = side("count_ours", count, tmp, args.timeout)
+        warmup, steps = settings["steps"][part]
+        specs = {**spec, "warmup": warmup, "steps": steps, "lr_warmup": max((warmup + steps) // 10, 1),
+                 "mask_rate": 0.15, "out": str(tmp / f"hf-{part}"), "dataset": str(tmp / f"{part}-data")}  # fmt: skip
+        if who == "ours":
+            result = ours(args, specs, part, tmp)
         else:
-            result = side(task, specs[part], tmp, args.timeout)
-        if part == "ceiling" and "error" not in result:
-            readings = results.get(task, {}).get("readings", []) + [result["flops_per_s"]]
-            earlier = results[task] if ok(results.get(task)) else result
-            best = max(earlier, result, key=lambda r: r["flops_per_s"])
-            results[task] = {**best, "readings": readings}
-        else:
-            results[task] = pool(results.get(task), result)
+            result = side(task, specs, tmp, args.timeout)
+        results[task] = pool(results.get(task), result)
     return results
 
 
 def ok(result: dict | None) -> bool:
-    return bool(result) and "error" not in result
+    return bool(result) and "error" not in result  # ran, and did not fail
 
 
 def build_rows(spec: dict, results: dict) -> list[dict]:
     """One row per measurement; every ratio computed here from the measured numbers."""
     rows: list[dict] = []
-    ceiling = results.get("ceiling")
-    peak = ceiling["flops_per_s"] if ok(ceiling) else None
     enc, dec = spec["bart_layers"]
-    names = {
-        "mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
-        "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize"),
-    }
+    names = {"mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
+             "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize")}  # fmt: skip
     keep = ("peak_mem_mib", "data_wait", "padding_share", "runs", "params")
     for part, (hf_name, ours_name) in names.items():
         sides = {"HF": results.get(f"{part}_hf"), "ours": results.get(f"{part}_ours")}
         if sides == {"HF": None, "ours": None}:
             continue
-        count = results.get(f"{part}_count", {})
         speed = {k: r["tokens"] / r["seconds"] if ok(r) else None for k, r in sides.items()}
         for (key, r), name in zip(sides.items(), (hf_name, ours_name), strict=True):
             row = {"part": part, "contestant": name, "value": speed[key], "unit": "tokens/s"}
@@ -391,96 +270,39 @@ def build_rows(spec: dict, results: dict) -> list[dict]:
             if not ok(r):
                 row["error"] = (r or {}).get("error", "not run")
             elif key == "ours":
-                row["params"] = count.get("params")
                 row["ratio"] = speed["ours"] / speed["HF"] if speed["HF"] else None
             rows.append(row)
-        # Nominal: the config's formula, one number for both sides (masked LM: one shape).
-        mine = sides["ours"]
-        nominal = mine.get("nominal_flops_per_token") if part == "mlm" and ok(mine) else None
-        for key, r in sides.items():
-            counted = (r if key == "HF" else count).get("counted_flops_per_token")
-            if not (ok(r) and peak and counted):
-                continue
-            per_token = nominal or counted
-            rows.append({
-                "part": part, "contestant": f"{key} model FLOP/s", "unit": "FLOP/s",
-                "value": per_token * speed[key], "fraction_of_ceiling": per_token * speed[key] / peak,
-                "nominal_flops_per_token": nominal, "counted_flops_per_token": counted,
-                "counted_fraction": counted * speed[key] / peak,
-            })  # fmt: skip
-    gen = {"HF BART generate": results.get("generate_hf"),
-           "ours model.generate": results.get("generate_ours")}  # fmt: skip
-    for mode in spec.get("modes", {}) if any(gen.values()) else ():
-        for name, r in gen.items():
-            row = {"part": f"generate {mode}", "contestant": name, "unit": "s/batch"}
-            row["value"] = r["modes"][mode]["seconds_per_batch"] if ok(r) else None
-            row.update({k: r[k] for k in ("peak_mem_mib", "error") if r and k in r})
-            rows.append(row)
-        hf_s, ours_s = rows[-2]["value"], rows[-1]["value"]
-        rows[-1]["ratio"] = hf_s / ours_s if hf_s and ours_s else None  # > 1: ours is faster
-    if ceiling is not None:
-        shown = f"best of {len(ceiling.get('shapes', []))} matmuls, {ceiling.get('dtype', '')}"
-        rows.append({"part": "ceiling", "contestant": shown, "value": peak, "unit": "FLOP/s",
-                     "note": ceiling.get("shape"), "error": ceiling.get("error")})  # fmt: skip
     return rows
-
-
-def format_value(r: dict) -> str:
-    v = r["value"]
-    if v is None:
-        return "FAILED" if r.get("error") else "-"
-    if r["unit"] == "tokens/s":
-        return f"{v:,.0f} tok/s"
-    if r["unit"] == "FLOP/s":
-        return f"{v / 1e12:.3f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.2f} GFLOP/s"
-    return f"{v:.3f} s/batch"
 
 
 def format_table(rows: list[dict]) -> str:
     header = ("part", "contestant", "speed", "ours vs HF", "peak mem", "data wait", "note")
     lines = []
     for r in rows:
-        note = [r["note"]] if r.get("note") else []
-        if r.get("params"):
-            note.append(f"{r['params'] / 1e6:.2f}M params")
+        note = [f"{r['params'] / 1e6:.2f}M params"] if r.get("params") else []
         if r.get("padding_share") is not None and r["part"] == "seq2seq":
             note.append(f"{100 * r['padding_share']:.0f}% padding")
         if r.get("runs"):
             note.append("runs " + " / ".join(f"{x:,.0f}" for x in r["runs"]))
-        if r.get("nominal_flops_per_token"):
-            note.append(f"nominal {100 * r['fraction_of_ceiling']:.1f}% of ceiling "
-                        f"({r['nominal_flops_per_token'] / 1e6:.1f} MFLOP/token)")  # fmt: skip
-        if r.get("counted_flops_per_token"):
-            note.append(f"counted {100 * r['counted_fraction']:.1f}% "
-                        f"({r['counted_flops_per_token'] / 1e6:.1f} MFLOP/token)")  # fmt: skip
-        mem, wait, ratio = r.get("peak_mem_mib"), r.get("data_wait"), r.get("ratio")
-        lines.append((r["part"], r["contestant"], format_value(r), f"{ratio:.2f}x" if ratio else "",
+        v, mem, wait, ratio = r["value"], r.get("peak_mem_mib"), r.get("data_wait"), r.get("ratio")
+        speed = ("FAILED" if r.get("error") else "-") if v is None else f"{v:,.0f} tok/s"
+        lines.append((r["part"], r["contestant"], speed, f"{ratio:.2f}x" if ratio else "",
                       f"{mem:,.0f} MiB" if mem else "", f"{100 * wait:.1f}%" if wait is not None else "",
                       ", ".join(note)))  # fmt: skip
     return table([header, *lines], rule=True)
 
 
 def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict) -> str:
-    """What was compared, above the table."""
+    """What was compared, above the table (docs/performance.md explains the columns)."""
     s, (mw, ms), (sw, ss) = spec["shape"], settings["steps"]["mlm"], settings["steps"]["seq2seq"]
     lines = [
-        f"device {settings['device']}, precision {settings['precision']}; {s['num_layers']} "
-        f"layers x {s['hidden_size']}, {s['num_heads']} heads, FFN {s['ffn_size']}, vocabulary "
-        f"{s['vocab_size']}, batch {args.batch_size}; data: {spec['data']}",
-        f"training: {args.train_rounds} runs a side (HF, ours, ours, HF); tokens/s = timed tokens "
-        "/ timed seconds of all runs, the steps after the warm-up; mlm: sequence "
-        f"{s['seq_len']}, {mw} + {ms} steps; seq2seq: source {args.source_len}, target "
-        f"{args.target_len}, {sw} + {ss} steps, tokens = [CLS] source [SEP] target (no padding)",
-        "model FLOP/s: nominal = the config's formula (6 x parameters + attention) x tokens/s, "
-        "the same per token for both; counted = FlopCounterMode over one real training step "
-        "of each side (what it computes: ours runs the output layer and last block only where "
-        "the loss reads), per real token",
-    ]
-    if "generate" in settings["parts"]:
-        lines.append(f"generate: {args.gen_batch} documents, exactly {args.new_tokens} new "
-                     f"tokens, {args.gen_precision}, random init; median of "
-                     f"{2 * args.gen_rounds} processes x {args.gen_repeats} calls a side; "
-                     "ratio = HF s / ours s")  # fmt: skip
+        f"device {settings['device']}, precision {settings['precision']}; {s['num_layers']} layers x "
+        f"{s['hidden_size']}, {s['num_heads']} heads, FFN {s['ffn_size']}, vocabulary {s['vocab_size']}, "
+        f"batch {args.batch_size}; data: {spec['data']}",
+        f"{args.train_rounds} runs a side (HF, ours, ours, HF), tokens/s over the steps after the "
+        f"warm-up; mlm: sequence {s['seq_len']}, {mw} + {ms} steps; seq2seq: source "
+        f"{args.source_len}, target {args.target_len}, {sw} + {ss} steps",
+    ]  # fmt: skip
     for task in ("mlm_hf", "seq2seq_hf"):
         if ok(results.get(task)):
             t = results[task]["settings"]
@@ -500,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             raise SystemExit(f"error: {err}") from None
         results = run_all(args, settings, spec, tmp)
-        rows = build_rows({**spec, **task_specs(args, settings, spec, tmp)["generate"]}, results)
+        rows = build_rows(spec, results)
         if args.json:
             report = {
                 "command": ["python", "-m", "bench.compare", *(sys.argv[1:] if argv is None else argv)],
@@ -509,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         print(f"\n{describe(args, settings, spec, results)}\n\n{format_table(rows)}")
-        failed = [t for t, r in results.items() if not ok(r)]
-        if failed:
+        if failed := [t for t, r in results.items() if not ok(r)]:
             print(f"\nfailed: {', '.join(failed)} (logs in {tmp})", file=sys.stderr)
             args.keep = True
         return 1 if failed else 0

@@ -1,24 +1,14 @@
-"""How data preparation scales with the corpus: memory, preparation time, warm start.
+"""How data preparation scales with the corpus: memory, preparation time, warm start; and the
+data wait with and without the prefetching thread.
 
     python -m bench.data_scale                       # 10 MB and 100 MB, cold and warm cache
     python -m bench.data_scale --sizes 10 100 1000   # add 1 GB
     python -m bench.data_scale --sizes 1000 --only cold
     python -m bench.data_scale --sizes 100 1000 --streaming   # and --streaming on 1 GB
+    python -m bench.data_scale --prefetch --streaming         # --prefetch 0 against 2, 10 MB
 
-Each corpus is real text: the embedded corpus's documents repeated in a shuffled order until
-the size is reached, one JSON object a line, written under ``--workdir`` (``/tmp`` by default,
-never the repository). For each size the trainer runs twice as a child process,
-
-    python train.py --train-text FILE --objectives masked_lm=1 --max-steps 20 --output-dir ...
-
-first with an empty cache (cold: reading, tokenizer training, tokenization), then again with
-the cache the first run left (warm). With ``--streaming`` the largest corpus also runs once
-with ``--streaming`` (read, tokenized and packed as it trains; its cache holds only the
-tokenizer, trained on the stream's first documents). Reported per run: the preparation time
-the trainer prints, the child's peak resident memory (``os.wait4`` rusage of that child alone),
-the time from the start of training (after imports) to the first finished step
-(``summary.json``), and the trained tokens per second. The table comes
-last. Times taken on a shared machine vary with its load; memory does not.
+Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process; see
+docs/performance.md for the corpus and what each column means.
 """
 
 from __future__ import annotations
@@ -69,8 +59,7 @@ _PREPARED = re.compile(r"prepared in (\d+(?:\.\d+)?)s")
 
 
 def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str], env=None) -> dict:
-    """Train on ``corpus`` in a child process (``env``: more environment variables); what
-    it measured."""
+    """Train on ``corpus`` in a child process (``env``: more environment variables)."""
     flags = ["--train-text", str(corpus), "--objectives", "masked_lm=1", "--max-steps", str(steps)]
     try:
         s = run_train([*flags, *extra], out, env={**(env or {}), "MINITURING_CACHE": str(cache)})
@@ -78,36 +67,39 @@ def run_child(corpus: Path, out: Path, cache: Path, steps: int, extra: list[str]
         raise SystemExit(f"{' '.join(flags)} failed: {err}") from None
     prepared = _PREPARED.search(Path(out.parent / f"{out.name}.log").read_text())
     logged = [m for m in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in m]
-    return {
-        "wall_s": s["wall_s"],
-        "prepare_s": float(prepared.group(1)) if prepared else None,
-        "peak_rss_mib": s["peak_rss_mib"],
-        "first_step_s": s["first_step_seconds"],
-        "tokens_per_s": logged[-1]["tokens_per_s"] if logged else None,
-        # Over the steps after the first log window (summary.json), not the last window:
-        "data_wait": s["data_wait"],
-        "timed_tokens_per_s": s["tokens_per_s"],
-    }
+    return {"wall_s": s["wall_s"], "prepare_s": float(prepared.group(1)) if prepared else None,
+            "peak_rss_mib": s["peak_rss_mib"], "first_step_s": s["first_step_seconds"],
+            "tokens_per_s": logged[-1]["tokens_per_s"] if logged else None,
+            # Over the steps after the first log window (summary.json), not the last window:
+            "data_wait": s["data_wait"], "timed_tokens_per_s": s["tokens_per_s"]}  # fmt: skip
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def race_prefetch(args: argparse.Namespace) -> list[dict]:
+    """The same run with ``--prefetch 0`` (the step draws its own batches) and ``--prefetch 2`` (a
+    thread draws them ahead), after a warm-up run has filled the cache: data wait and tokens/s."""
+    size = args.sizes[0]
+    corpus = args.corpus or make_corpus(args.workdir / f"corpus-{size}mb.jsonl", size)
+    cache = args.workdir / "cache"
+    flags = ["--log-every", "10", "--eval-every", "0", "--no-progress", "--rouge-samples", "0"]
+    flags += ["--eval-batches", "1", *["--streaming"] * args.streaming, *args.extra]
+    env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+    run_child(corpus, args.workdir / "warm-up", cache, 2, flags, env=env)
+    rows = []
+    for depth in (0, 2):
+        out = args.workdir / f"prefetch-{depth}"
+        result = run_child(corpus, out, cache, args.steps, [*flags, "--prefetch", str(depth)], env=env)  # fmt: skip
+        rows.append({"prefetch": depth, **result})
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"\n{'streamed' if args.streaming else 'mapped'}, {args.steps} steps, torch threads: "
+          f"{args.torch_threads or 'default'}\n| --prefetch | data wait (% of step) | tokens/s |\n|---|---|---|")  # fmt: skip
+    for r in rows:
+        print(f"| {r['prefetch']} | {100 * r['data_wait']:.2f} | {r['timed_tokens_per_s']:,.0f} |")
+    speedup = rows[1]["timed_tokens_per_s"] / rows[0]["timed_tokens_per_s"]
+    print(f"tokens/s with the thread / without: {speedup:.3f}")
+    return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], metavar="MB")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/minituring-data-scale"))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--only", choices=("cold", "warm"), default=None)
-    parser.add_argument("--keep-cache", action="store_true", help="do not empty the cache first")
-    parser.add_argument(
-        "--streaming", action="store_true", help="also run the largest corpus with --streaming"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("extra", nargs="*", help="more train.py flags, after --")
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+def scale(args: argparse.Namespace) -> list[dict]:
     rows = []
     for size in args.sizes:
         corpus = make_corpus(args.workdir / f"corpus-{size}mb.jsonl", size)
@@ -119,8 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             out = args.workdir / f"run-{size}mb-{kind}"
             result = run_child(corpus, out, cache, args.steps, args.extra)
-            row = {"size_mb": size, "cache": kind, **result}
-            rows.append(row)
+            rows.append(row := {"size_mb": size, "cache": kind, **result})
             print(json.dumps(row), flush=True)
     if args.streaming:
         size = max(args.sizes)
@@ -131,18 +122,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = run_child(corpus, out, cache, args.steps, [*args.extra, "--streaming"])
         rows.append(row := {"size_mb": size, "cache": "streaming", **result})
         print(json.dumps(row), flush=True)
+    print("\n| corpus | cache | prepared (s) | peak RSS (MiB) | first step (s) | tokens/s | wall (s) |"
+          "\n|---|---|---|---|---|---|---|")  # fmt: skip
+    cells = (("prepare_s", ".0f"), ("peak_rss_mib", ".0f"), ("first_step_s", ".1f"),
+             ("tokens_per_s", ".0f"), ("wall_s", ".0f"))  # fmt: skip
+    for r in rows:
+        shown = ["-" if r[k] is None else format(r[k], f) for k, f in cells]
+        print(f"| {r['size_mb']} MB | {r['cache']} | " + " | ".join(shown) + " |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--sizes", type=int, nargs="+", default=None, metavar="MB", help="default 10 100 (--prefetch: 10)")  # fmt: skip
+    add("--workdir", type=Path, default=Path("/tmp/minituring-data-scale"))
+    add("--steps", type=int, default=None, help="default 20 (--prefetch: 60)")
+    add("--only", choices=("cold", "warm"), default=None)
+    add("--keep-cache", action="store_true", help="do not empty the cache first")
+    add("--streaming", action="store_true", help="also run the largest corpus with --streaming")
+    add("--prefetch", action="store_true", help="race --prefetch 0 against 2 instead")
+    add("--corpus", type=Path, help="--prefetch: train on this text file instead")
+    add("--torch-threads", type=int, help="--prefetch: OMP_NUM_THREADS for the trainer")
+    add("--json", type=Path, default=None, help="also write the rows here")
+    add("extra", nargs="*", help="more train.py flags, after --")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.sizes = args.sizes or ([10] if args.prefetch else [10, 100])
+    args.steps = args.steps or (60 if args.prefetch else 20)
+    rows = race_prefetch(args) if args.prefetch else scale(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(
-        "\n| corpus | cache | prepared (s) | peak RSS (MiB) | first step (s) | tokens/s | wall (s) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['size_mb']} MB | {r['cache']} | {_fmt(r['prepare_s'], '.0f')} | "
-            f"{r['peak_rss_mib']:.0f} | {_fmt(r['first_step_s'], '.1f')} | "
-            f"{_fmt(r['tokens_per_s'], '.0f')} | {r['wall_s']:.0f} |"
-        )
     return rows
 
 

@@ -5,9 +5,8 @@ description (``/var/lib/dpkg/status``) as the document, its one-line synopsis as
     python -m bench.quality --minutes 10 --skip-mlm --pairs debian/train.jsonl \\
         --test-pairs debian/test.jsonl --text debian/corpus.jsonl
 
-For a generality check measured once, never for choosing a recipe. A fifth of the packages
-are held out as train.py holds out its split (``data.corpus.held_out_document``), so
-near-duplicates (a library and its -dev package sharing a description) fall on one side.
+A fifth of the packages are held out as train.py holds out its split, so near-duplicates (a
+library and its -dev package) fall on one side. For a generality check, never for a recipe.
 """
 
 from __future__ import annotations
@@ -49,9 +48,7 @@ def read_status(path: Path) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.debian_pairs", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.debian_pairs", description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--status", type=Path, default=Path("/var/lib/dpkg/status"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -64,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train.append((document, summary))
     args.out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "train.jsonl": [{"document": d, "summary": s} for d, s in train],
-        "test.jsonl": [{"document": d, "summary": s} for d, s in test.items()],
-        "corpus.jsonl": [{"text": d} for d, _ in train],
-    }
+    files = {"train.jsonl": [{"document": d, "summary": s} for d, s in train],
+             "test.jsonl": [{"document": d, "summary": s} for d, s in test.items()],
+             "corpus.jsonl": [{"text": d} for d, _ in train]}  # fmt: skip
     for name, rows in files.items():
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(train)} training and {len(test)} test pairs in {args.out}")

@@ -4,22 +4,17 @@ runs it to know where each kill landed; the fault tests run it to freeze at an e
 
     python -m bench.faults [train.py flags...]
 
-Moments: ``data`` (corpus, tokenizer, tokenized streams, model, checkpoint loading), ``step``,
-``eval``, ``save`` (a checkpoint) and its parts ``save:weights``, ``save:optimizer``,
-``save:rng``, ``save:state``, ``save:rename``, ``save:pointer``, ``save:export``,
-``save:prune``, and ``final`` (plot, samples). Set by the environment:
+Moments: ``data``, ``step``, ``eval``, ``save`` and its parts (``SAVE_PHASES``), ``final``.
+Set by the environment:
 
-``MINITURING_FAULT=POINT:N``   freeze the N-th time POINT is reached, then create the file
-                               ``MINITURING_FAULT_READY`` names and sleep until killed. Points:
-    weights    a checkpoint's model.safetensors half written (in its temporary folder)
-    optimizer  a checkpoint's optimizer.pt half written
-    rename     the checkpoint complete under its temporary name, not yet renamed
-    pointer    the checkpoint renamed, ``checkpoints/latest`` not yet switched to it
-    export     ``latest`` switched, the run folder's own model.safetensors half written
+``MINITURING_FAULT=POINT:N``   freeze the N-th time POINT of ``POINTS`` is reached (a checkpoint's
+                               weights or optimizer half written, before its rename, before the
+                               ``latest`` pointer, the exported weights half written), create
+                               the file ``MINITURING_FAULT_READY`` names, and sleep.
 ``MINITURING_SLOW_STEPS=S``    every training step lasts at least S seconds.
 ``MINITURING_PID_DIR=FOLDER``  each rank writes ``rank-R.pid`` there.
-``SOAK_PHASE=FILE``            rank 0 writes the moment it is in there (one word, overwritten).
-``SOAK_LOG=FILE``              rank 0 appends ``{"phase", "t"}`` lines at each change.
+``SOAK_PHASE=FILE``, ``SOAK_LOG=FILE``  rank 0 writes the moment it is in there (one word,
+                               overwritten), and appends ``{"phase", "t"}`` lines at each change.
 ``SOAK_PAUSE=PHASE:SECONDS``   rank 0 sleeps that long on first reaching PHASE, before it.
 """
 
@@ -32,6 +27,8 @@ import time
 from pathlib import Path
 
 POINTS = ("weights", "optimizer", "rename", "pointer", "export")
+SAVE_PHASES = tuple(f"save:{part}" for part in ("weights", "optimizer", "rng", "state", "rename",
+                                                "pointer", "export", "prune"))  # fmt: skip
 _HANDLERS: list = []  # each called as handler(moment, "before" | "after", path)
 
 
@@ -92,10 +89,8 @@ def freeze(point: str, n: int, ready: Path) -> None:
     when, seen = "before" if point in ("rename", "pointer") else "after", [0]
 
     def handler(moment: str, now: str, path) -> None:
-        if moment != f"save:{point}" or now != when:
-            return
-        seen[0] += 1
-        if seen[0] == n:
+        seen[0] += (moment, now) == (f"save:{point}", when)
+        if (moment, now) == (f"save:{point}", when) and seen[0] == n:
             if when == "after":
                 with open(path, "r+b") as f:
                     f.truncate(os.path.getsize(path) // 2)
@@ -130,7 +125,7 @@ class Phases:
     def enter(self, phase: str) -> None:
         if phase == self.current:
             return
-        self.current = phase
+        self.current = phase  # written whole (a rename), so the soak never reads half a word
         if self.file:
             with open(self.file + ".new", "w") as f:
                 f.write(phase)

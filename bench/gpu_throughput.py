@@ -7,13 +7,8 @@ closing table of ``bench/gpu_check.sh``.
     python -m bench.gpu_throughput --tiny --device cpu  # a seconds-long smoke run of this script
     python -m bench.gpu_throughput --report OUT_DIR     # the table of OUT_DIR/parts.tsv, *.json
 
-The run is ``train.train`` itself (data loader, masking, optimizer and all), so the number is
-what training gets; it is read from the run's summary.json: tokens/s over the steps after the
-first log window (start-up and warm-up). MFU is the model FLOPs per token of
-``MiniTuringConfig.flops_per_token`` (forward + backward, output layer counted at every
-position) x tokens/s, over the peak dense bf16 FLOP/s of the GPUs used: a table of known GPUs,
-else a measured large matmul. The report uses nothing but the standard library, so the table
-prints even where torch is broken.
+MFU: the model FLOP/s of the run's summary.json over the data sheet's dense bf16 peak of the
+GPUs used (else a measured matmul). The report needs only the standard library.
 """
 
 from __future__ import annotations
@@ -32,17 +27,17 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
                    ("H200", 989e12), ("A100", 312e12))  # fmt: skip
 
 
-def peak_flops(device, dtype) -> tuple[float, str]:
+def peak_flops(device, precision: str) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from: the table, else the FLOP/s of
     a large square matmul."""
     import torch
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_BF16_FLOPS:
-            if key in name and dtype == torch.bfloat16:
-                return flops, f"data sheet ({key})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, flops in PEAK_BF16_FLOPS if precision == "bf16" else ():
+        if key in name:
+            return flops, f"data sheet ({key})"
     n, iters = (8192 if device.type == "cuda" else 512), 20
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for warm in (True, False):
         start = time.perf_counter()
@@ -70,7 +65,7 @@ def train_flags(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return flags + ["--compile"] * args.compile + ["--activation-checkpointing"] * args.activation_checkpointing  # fmt: skip
 
 
-def measure(run_dir: Path, device, dtype, log_every: int) -> dict:
+def measure(run_dir: Path, device, precision: str, log_every: int) -> dict:
     """The row of one run, from its summary.json and config.json."""
     import torch
 
@@ -80,7 +75,7 @@ def measure(run_dir: Path, device, dtype, log_every: int) -> dict:
     if not s["tokens_per_s"]:
         raise SystemExit(f"error: {run_dir} logged one window only; raise --steps or lower --log-every")  # fmt: skip
     config, world = MiniTuringConfig.from_pretrained(run_dir), s["processes"]
-    peak, source = peak_flops(device, dtype)
+    peak, source = peak_flops(device, precision)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": world, "precision": s["precision"],
@@ -162,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         # train.py has moved this process to its GPU (cuda:LOCAL_RANK, or the one named).
         cuda = args.device.startswith("cuda")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        r = {"label": args.label, **measure(folder, device, dtype, args.log_every)}
+        r = {"label": args.label, **measure(folder, device, args.precision, args.log_every)}
         print(f"{args.label}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%\n"
               f"  on {r['device']} x{r['processes']}, {r['precision']}; peak "
               f"{r['peak_flops_per_device'] / 1e12:.4g} TFLOP/s per device ({r['peak_source']})",

@@ -5,32 +5,8 @@ on the same data, on this machine, for the same time.
     python -m bench.quality --minutes 2 --test-limit 40 --json quality.json
     python -m bench.quality --pairs train.jsonl --test-pairs test.jsonl --text docs.txt
 
-Contestants, run one after the other:
-
-* ours: ``python train.py --time-budget SECONDS`` with its defaults (one model, every objective
-  with data), into a fresh run folder; then ``model.load(run).summarize(docs, num_beams=4)`` and
-  ``fill_mask``.
-* HF BART (``BartForConditionalGeneration``, our width, heads and FFN, our layers split into
-  encoder + decoder) trained with ``Seq2SeqTrainer`` on the training pairs, and HF BERT
-  (``BertForMaskedLM`` at our shape) trained with ``Trainer`` + ``DataCollatorForLanguageModeling``
-  on the training text, each for the same wall-clock, with one byte-level BPE tokenizer trained
-  with ``tokenizers`` on the text ours trains its tokenizer on (see ``bench/quality_hf.py``).
-* baselines: lead-N (the document's first N words, N the reference's word count), lead-10, and
-  the extractive oracle (the window of the document's words, of the reference's length, with the
-  best ROUGE-L against the reference).
-
-The time budget covers the whole run on every side: train.py's ``--time-budget`` counts its data
-preparation (corpus, tokenizer training, tokenization), steps, evaluations and checkpoints; the
-HF side's training loop gets the budget less its own preparation (tokenizer training and
-tokenization), stopped by a callback. Test-set decoding is outside it on both sides.
-
-Summaries: ROUGE-1/2/L F-measure x100 as the trainer scores them (``trainer.evaluate.rouge``:
-``rouge_score``, stemmer on), mean over the test pairs;
-beam 4, no repeated trigram, at most ``--max-new-tokens`` tokens of each model's own tokenizer.
-Cloze: one whole word masked in each held-out text (its first ``CONTEXT_WORDS`` words): a word of
-letters only, not the first, preceded by a space, drawn by a seeded shuffle among those that are a
-single token (with their leading space) in every contestant's tokenizer, so each model predicts
-one token; top-1 exact match of the decoded token with the word.
+Ours is ``train.py --time-budget``, HF BART and BERT ``bench/hf.py``; docs/performance.md
+("How the race counts") says what each budget covers and how the cloze words are chosen.
 """
 
 from __future__ import annotations
@@ -49,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import quality_hf
+from bench import hf
 from bench.common import run_train
 from trainer.evaluate import rouge, rouge_scores
 
@@ -59,33 +35,23 @@ SHAPE_FLAGS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "seq_len", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.quality",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--minutes", type=float, default=10, help="training time of each contestant")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--test-limit", type=int, default=None, help="test pairs and cloze texts (default: all)"
-    )
-    p.add_argument("--bart-lr", type=float, default=5e-4, help="BART's peak learning rate")
-    p.add_argument("--bert-lr", type=float, default=5e-4, help="BERT's peak learning rate")
-    p.add_argument("--batch-size", type=int, default=32, help="both HF trainers (ours: 32)")
-    p.add_argument("--hf-dropout", type=float, default=None,
-                   help="BART's and BERT's dropout (default: train.py's --dropout)")  # fmt: skip
-    p.add_argument("--hf-attention-dropout", type=float, default=None,
-                   help="their attention dropout (default: train.py's --attention-dropout)")  # fmt: skip
-    p.add_argument("--bart-label-smoothing", type=float, default=None,
-                   help="Seq2SeqTrainer's label_smoothing_factor (default: train.py's)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap, both")
-    p.add_argument("--skip-hf", action="store_true", help="no BART or BERT")
-    p.add_argument("--skip-mlm", action="store_true", help="no BERT and no cloze test")
-    p.add_argument("--skip-ours", action="store_true", help="HF side and baselines only")
-    p.add_argument(
-        "--ours-flags", default="", metavar="FLAGS",
-        help="more train.py flags for ours, one quoted string (e.g. '--dropout 0.1')",
-    )  # fmt: skip
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add = p.add_argument
+    add("--minutes", type=float, default=10, help="training time of each contestant")
+    add("--seed", type=int, default=0)
+    add("--test-limit", type=int, default=None, help="test pairs and cloze texts (default: all)")
+    add("--bart-lr", type=float, default=5e-4, help="BART's peak learning rate")
+    add("--bert-lr", type=float, default=5e-4, help="BERT's peak learning rate")
+    add("--batch-size", type=int, default=32, help="both HF trainers (ours: 32)")
+    add("--hf-dropout", type=float, default=None, help="BART's and BERT's (default: train.py's)")
+    add("--hf-attention-dropout", type=float, default=None, help="theirs (default: train.py's)")
+    add("--bart-label-smoothing", type=float, default=None, help="(default: train.py's)")
+    add("--max-new-tokens", type=int, default=48, help="summary length cap, both")
+    add("--skip-hf", action="store_true", help="no BART or BERT")
+    add("--skip-mlm", action="store_true", help="no BERT and no cloze test")
+    add("--skip-ours", action="store_true", help="HF side and baselines only")
+    add("--ours-flags", default="", metavar="FLAGS", help="more train.py flags for ours, one quoted string (e.g. '--dropout 0.1')")  # fmt: skip
     data = p.add_argument_group("data (default: the embedded corpus and its held-out split)")
     data.add_argument("--pairs", nargs="+", default=[], help="training document/summary pairs")
     data.add_argument("--test-pairs", nargs="+", default=[], help="test pairs (with --pairs)")
@@ -94,13 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape = p.add_argument_group("shape overrides, both sides (default: our tiny preset)")
     for name in SHAPE_FLAGS:
         shape.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    run = p.add_argument_group("run")
-    run.add_argument("--json", default=None, metavar="OUT", help="write the results here")
-    run.add_argument("--workdir", default=None, help="keep run folders here (default: a temp dir)")
+    add("--json", default=None, metavar="OUT", help="write the results here")
+    add("--workdir", default=None, help="keep run folders here (default: a temp dir)")
     return p
-
-
-# ---------------------------------------------------------------------------- scores
 
 
 def lead(document: str, n: int) -> str:
@@ -128,8 +90,8 @@ def single_token(tokenizer, word: str) -> bool:
 
 
 def cloze_items(texts: list[str], fits, seed: int, limit: int | None = None) -> list:
-    """(text with one word replaced by [MASK], the word) for each text that has a candidate:
-    see the module's docstring. ``fits(word)``: the word is one token for every contestant."""
+    """(text with one word replaced by [MASK], the word) for each text that has a candidate (see
+    docs/performance.md). ``fits(word)``: the word is one token for every contestant."""
     items = []
     for i, text in enumerate(texts):
         spans = list(re.finditer(r"\S+", text))[:CONTEXT_WORDS]
@@ -151,20 +113,13 @@ def accuracy(predicted: list[str], words: list[str]) -> float:
     return 100 * sum(p == w for p, w in zip(predicted, words, strict=True)) / max(len(words), 1)
 
 
-# ---------------------------------------------------------------------------- contestants
-
-
 def load_data(args: argparse.Namespace):
     """The same split train.py makes from the same flags (data.raw.load_raw)."""
     from data.config import DataConfig
     from data.raw import load_raw
 
-    cfg = DataConfig(
-        train_text=list(args.text),
-        train_pairs=list(args.pairs),
-        eval_text=list(args.test_text),
-        eval_pairs=list(args.test_pairs),
-    )
+    cfg = DataConfig(train_text=list(args.text), train_pairs=list(args.pairs),
+                     eval_text=list(args.test_text), eval_pairs=list(args.test_pairs))  # fmt: skip
     return load_raw(cfg), cfg
 
 
@@ -180,19 +135,15 @@ def our_flags(args: argparse.Namespace, seconds: float) -> list[str]:
     return [*flags, *shlex.split(args.ours_flags)]
 
 
-def train_ours(args: argparse.Namespace, budget: float, work: Path) -> dict:
-    """train.py as a user runs it, in its own process; its output echoed as progress."""
-    s = run_train(our_flags(args, budget), work / "ours", echo="  ours")
-    return {"run": str(work / "ours"), "steps": s["steps"],
-            "train_seconds": s["elapsed"] - s["data_seconds"], "train_seconds_estimated": False,
-            "prep_seconds": s["data_seconds"], "total_seconds": s["wall_s"],
-            "command": s["command"]}  # fmt: skip
-
-
 def run_ours(args, seconds, work, test_pairs) -> tuple[dict, object]:
+    """train.py as a user runs it, in its own process, its output echoed as progress; then
+    ``model.load`` of its run summarizes the test documents."""
     import model
 
-    info = train_ours(args, seconds, work)
+    s = run_train(our_flags(args, seconds), work / "ours", echo="  ours")
+    info = {"run": str(work / "ours"), "steps": s["steps"],
+            "train_seconds": s["elapsed"] - s["data_seconds"], "prep_seconds": s["data_seconds"],
+            "total_seconds": s["wall_s"], "command": s["command"]}  # fmt: skip
     lm = model.load(info["run"])
     info["params"] = sum(p.numel() for p in lm.model.parameters())
     if test_pairs:
@@ -225,32 +176,36 @@ def hf_regularisation(args: argparse.Namespace) -> dict:
 
 def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
     reg = hf_regularisation(args)
-    dropouts = reg["dropout"], reg["attention_dropout"]
-
-    results: dict = {}
     start = time.perf_counter()
     # The HF side takes plain lists, as a script written for it would (our tables are
     # memory-mapped and read batch by batch).
     texts, pairs = list(raw.train_texts), [tuple(p) for p in raw.train_pairs]
-    tokenizer = quality_hf.train_tokenizer(texts + [d for d, _ in pairs],
-                                   shape["vocab_size"])  # fmt: skip
+    tokenizer = hf.train_tokenizer(texts + [d for d, _ in pairs], shape["vocab_size"])
     tok_seconds = time.perf_counter() - start
     print(f"[quality] HF tokenizer: {len(tokenizer)} entries in {tok_seconds:.0f}s", flush=True)
-    results["tokenizer"] = tokenizer
-    if pairs:
+
+    def contest(kind: str, name: str, make_data, what: str, train, lr: float, **kw):
+        """Data prepared, the model built and trained for what is left of the budget."""
         start = time.perf_counter()
-        data = quality_hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len)
+        data = make_data()
         prep = tok_seconds + time.perf_counter() - start
-        bart = quality_hf.build("bart", shape, tokenizer, args.seed, *dropouts)
-        print(f"[quality] BART {quality_hf.bart_layers(shape['num_layers'])}: {bart.num_parameters() / 1e6:.2f}M"
-              f" params, {len(data)} pairs, lr {args.bart_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
-        info = quality_hf.train_bart(bart, data, tokenizer, max(seconds - prep, 1.0), args.bart_lr,
-                             args.seed, args.batch_size, reg["label_smoothing"])  # fmt: skip
-        info.update(params=bart.num_parameters(), prep_seconds=prep, lr=args.bart_lr)
-        info["total_seconds"] = prep + info["train_seconds"]
+        model = hf.build(kind, shape, tokenizer, args.seed, reg["dropout"], reg["attention_dropout"])  # fmt: skip
+        print(f"[quality] {name}: {model.num_parameters() / 1e6:.2f}M params, {len(data)} {what}, "
+              f"lr {lr:g}, {seconds:g}s", flush=True)  # fmt: skip
+        info = train(model, data, tokenizer, max(seconds - prep, 1.0), lr, args.seed, args.batch_size, **kw)  # fmt: skip
+        info.update(params=model.num_parameters(), prep_seconds=prep, lr=lr)
+        return model, {**info, "total_seconds": prep + info["train_seconds"]}
+
+    results: dict = {"tokenizer": tokenizer}
+    if pairs:
+        bart, info = contest(
+            "bart", f"BART {hf.bart_layers(shape['num_layers'])}",
+            lambda: hf.seq2seq_data(pairs, tokenizer, cfg.source_len, cfg.target_len),
+            "pairs", hf.train_bart, args.bart_lr, label_smoothing=reg["label_smoothing"],
+        )  # fmt: skip
         if test_pairs:
             print(f"[quality] BART: summarizing {len(test_pairs)} test documents", flush=True)
-            summaries = quality_hf.bart_summarize(
+            summaries = hf.bart_summarize(
                 bart, tokenizer, [d for d, _ in test_pairs], num_beams=4,
                 max_new_tokens=args.max_new_tokens, source_len=cfg.source_len,
                 no_repeat_ngram_size=3,
@@ -259,21 +214,12 @@ def run_hf(args, seconds, raw, cfg, shape, test_pairs) -> dict:
         results["bart"] = info
         del bart
     if raw.train_texts and not args.skip_mlm:
-        start = time.perf_counter()
-        data = quality_hf.mlm_blocks(texts, tokenizer, shape["seq_len"])
-        prep = tok_seconds + time.perf_counter() - start
-        bert = quality_hf.build("bert", shape, tokenizer, args.seed, *dropouts)
-        print(f"[quality] BERT: {bert.num_parameters() / 1e6:.2f}M params, {len(data)} blocks of "
-              f"{shape['seq_len']}, lr {args.bert_lr:g}, {seconds:g}s", flush=True)  # fmt: skip
-        info = quality_hf.train_bert(bert, data, tokenizer, max(seconds - prep, 1.0), args.bert_lr,
-                             args.seed, args.batch_size)  # fmt: skip
-        info.update(params=bert.num_parameters(), prep_seconds=prep, lr=args.bert_lr, model=bert)
-        info["total_seconds"] = prep + info["train_seconds"]
-        results["bert"] = info
+        bert, info = contest(
+            "bert", "BERT", lambda: hf.mlm_blocks(texts, tokenizer, shape["seq_len"]),
+            f"blocks of {shape['seq_len']}", hf.train_bert, args.bert_lr,
+        )  # fmt: skip
+        results["bert"] = {**info, "model": bert}
     return results
-
-
-# ---------------------------------------------------------------------------- the table
 
 
 def machine() -> str:
@@ -299,17 +245,11 @@ def format_table(rows: list[dict]) -> str:
             continue
         clock = "-"
         if r.get("train_seconds") is not None:
-            about = "~" if r.get("train_seconds_estimated") else ""
-            clock = f"{about}{r['train_seconds']:.0f}s training"
-            if r.get("prep_seconds") is not None:
-                clock += f" + {r['prep_seconds']:.0f}s data prep"
-            clock += f", {r['total_seconds']:.0f}s in all"
-        cloze = None if r.get("cloze") is None else r["cloze"]
-        lines.append(
-            f"| {r['name']} | {num(r.get('rouge1'))} | {num(r.get('rouge2'))} | "
-            f"{num(r.get('rougeL'))} | {num(cloze, '{:.1f}%')} | {num(r.get('steps'), '{}')} | "
-            f"{clock} |"
-        )
+            clock = f"{r['train_seconds']:.0f}s training + {r['prep_seconds']:.0f}s data prep, "
+            clock += f"{r['total_seconds']:.0f}s in all"
+        lines.append(f"| {r['name']} | {num(r.get('rouge1'))} | {num(r.get('rouge2'))} | "
+                     f"{num(r.get('rougeL'))} | {num(r.get('cloze'), '{:.1f}%')} | "
+                     f"{num(r.get('steps'), '{}')} | {clock} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -336,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         for name, predictions in baselines(test_pairs).items() if test_pairs else ():
             rows.append({"name": name, **rouge(predictions, [s for _, s in test_pairs])})
-        lm = ours = hf = None
+        lm = ours = theirs = None
         if not args.skip_ours:
             print(f"[quality] ours: train.py for {seconds:g}s of training", flush=True)
             try:
@@ -346,59 +286,41 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": "ours train.py", "error": f"{type(err).__name__}: {err}"})
         if not args.skip_hf:
             try:
-                hf = run_hf(args, seconds, raw, cfg, shape, test_pairs)
+                theirs = run_hf(args, seconds, raw, cfg, shape, test_pairs)
             except Exception as err:
                 rows.append({"name": "HF", "error": f"{type(err).__name__}: {err}"})
-                hf = None
-        for key, label in (
-            ("bart", "HF BART {}M + Seq2SeqTrainer"),
-            ("bert", "HF BERT {}M + Trainer"),
-        ):
-            if hf and key in hf:
-                rows.append({"name": label.format(f"{hf[key]['params'] / 1e6:.2f}"), **hf[key]})
+        for key, label in (("bart", "HF BART {}M + Seq2SeqTrainer"), ("bert", "HF BERT {}M + Trainer")):  # fmt: skip
+            if theirs and key in theirs:
+                rows.append({"name": label.format(f"{theirs[key]['params'] / 1e6:.2f}"), **theirs[key]})  # fmt: skip
         # The cloze test, over words that are one token for every model that takes it.
         fill = {}
         if lm is not None and raw.train_texts and not args.skip_mlm:
             fill["ours"] = (lm.tokenizer, lambda texts: our_fill(lm, texts))
-        if hf and "bert" in hf:
-            tok, bert = hf["tokenizer"], hf["bert"]["model"]
-            fill["bert"] = (tok, lambda texts: quality_hf.bert_fill(
+        if theirs and "bert" in theirs:
+            tok, bert = theirs["tokenizer"], theirs["bert"]["model"]
+            fill["bert"] = (tok, lambda texts: hf.bert_fill(
                 bert, tok, [t.replace(MASK, tok.mask_token) for t in texts]))  # fmt: skip
-        cloze_n = 0
+        items = []
         if fill and raw.eval_texts:
-
-            def fits(word):
-                return all(single_token(t, word) for t, _ in fill.values())
-
+            fits = lambda word: all(single_token(t, word) for t, _ in fill.values())  # noqa: E731
             items = cloze_items(list(raw.eval_texts), fits, args.seed, args.test_limit)
-            cloze_n = len(items)
-            print(f"[quality] cloze: {cloze_n} held-out texts, one word masked each", flush=True)
+            print(f"[quality] cloze: {len(items)} held-out texts, one word masked each", flush=True)
             for key, (_, predict) in fill.items():
-                row = next(
-                    r for r in rows if r["name"].startswith("ours" if key == "ours" else "HF BERT")
-                )
+                row = next(r for r in rows if r["name"].startswith({"ours": "ours", "bert": "HF BERT"}[key]))  # fmt: skip
                 row["cloze"] = accuracy(predict([t for t, _ in items]), [w for _, w in items])
         reg = hf_regularisation(args)
-        notes = [
-            f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} "
-            f"heads, FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block "
-            f"{shape['seq_len']}: ours and BERT; BART the same width with the layers split "
-            "between encoder and decoder (its decoder layers add cross-attention)",
-            f"test: {len(test_pairs)} held-out pairs; cloze: {cloze_n} held-out texts "
-            f"(first {CONTEXT_WORDS} words, one single-token letters-only word masked, top-1 "
-            "exact match); ROUGE F x100 (rouge_score, stemmer), beam 4, no repeated trigram, at "
-            f"most {args.max_new_tokens} new tokens",
-            f"budget {seconds:g}s of preparation and training on each side (HF's loop gets the "
-            "budget less its tokenizer training and tokenization); ours trains one model on every objective in it, HF one model per task, each "
-            f"for the whole budget; BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g} "
-            "(train.py's schedule fitted to the budget, HF AdamW defaults, dropout "
-            f"{reg['dropout']:g}, attention dropout {reg['attention_dropout']:g}, BART label "
-            f"smoothing {reg['label_smoothing']:g}, batch {args.batch_size}); BERT token-level masking, ours whole-word (its default)",
-            "in all: ours the whole train.py process (start-up, data prep, training, its final "
-            "evaluation, checkpoint and plot); HF data prep + training; inference on the test "
-            "set not counted; ~: train.py logged no record at its last step, its training "
-            "time is estimated from the speed of the steps it logged",
-        ]
+        notes = [  # what docs/performance.md explains at length ("How the race counts")
+            f"shape {shape['num_layers']} layers x {shape['hidden_size']}, {shape['num_heads']} heads, "
+            f"FFN {shape['ffn_size']}, vocabulary {shape['vocab_size']}, masked-LM block {shape['seq_len']}: "
+            "ours and BERT; BART the same width, its layers split between encoder and decoder",
+            f"test: {len(test_pairs)} held-out pairs, ROUGE F x100 (rouge_score, stemmer), beam 4, no "
+            f"repeated trigram, at most {args.max_new_tokens} new tokens; cloze: {len(items)} held-out "
+            f"texts (first {CONTEXT_WORDS} words, one single-token word masked, top-1 exact match)",
+            f"budget {seconds:g}s of preparation and training on each side, test decoding not counted; "
+            f"BART lr {args.bart_lr:g}, BERT lr {args.bert_lr:g}, train.py's schedule, HF AdamW "
+            f"defaults, dropout {reg['dropout']:g}, attention dropout {reg['attention_dropout']:g}, "
+            f"BART label smoothing {reg['label_smoothing']:g}, batch {args.batch_size}",
+        ]  # fmt: skip
         dropped = ("model", "summaries") + (("run",) if args.workdir is None else ())
         rows_out = [{k: v for k, v in r.items() if k not in dropped} for r in rows]
         if args.json:

@@ -3,36 +3,20 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
 
     python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40] [--child]
 
-1. Trains the reference: a tiny CPU fp32 run (one process, or two gloo processes under
-   ``torch.distributed.run``), uninterrupted, timing its phases.
-2. Trains the same run again, killing it while it prepares data, trains a step, evaluates, or
-   in every part of a checkpoint save (weights, optimizer, RNG state, state.json, the rename,
-   the ``latest`` pointer, the exported weights, pruning), each time resuming (or starting
-   afresh when no checkpoint exists yet) until it finishes; kills left over start another
-   round in a fresh folder. After each kill the folder must load with ``model.load``.
-3. Compares each finished round with the reference: the run folder's weights and the latest
-   checkpoint (weights, optimizer, state) bitwise, ``metrics.jsonl`` line by line except
-   wall-clock fields, ``samples.json``, and no temporary file left in the folder.
-4. Prints the kills, where they landed, the resumes and the verdict; exits 1 on divergence.
-
-With ``--child`` every run of 1-3 starts with ``--init-from`` a parent trained first (8 steps,
-never killed): a killed child resumes from its own checkpoints as any run does.
-
-Kills land where they were aimed: ``bench/faults.py`` announces the phase the run is in
-(and, for the brief parts of a save, holds the chosen one open for a moment); the landing is
-read back at the moment of the kill, with whether a ``.step-*.tmp`` folder existed then.
-With two processes, a kill stops the whole job (every process of it), a SIGTERM reaches both
-ranks. Gloo sums two ranks' gradients in the same order each time, so the comparison stays
-bitwise there too.
+Kills are aimed at the phases ``bench/faults.py`` announces; exit status 1 on a divergence.
+``--child``: every run starts with ``--init-from`` a parent trained first (8 steps, never
+killed).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,12 +25,9 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT
+from bench.faults import SAVE_PHASES
 from trainer.plot import read_metrics
 
-SAVE_PHASES = (
-    "save:weights", "save:optimizer", "save:rng", "save:state",
-    "save:rename", "save:pointer", "save:export", "save:prune",
-)  # fmt: skip
 # Wall-clock fields: the only ones a resumed run may log differently.
 TIMING = frozenset({"elapsed", "tokens_per_s", "data_wait"})
 STATE_TIMING = frozenset({"elapsed"})
@@ -56,9 +37,6 @@ TARGET_WEIGHTS = (1, 2, 3, 2, 4, 1)
 SAVE_EVERY, EVAL_EVERY, LOG_EVERY, KEEP = 4, 6, 3, 2
 PAUSE_S = 0.8  # how long a chosen part of a save is held open
 PARENT_STEPS = 8  # the parent of --child, trained once and never killed
-
-
-# ---------------------------------------------------------------------------- comparing
 
 
 def _timeless(record: dict, timing: frozenset = TIMING) -> dict:
@@ -85,8 +63,7 @@ def _same_tensors(a: dict, b: dict, what: str, tol: float | None) -> list[str]:
 
 
 def _split(obj, prefix: str = "", tensors: dict | None = None):
-    """A nested structure (an optimizer state dict) without its tensors, and its tensors by
-    path."""
+    """A nested structure (an optimizer state dict) without its tensors, and its tensors."""
     import torch
 
     tensors = {} if tensors is None else tensors
@@ -101,9 +78,8 @@ def _split(obj, prefix: str = "", tensors: dict | None = None):
 
 
 def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[str]:
-    """What differs between two finished run folders; empty when they are the same run.
-
-    ``tol=None``: tensors bitwise equal; otherwise equal to ``tol`` (absolute)."""
+    """What differs between two finished run folders; empty when they are the same run (tensors
+    bitwise equal, or with ``tol``, equal to that absolute tolerance)."""
     import torch
     from safetensors.torch import load_file
 
@@ -119,20 +95,21 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
             keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
             problems.append(f"metrics.jsonl line {n} (step {x.get('step')}): {keys} differ")
             break
+
+    def same_weights(name: str, a: Path, b: Path) -> list[str]:
+        return _same_tensors(load_file(str(a / name)), load_file(str(b / name)), name, tol)
+
     if not (run / "model.safetensors").is_file():
         problems.append("model.safetensors is missing")
     else:
-        problems += _same_tensors(load_file(str(reference / "model.safetensors")),
-                                  load_file(str(run / "model.safetensors")), "model.safetensors", tol)  # fmt: skip
+        problems += same_weights("model.safetensors", reference, run)
     pointer_a = (reference / "checkpoints" / "latest").read_text().strip()
     pointer_b = run / "checkpoints" / "latest"
     if not pointer_b.is_file() or pointer_b.read_text().strip() != pointer_a:
         problems.append(f"checkpoints/latest does not name {pointer_a}")
     else:
         ca, cb = reference / "checkpoints" / pointer_a, run / "checkpoints" / pointer_a
-        problems += _same_tensors(load_file(str(ca / "model.safetensors")),
-                                  load_file(str(cb / "model.safetensors")),
-                                  f"checkpoints/{pointer_a}/model.safetensors", tol)  # fmt: skip
+        problems += same_weights(f"checkpoints/{pointer_a}/model.safetensors", reference, run)
         (oa, ta), (ob, tb) = (_split(torch.load(c / "optimizer.pt", weights_only=True))
                               for c in (ca, cb))  # fmt: skip
         problems += _same_tensors(ta, tb, f"checkpoints/{pointer_a}/optimizer.pt", tol)
@@ -156,20 +133,13 @@ def compare_runs(reference: Path, run: Path, tol: float | None = None) -> list[s
     return problems + ([f"temporary files left: {left}"] if left else [])
 
 
-# ---------------------------------------------------------------------------- running
-
-
 def write_corpus(folder: Path) -> tuple[Path, Path]:
     """A few hundred paragraphs of the interpreter's docs, and document/summary pairs."""
     import pydoc_data.topics
 
-    texts = []
-    for key in sorted(pydoc_data.topics.topics):
-        for p in pydoc_data.topics.topics[key].split("\n\n"):
-            p = " ".join(p.split())
-            if len(p.split()) >= 12:
-                texts.append(p)
-    texts = texts[:600]
+    topics = pydoc_data.topics.topics
+    texts = [" ".join(p.split()) for key in sorted(topics) for p in topics[key].split("\n\n")]
+    texts = [p for p in texts if len(p.split()) >= 12][:600]
     folder.mkdir(parents=True, exist_ok=True)
     text_file, pairs = folder / "docs.txt", folder / "pairs.jsonl"
     text_file.write_text("\n".join(texts) + "\n")
@@ -201,57 +171,36 @@ class Job:
     def __init__(self, argv: list[str], work: Path, procs: int, pause: str | None = None):
         self.phase_file, self.pids = work / "phase", work / "pids"
         self.phase_file.unlink(missing_ok=True)
-        self.pids.mkdir(exist_ok=True)
-        for p in self.pids.iterdir():
-            p.unlink()
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MINITURING_CACHE": str(work / "cache"),
-            "SOAK_PHASE": str(self.phase_file),
-            "SOAK_LOG": str(work / "phases.jsonl"),
-            "MINITURING_PID_DIR": str(self.pids),
-        }
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
-        if pause:
-            env["SOAK_PAUSE"] = f"{pause}:{PAUSE_S}"
+        shutil.rmtree(self.pids, ignore_errors=True)
+        self.pids.mkdir()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+        env.update(OMP_NUM_THREADS="1", MINITURING_CACHE=str(work / "cache"),
+                   SOAK_PHASE=str(self.phase_file), SOAK_LOG=str(work / "phases.jsonl"),
+                   MINITURING_PID_DIR=str(self.pids), **({"SOAK_PAUSE": f"{pause}:{PAUSE_S}"} if pause else {}))  # fmt: skip
         launcher = [sys.executable]
         if procs > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
         self.log = open(work / "job.log", "a")  # noqa: SIM115
         self.log.write(f"\n$ {' '.join(argv)}\n")
         self.log.flush()
-        self.proc = subprocess.Popen(
-            [*launcher, "-m", "bench.faults", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a kill reaches the launcher and every worker
-        )
+        # A session of its own: a kill reaches the launcher and every worker.
+        self.proc = subprocess.Popen([*launcher, "-m", "bench.faults", *argv], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
 
     def phase(self) -> str | None:
-        try:
-            return self.phase_file.read_text() or None
-        except OSError:
-            return None
+        return (self.phase_file.read_text() or None) if self.phase_file.is_file() else None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self, sig: int) -> None:
-        if sig == signal.SIGKILL:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
-        for pid_file in self.pids.glob("rank-*.pid"):  # each rank, as a scheduler would
-            try:
-                os.kill(int(pid_file.read_text()), sig)
-            except (ProcessLookupError, ValueError):
-                pass
+        """SIGKILL: the whole job; else each rank, as a scheduler would."""
+        group = [f"-{self.proc.pid}"]  # a negative pid: the process group
+        for pid in group if sig == signal.SIGKILL else [f.read_text() for f in self.pids.glob("rank-*.pid")]:  # fmt: skip
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), sig)
 
     def wait(self, timeout: float = 600) -> int:
         try:
@@ -314,9 +263,8 @@ def soak(args) -> int:
     timings = phase_timings(work / "phases.jsonl")
     print(f"reference: {time.monotonic() - t0:.1f}s", flush=True)
 
-    def span(phase: str) -> float:
-        values = timings.get(phase) or [0.05]
-        return max(values) if phase != "step" else sum(values)
+    def span(phase: str) -> float:  # how long a kill aimed at this phase may wait
+        return (max if phase != "step" else sum)(timings.get(phase) or [0.05])
 
     # 2. The same run, killed again and again.
     landed, sub_phases = collections.Counter(), collections.Counter()
@@ -348,22 +296,16 @@ def soak(args) -> int:
             phase, tmp = job.phase(), any((out / "checkpoints").glob(".step-*.tmp"))
             job.kill(sig)
             finished = job.wait() == 0  # a SIGTERM at the very end: the run completed
-            kills, terms, in_save_tmp = (
-                kills + 1,
-                terms + (sig == signal.SIGTERM),
-                in_save_tmp + tmp,
-            )
+            kills, terms, in_save_tmp = kills + 1, terms + (sig == signal.SIGTERM), in_save_tmp + tmp  # fmt: skip
             where = "startup" if phase is None else "save" if phase.startswith("save:") else phase
             landed[where] += 1
             sub_phases[phase] += where == "save"
         else:
-            rc = job.wait()
-            if rc != 0:
+            if (rc := job.wait()) != 0:
                 print(f"round {rounds}: an attempt failed by itself ({rc}); see {work / 'job.log'}")  # fmt: skip
                 return 2
             finished = True
-        problem = loadable(out)
-        if problem:
+        if problem := loadable(out):
             load_failures.append(f"round {rounds}, after kill {kills}: {problem}")
         if finished:
             found = compare_runs(reference, out)
@@ -387,13 +329,13 @@ def soak(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=100, help="kills in all (default: 100)")
-    parser.add_argument("--procs", type=int, choices=(1, 2), default=1, help="training processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
-    parser.add_argument("--steps", type=int, default=40, help="steps of the run (default: 40)")
-    parser.add_argument("--child", action="store_true",
-                        help="soak a run started with --init-from a parent trained first")  # fmt: skip
-    parser.add_argument("--workdir", help="folder for the runs (default: a new temporary one)")
+    add = parser.add_argument
+    add("--kills", type=int, default=100, help="kills in all (default: 100)")
+    add("--procs", type=int, choices=(1, 2), default=1, help="training processes")
+    add("--seed", type=int, default=0, help="seed of the kill schedule")
+    add("--steps", type=int, default=40, help="steps of the run (default: 40)")
+    add("--child", action="store_true", help="soak a run started with --init-from a parent")
+    add("--workdir", help="folder for the runs (default: a new temporary one)")
     args = parser.parse_args(argv)
     if args.kills < 0 or args.steps < 2:
         parser.error("--kills must be >= 0 and --steps >= 2")

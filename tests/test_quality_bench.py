@@ -9,8 +9,7 @@ import math
 import pytest
 
 from bench import debian_pairs as debian
-from bench import quality
-from bench import quality_hf as hf
+from bench import hf, quality
 
 TINY = [
     "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "64",
