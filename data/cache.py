@@ -220,6 +220,8 @@ class CacheDir:
             return f"{DONE}: unreadable ({err})"
         if not isinstance(done, dict) or not isinstance(done.get("files"), dict):
             return f"{DONE}: records no files (written by an older version)"
+        if not isinstance(done.get("meta"), dict):
+            return f"{DONE}: records no metadata"
         try:
             for name, record in sorted(done["files"].items()):
                 problem = file_problem(self.path / name, record)

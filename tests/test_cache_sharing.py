@@ -312,13 +312,24 @@ def test_an_entry_that_cannot_be_removed_stops_the_run_saying_what_to_delete(
     assert f"cannot be removed (Permission denied); delete {entry} and run again" in message
 
 
-def test_an_entry_of_an_older_version_is_rebuilt(tmp_path, monkeypatch, pristine):
-    """done.json was once ``{}``: it records nothing to check, so the entry is rebuilt."""
+@pytest.mark.parametrize(
+    "done, why",
+    [
+        ("{}", "records no files (written by an older version)"),  # done.json once was {}
+        ('{"files": {}}', "records no metadata"),
+        ('{"files": {"tokens.int32": {"size": 1', "unreadable"),
+    ],
+)
+def test_an_entry_whose_done_json_records_nothing_to_check_is_rebuilt(
+    tmp_path, monkeypatch, caplog, pristine, done, why
+):
     source, files = pristine
     shutil.copytree(source, tmp_path / "cache")
     monkeypatch.setenv("MINITURING_CACHE", str(tmp_path / "cache"))
     entry = _entry(tmp_path / "cache" / "prepared", "text-train-")
-    (entry / DONE).write_text("{}")
+    (entry / DONE).write_text(done)
     _truncate(entry / "tokens.int32")
-    _prepare(files)
+    with caplog.at_level(logging.WARNING, "data.cache"):
+        _prepare(files)
+    assert f"rebuilding the cache entry {entry}: {DONE}: {why}" in caplog.text
     assert CacheDir(entry.parent, entry.name).problem() is None
