@@ -85,7 +85,8 @@ def tokenize_texts(texts, tokenizer, name: str, tok_key: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int32)
     sep = tokenizer.sep_token_id
     cache = CacheDir(prepared_root(), f"{name}-{digest('tokens', PREP_VERSION, docs.key, tok_key)}")
-    if not cache.ready():
+
+    def fill() -> None:
         cache.partial.mkdir(parents=True, exist_ok=True)
         parts = []
         with cache.build() as tmp:
@@ -99,6 +100,8 @@ def tokenize_texts(texts, tokenizer, name: str, tok_key: str) -> np.ndarray:
                     write_array(part, np.concatenate(pieces))
                 parts.append(part)
             concat_files(parts, tmp / "tokens.int32")
+
+    cache.obtain(fill)
     return open_array(cache.path / "tokens.int32", np.int32)
 
 
@@ -125,7 +128,8 @@ def _tokenized_pairs(cache: CacheDir, docs, task, tasks: list, tokenizer) -> tup
     """Run ``task`` over every shard not cached yet (in worker processes when there are many
     documents), tokenize each shard's (source, target) strings and cache it, then join the
     shards into flat source/target arrays with offsets."""
-    if not cache.ready():
+
+    def fill() -> None:
         cache.partial.mkdir(parents=True, exist_ok=True)
         parts = [cache.partial / f"shard-{i:05d}.npz" for i in range(len(tasks))]
         todo = [i for i, p in enumerate(parts) if not p.exists()]
@@ -139,6 +143,8 @@ def _tokenized_pairs(cache: CacheDir, docs, task, tasks: list, tokenizer) -> tup
                 with atomic_path(parts[i], unique=True) as tmp_part, open(tmp_part, "wb") as f:
                     np.savez(f, s_flat=s_flat, s_len=s_len, t_flat=t_flat, t_len=t_len)
             _join_pairs(parts, tmp)
+
+    cache.obtain(fill)
     path = cache.path
     return (
         Ragged(open_array(path / "src.int32", np.int32), open_array(path / "src.off", np.int64)),

@@ -153,10 +153,8 @@ def prepare_split(
         [source_identity(s) for s in eval_sources],
     )
     cache = CacheDir(prepared_root(), f"{kind}-{key}")
-    if cache.ready():
-        meta = cache.meta()
-        _replay(meta)
-    else:
+
+    def fill() -> None:
         meta: dict = {}
         with _recording_warnings() as warnings, cache.build(meta) as tmp:
             writers = {
@@ -181,6 +179,10 @@ def prepare_split(
                 w.close()
             carve_validation(tmp, table_cls, cfg.val_fraction, chars)
             meta.update(chars=chars, warnings=warnings)
+
+    meta = cache.obtain(fill)
+    if not cache.built:
+        _replay(meta)
     return tuple(
         table_cls(cache.path / f"{split}.arrow", digest(key, split), meta["chars"][split])
         for split in ("train", "eval", "val")
@@ -226,14 +228,16 @@ def _embedded_corpus(cfg: DataConfig) -> RawData:
     key = digest("corpus", PREP_VERSION, corpus_key(cfg.eval_fraction, max_chars, cfg.val_fraction))
     cache = CacheDir(prepared_root(), f"corpus-{key}")
     names = _EMBEDDED_TABLES
-    if not cache.ready():
+
+    def fill() -> None:
         # In a child process: the build holds every document as a Python string (1.3 GB at its
         # peak for the default 20M characters), and a process seldom hands freed memory back
         # to the system, so the trainer would carry that peak for its whole run. The child
         # leaves only the tables; its errors are raised here.
         with ProcessPoolExecutor(1, mp_context=mp_context()) as pool:
             pool.submit(_build_embedded, cache, cfg.eval_fraction, kwargs).result()
-    meta = cache.meta()
+
+    meta = cache.obtain(fill)
     tables = {
         name: (PairTable if name.endswith("pairs") else TextTable)(
             cache.path / f"{name}.arrow", digest(key, name), meta["chars"][name]

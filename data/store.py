@@ -5,7 +5,8 @@
 * Token ids are flat int32 files, read a slice at a time (:class:`FileArray`);
   sequence-to-sequence examples are a flat token file plus an int64 offsets file
   (:class:`Ragged`), so no example is a Python object.
-* They live in prepared folders of the cache, each built and completed atomically
+* They live in prepared folders of the cache, each built by one process, completed atomically
+  and checked against its recorded sizes and checksums before use
   (:class:`data.cache.CacheDir`).
 """
 

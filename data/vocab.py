@@ -7,7 +7,6 @@ model needs alone.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -16,13 +15,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import __version__ as _tk_version
 from transformers import PreTrainedTokenizerFast
 
-from data.cache import prepared_root
+from data.cache import CacheDir, prepared_root
 from data.config import check_tokenizer_options
 from data.store import Chain, Table, content_digest, digest
-from model.files import atomic_path
 from model.tokenizer import SPECIAL_TOKENS, added_token, special_ids, wrap
-
-log = logging.getLogger(__name__)
 
 # Tokenizers train on at most about this many characters of the corpus.
 SAMPLE_CHARS = 200_000_000
@@ -46,24 +42,25 @@ def train_tokenizer(
     """
     check_tokenizer_options(kind, vocab_size)
     tok, trainer = _untrained(kind, vocab_size, min_frequency)
-    cached = _cache_path(texts, kind, vocab_size, min_frequency, max_chars)
-    if cached is not None and cached.is_file():
-        try:
-            return wrap(Tokenizer.from_str(cached.read_text()))
-        except Exception as e:  # a damaged cache file (OSError, JSON errors): train again
-            log.warning("ignoring the unreadable tokenizer cache %s (%s)", cached, e)
-    total = _num_chars(texts)
-    if total > max_chars:
-        length = None
-    tok.train_from_iterator(training_sample(texts, total, max_chars), trainer, length=length)
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cached, unique=True) as tmp:
-                tmp.write_text(tok.to_str())
-        except OSError as e:
-            log.warning("could not cache the tokenizer in %s (%s)", cached.parent, e)
-    return wrap(tok)
+    cache = _cache_dir(texts, kind, vocab_size, min_frequency, max_chars)
+
+    def trained() -> Tokenizer:
+        total = _num_chars(texts)
+        sample_length = None if total > max_chars else length
+        tok.train_from_iterator(
+            training_sample(texts, total, max_chars), trainer, length=sample_length
+        )
+        return tok
+
+    if cache is None:
+        return wrap(trained())
+
+    def fill() -> None:
+        with cache.build() as tmp:
+            (tmp / "tokenizer.json").write_text(trained().to_str())
+
+    cache.obtain(fill)
+    return wrap(Tokenizer.from_file(str(cache.path / "tokenizer.json")))
 
 
 def _untrained(kind: str, vocab_size: int, min_frequency: int) -> tuple[Tokenizer, object]:
@@ -95,14 +92,14 @@ def _untrained(kind: str, vocab_size: int, min_frequency: int) -> tuple[Tokenize
     return tok, trainer
 
 
-def _cache_path(texts, kind: str, vocab_size: int, min_frequency: int, max_chars: int):
-    """Where a tokenizer trained on prepared tables is cached; None for other inputs."""
+def _cache_dir(texts, kind: str, vocab_size: int, min_frequency: int, max_chars: int):
+    """The cache entry of a tokenizer trained on prepared tables; None for other inputs."""
     parts = texts.parts if isinstance(texts, Chain) else [texts]
     if not any(isinstance(p, Table) for p in parts):
         return None
     keys = [p.key if isinstance(p, Table) else content_digest(p) for p in parts]
     key = digest("tokenizer", keys, kind, vocab_size, min_frequency, max_chars, _tk_version)
-    return prepared_root() / f"tokenizer-{key}.json"
+    return CacheDir(prepared_root(), f"tokenizer-{key}")
 
 
 def _num_chars(texts) -> int:
