@@ -3,12 +3,11 @@ data wait with and without the prefetching thread.
 
     python -m bench.data_scale                       # 10 MB and 100 MB, cold and warm cache
     python -m bench.data_scale --sizes 10 100 1000   # add 1 GB
-    python -m bench.data_scale --sizes 1000 --only cold
     python -m bench.data_scale --sizes 100 1000 --streaming   # and --streaming on 1 GB
     python -m bench.data_scale --prefetch --streaming         # --prefetch 0 against 2, 10 MB
 
-Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process; see
-docs/performance.md for the corpus and what each column means.
+Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process; the
+columns: docs/performance.md.
 """
 
 from __future__ import annotations

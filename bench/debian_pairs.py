@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from data.corpus import held_out_document
+from data.split import held_out_document
 
 TEST_FRACTION, MIN_WORDS = 0.2, 8
 

@@ -2,13 +2,11 @@
 closing table of ``bench/gpu_check.sh``.
 
     python -m bench.gpu_throughput                      # base preset, bf16, sequence 512, masked LM
-    python -m bench.gpu_throughput --compile            # the same with compiled blocks
     torchrun --nproc_per_node 8 -m bench.gpu_throughput --strategy fsdp --run-dir /tmp/tp
     python -m bench.gpu_throughput --tiny --device cpu  # a seconds-long smoke run of this script
     python -m bench.gpu_throughput --report OUT_DIR     # the table of OUT_DIR/parts.tsv, *.json
 
-MFU: the model FLOP/s of the run's summary.json over the data sheet's dense bf16 peak of the
-GPUs used (else a measured matmul). The report needs only the standard library.
+MFU: summary.json's model FLOP/s over the GPUs' data-sheet dense bf16 peak (else a matmul's).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The Hugging Face contestants, BART and BERT at our shape, built once for both races:
-``bench/compare.py`` runs each of its HF sides in a process of its own (its own peak memory),
-
-    python -m bench.hf {mlm_hf,seq2seq_hf} SPEC.json RESULT.json
-
-and ``bench/quality.py`` trains them from scratch for a wall-clock budget with ``train.py``'s
-schedule, HF's AdamW defaults and our regularisation, with a byte-level BPE tokenizer of their
-own; then beam-search summaries and top-1 mask fills.
+``bench/compare.py`` runs each HF side in a process of its own
+(``python -m bench.hf {mlm_hf,seq2seq_hf} SPEC.json RESULT.json``), and ``bench/quality.py``
+trains them for a wall-clock budget with ``train.py``'s schedule, HF's AdamW defaults, our
+regularisation and a byte-level BPE tokenizer of their own.
 """
 
 from __future__ import annotations
@@ -47,11 +44,9 @@ from trainer.schedule import FIRST_PLAN_AT, REPLAN_EVERY
 
 def hf_model(kind: str, shape: dict, ids: dict, seed: int, layers=None, dropout=0.0,
              attention_dropout=0.0):  # fmt: skip
-    """Hugging Face's ``BertForMaskedLM`` (``kind`` "bert") at exactly our shape, or
-    ``BartForConditionalGeneration`` ("bart") at our width, heads and FFN with ``layers``
-    (encoder, decoder): its decoder layers add cross-attention, so it has somewhat more
-    parameters than ours. Randomly initialised from ``seed``, sdpa attention. ``ids``: the
-    vocabulary size and the pad, bos and eos ids; ``shape``: our config's names."""
+    """``BertForMaskedLM`` ("bert") at our shape, or ``BartForConditionalGeneration`` ("bart")
+    at our width, heads and FFN with ``layers`` (encoder, decoder; its cross-attention adds
+    parameters); seeded, sdpa. ``ids``: vocabulary size, pad, bos, eos ids."""
     s, common = shape, {"vocab_size": ids["vocab"], "pad_token_id": ids["pad"]}
     if kind == "bert":
         config = BertConfig(

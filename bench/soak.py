@@ -4,8 +4,7 @@ seeded RNG, resumed each time, must end up the same run as one never interrupted
     python -m bench.soak --kills 100 [--procs 1|2] [--seed 0] [--steps 40] [--child]
 
 Kills are aimed at the phases ``bench/faults.py`` announces; exit status 1 on a divergence.
-``--child``: every run starts with ``--init-from`` a parent trained first (8 steps, never
-killed).
+``--child``: every run starts ``--init-from`` a parent trained first, never killed.
 """
 
 from __future__ import annotations
@@ -248,10 +247,9 @@ def soak(args) -> int:
     # 0. With --child, the run soaked starts from a parent trained (never killed) first.
     parent = []
     if args.child:
-        if Job(train_flags(work / "parent", corpus, PARENT_STEPS), work, args.procs).wait() != 0:
-            print(f"the parent run failed; see {work / 'job.log'}")
-            return 2
         parent = ["--init-from", str(work / "parent")]
+        if Job(train_flags(work / "parent", corpus, PARENT_STEPS), work, args.procs).wait() != 0:
+            return print(f"the parent run failed; see {work / 'job.log'}") or 2
 
     # 1. The reference, timed.
     reference = work / "reference"

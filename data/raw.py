@@ -4,7 +4,7 @@ and evaluates on.
 ``load_raw`` reads the user's sources (the embedded corpus when the user names none) once,
 streaming, into memory-mapped Arrow tables (:mod:`data.store`), and holds out a stable-hash share
 of them when no evaluation source is given. Of the training documents and pairs, a small share
-is set aside as the validation split (:func:`data.corpus.validation_document`), which picks
+is set aside as the validation split (:func:`data.split.validation_document`), which picks
 the weights a run keeps; it is never the held-out split. Every table folder is cached under the cache's
 ``prepared`` folder (:mod:`data.cache`), keyed by what identifies its input (the files' paths,
 sizes and modification times, the reading settings), never by hashing the text; the embedded
@@ -24,15 +24,9 @@ import numpy as np
 
 from data.cache import PREP_VERSION, CacheDir, mp_context, prepared_root
 from data.config import DataConfig
-from data.corpus import (
-    DEFAULT_MAX_CHARS,
-    build_default_corpus,
-    corpus_key,
-    held_out_document,
-    validation_document,
-    validation_share,
-)
+from data.corpus import DEFAULT_MAX_CHARS, build_default_corpus, corpus_key
 from data.sources import Reading, iter_pairs, iter_texts
+from data.split import held_out_document, validation_document, validation_share
 from data.store import PairTable, TableWriter, TextTable, digest
 
 
@@ -131,7 +125,7 @@ def prepare_split(
 ) -> tuple:
     """Read ``kind`` ("texts" or "pairs") into train/eval/val Arrow tables, cached by the
     sources' identity and the reading settings. Without eval sources, the held-out share is
-    chosen document by document (by :func:`~data.corpus.held_out_document`) while reading; the
+    chosen document by document (by :func:`~data.split.held_out_document`) while reading; the
     validation split is then carved from the training rows (:func:`carve_validation`)."""
     if kind == "texts":
         columns, settings = ("text",), (cfg.text_column, cfg.text_split)
@@ -191,7 +185,7 @@ def prepare_split(
 
 def carve_validation(folder: Path, table_cls: type, fraction: float, chars: dict) -> None:
     """Split ``folder``/train.arrow into training rows and the validation split, val.arrow:
-    :func:`~data.corpus.validation_share` of the rows, drawn by their document (near-duplicates
+    :func:`~data.split.validation_share` of the rows, drawn by their document (near-duplicates
     together). A validation pair whose summary is also a training summary goes back to
     training: it would measure recall. ``chars`` gets each side's characters."""
     whole = table_cls(folder / "train.arrow", "")

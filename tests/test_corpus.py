@@ -20,10 +20,9 @@ from data.corpus import (
     corpus_key,
     docstring_pair,
     file_docstrings,
-    held_out_document,
-    is_held_out,
 )
 from data.raw import load_raw
+from data.split import held_out_document, is_held_out
 
 MAX_CHARS = 1_500_000
 EVAL_FRACTION = 0.1  # large, so the small test corpus still holds out enough to check

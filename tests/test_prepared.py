@@ -20,9 +20,9 @@ from data import raw as raw_module
 from data.batching import MixtureLoader
 from data.cache import DONE
 from data.config import DataConfig
-from data.corpus import group_key, held_out_document
 from data.pipeline import build_streams
 from data.raw import RawData, load_raw
+from data.split import group_key, held_out_document
 from data.store import FileArray, Ragged, TextTable, write_array
 from data.vocab import train_tokenizer, training_sample
 

@@ -11,8 +11,9 @@ import pytest
 from conftest import metrics, paragraphs, train_flags
 
 from data.config import DataConfig
-from data.corpus import build_default_corpus, group_key, validation_share
+from data.corpus import build_default_corpus
 from data.raw import load_raw
+from data.split import group_key, validation_share
 
 
 def test_validation_share_has_a_floor_and_a_cap():
