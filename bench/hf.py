@@ -285,8 +285,8 @@ def train_hf(spec: dict, kind: str) -> dict:
     # On a layer inside: accelerate enters autocast within the forward, after the model's hooks.
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     layer.register_forward_pre_hook(note_autocast)
-    # Matched to train.py's: precision, peak learning rate, warm-up and cosine decay to 10%, AdamW
-    # betas/eps/decay, fused AdamW, clipping; no logging.
+    # Matched to train.py's: precision, peak learning rate, warm-up, AdamW betas/eps/decay, fused
+    # AdamW, clipping; no logging. A cosine decay to 10%: the schedule costs no step any time.
     shown = dict(
         max_steps=total, per_device_train_batch_size=spec["batch_size"], learning_rate=spec["lr"],
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},

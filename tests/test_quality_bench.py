@@ -117,7 +117,8 @@ def test_hf_schedule_is_train_py_schedule():
     assert hf.lr_factor(99, 1000) == pytest.approx(1.0)
     assert hf.lr_factor(0, 50) == pytest.approx(1 / 5)  # warm-up: a tenth of a short run
     assert hf.lr_factor(1000, 1000) == pytest.approx(0.1)
-    assert hf.lr_factor(550, 1000) == pytest.approx(0.55)  # half way down the cosine
+    assert hf.lr_factor(550, 1000) == 1.0  # stable
+    assert hf.lr_factor(900, 1000) == pytest.approx(0.1 + 0.9 * (1 - 0.5**0.5))  # mid-decay
 
 
 def test_our_command_is_train_py_with_its_defaults():

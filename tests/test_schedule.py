@@ -153,7 +153,7 @@ def test_wsd_holds_the_peak_then_decays_over_its_share():
     assert rates[99] == pytest.approx(1e-4 + 0.9e-3 * (1 - (19 / 20) ** 0.5))
     assert lr_at(100, 100, cfg) == pytest.approx(1e-4)
     # cosine, for contrast, is already below the peak a quarter of the way in
-    assert lr_at(25, 100, OptimConfig(lr=1e-3, warmup_steps=10)) < 0.95e-3
+    assert lr_at(25, 100, OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine")) < 0.95e-3
 
 
 @pytest.mark.parametrize("schedule", ["wsd", "cosine"])

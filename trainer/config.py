@@ -81,10 +81,10 @@ class OptimConfig:
     """Final learning rate as a fraction of the peak."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
-    schedule: str = "cosine"
+    schedule: str = "wsd"
     """Learning rate after the warm-up, as a function of the run's progress (the share of its
     planned steps done): wsd (warm-up, stable, decay: the peak until the last --decay-share of
-    the run, then a 1-sqrt decay) or cosine (a decay over the whole run)."""
+    the run, then a 1-sqrt decay) or cosine (a decay over the whole run, the earlier default)."""
     decay_share: float = 0.2
     """wsd: the share of the run, at its end, over which the rate decays."""
     weight_decay: float = 0.01
