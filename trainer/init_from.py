@@ -25,30 +25,18 @@ from trainer.errors import TrainingError
 
 PARENT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
-# (option group, option) -> the parent's config.json field. FIXED options decide the weights:
-# a flag giving another value than the parent's is refused.
-FIXED = {
-    ("model", "preset"): "preset",
-    ("model", "hidden_size"): "hidden_size",
-    ("model", "num_layers"): "num_layers",
-    ("model", "num_heads"): "num_heads",
-    ("model", "ffn_size"): "ffn_size",
-    ("model", "max_positions"): "max_position_embeddings",
-    ("model", "copy_attention"): "copy_attention",
-    ("model", "hidden_act"): "hidden_act",
-}
-# FREE options leave the weights as they are (lengths within the positions, regularization,
-# speed): the parent's unless given.
+# FIXED model options decide the weights: a flag giving another value than the parent's is
+# refused. FREE options (by group) leave the weights as they are (lengths within the positions,
+# regularization, speed): the parent's unless given. Each is the parent's config.json field of
+# the same name, but for CONFIG_FIELD's.
+FIXED = ("preset", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_positions",
+         "copy_attention", "hidden_act")  # fmt: skip
 FREE = {
-    ("model", "seq_len"): "seq_len",
-    ("model", "dropout"): "dropout",
-    ("model", "attention_dropout"): "attention_dropout",
-    ("model", "attention"): "attention",
-    ("model", "sparse_outputs"): "sparse_outputs",
-    ("model", "chunked_loss"): "chunked_loss",
-    ("data", "source_len"): "source_len",
-    ("data", "target_len"): "target_len",
-}
+    "model": ("seq_len", "dropout", "attention_dropout", "attention", "sparse_outputs",
+              "chunked_loss"),
+    "data": ("source_len", "target_len"),
+}  # fmt: skip
+CONFIG_FIELD = {"max_positions": "max_position_embeddings"}
 
 
 def parent_config(folder: Path) -> MiniTuringConfig:
@@ -86,12 +74,15 @@ def parent_options(folder: str, given: dict[str, dict]) -> dict[str, dict]:
     config = parent_config(parent)
     where = f"--init-from {folder} ({parent / 'config.json'})"
     base: dict[str, dict] = {"model": {}, "data": {}}
-    for (group, name), field in {**FIXED, **FREE}.items():
+    options = [("model", name) for name in FIXED]
+    options += [(group, name) for group, names in FREE.items() for name in names]
+    for group, name in options:
+        field = CONFIG_FIELD.get(name, name)
         value = getattr(config, field, None)
         if value is None:
             continue
         wanted = given.get(group, {}).get(name, value)
-        if (group, name) in FIXED and wanted != value:
+        if group == "model" and name in FIXED and wanted != value:
             raise TrainingError(
                 f"{_flag(name, wanted)} contradicts {where}: the parent's {field.replace('_', ' ')} "
                 f"is {value}; the child keeps the parent's model: leave the flag out"
