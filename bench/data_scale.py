@@ -4,6 +4,7 @@ data wait with and without the prefetching thread.
     python -m bench.data_scale                       # 10 MB and 100 MB, cold and warm cache
     python -m bench.data_scale --sizes 10 100 1000   # add 1 GB
     python -m bench.data_scale --sizes 100 1000 --streaming   # and --streaming on 1 GB
+    python -m bench.data_scale --numbered            # each line ends in a distinct number
     python -m bench.data_scale --prefetch --streaming         # --prefetch 0 against 2, 10 MB
 
 Each run is ``train.py --train-text FILE --objectives masked_lm=1`` in a child process; the
@@ -26,8 +27,10 @@ from trainer.plot import read_metrics
 MB = 1_000_000
 
 
-def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
-    """``size_mb`` MB of the embedded corpus's documents, shuffled and repeated (jsonl)."""
+def make_corpus(path: Path, size_mb: int, seed: int = 0, numbered: bool = False) -> Path:
+    """``size_mb`` MB of the embedded corpus's documents, shuffled and repeated (jsonl).
+    ``numbered``: every line ends in a number no other line has, as in logs and code, so the
+    corpus's vocabulary grows with its size (each line is a new word to a tokenizer trainer)."""
     if path.is_file() and path.stat().st_size >= size_mb * MB:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,13 +42,18 @@ def make_corpus(path: Path, size_mb: int, seed: int = 0) -> Path:
     docs = list(raw.train_texts) + list(raw.eval_texts)
     rng = random.Random(seed)
     tmp = path.with_suffix(".tmp")
-    written = 0
+    written, lines = 0, 0
     with open(tmp, "w", encoding="utf-8") as f:
         while written < size_mb * MB:
             order = list(range(len(docs)))
             rng.shuffle(order)
             for i in order:
-                line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
+                doc = docs[i]
+                if numbered:
+                    rows = doc.split("\n")
+                    doc = "\n".join(f"{r} {lines + k}" for k, r in enumerate(rows))
+                    lines += len(rows)
+                line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
                 f.write(line)
                 written += len(line.encode())
                 if written >= size_mb * MB:
@@ -100,22 +108,25 @@ def race_prefetch(args: argparse.Namespace) -> list[dict]:
 
 def scale(args: argparse.Namespace) -> list[dict]:
     rows = []
+    kind = "-numbered" if args.numbered else ""
     for size in args.sizes:
-        corpus = make_corpus(args.workdir / f"corpus-{size}mb.jsonl", size)
-        cache = args.workdir / f"cache-{size}mb"
+        corpus = make_corpus(
+            args.workdir / f"corpus{kind}-{size}mb.jsonl", size, numbered=args.numbered
+        )
+        cache = args.workdir / f"cache{kind}-{size}mb"
         if not args.keep_cache and args.only != "warm":
             shutil.rmtree(cache, ignore_errors=True)
-        for kind in ("cold", "warm"):
-            if args.only and kind != args.only:
+        for cache_state in ("cold", "warm"):
+            if args.only and cache_state != args.only:
                 continue
-            out = args.workdir / f"run-{size}mb-{kind}"
+            out = args.workdir / f"run{kind}-{size}mb-{cache_state}"
             result = run_child(corpus, out, cache, args.steps, args.extra)
-            rows.append(row := {"size_mb": size, "cache": kind, **result})
+            rows.append(row := {"size_mb": size, "cache": cache_state, **result})
             print(json.dumps(row), flush=True)
     if args.streaming:
         size = max(args.sizes)
-        corpus = args.workdir / f"corpus-{size}mb.jsonl"
-        cache = args.workdir / f"cache-{size}mb-streaming"
+        corpus = args.workdir / f"corpus{kind}-{size}mb.jsonl"
+        cache = args.workdir / f"cache{kind}-{size}mb-streaming"
         shutil.rmtree(cache, ignore_errors=True)
         out = args.workdir / f"run-{size}mb-streaming"
         result = run_child(corpus, out, cache, args.steps, [*args.extra, "--streaming"])
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add("--only", choices=("cold", "warm"), default=None)
     add("--keep-cache", action="store_true", help="do not empty the cache first")
     add("--streaming", action="store_true", help="also run the largest corpus with --streaming")
+    add("--numbered", action="store_true", help="every line ends in a distinct number")
     add("--prefetch", action="store_true", help="race --prefetch 0 against 2 instead")
     add("--corpus", type=Path, help="--prefetch: train on this text file instead")
     add("--torch-threads", type=int, help="--prefetch: OMP_NUM_THREADS for the trainer")

@@ -297,3 +297,25 @@ def test_tokenizer_sample_is_every_kth_document():
     texts = [f"doc {i}" for i in range(10)]
     assert list(training_sample(texts, 100, 1000)) == texts
     assert list(training_sample(texts, 100, 25)) == texts[::4]
+
+
+def test_tokenizer_trains_on_a_bounded_sample_of_a_large_corpus(cache, tmp_path, monkeypatch):
+    """The tokenizer trainer's memory follows the distinct words it reads, so a corpus larger than
+    the sample cap (here one whose every line ends in a distinct number) is read only up to it."""
+    from data import vocab
+
+    path = tmp_path / "numbered.txt"
+    path.write_text("".join(f"{SENTENCES[i % 5]} {1000 + i}\n" for i in range(2000)))
+    texts = load_raw(DataConfig(train_text=[str(path)])).train_texts
+    assert texts.num_chars > 100_000
+    read = []
+
+    def spy(docs, total, max_chars):
+        for doc in training_sample(docs, total, max_chars):
+            read.append(doc)
+            yield doc
+
+    monkeypatch.setattr(vocab, "training_sample", spy)
+    tok = train_tokenizer(texts, vocab_size=300, max_chars=10_000)
+    assert 9_000 <= sum(map(len, read)) <= 10_000 + max(map(len, read))
+    assert len(tok) >= 300
