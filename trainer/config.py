@@ -153,6 +153,11 @@ class RunConfig:
     held-out data). model.safetensors keeps the weights of the best one: validation ROUGE-L
     when summarize trains, else the masked-LM loss (else gap_summary's loss). The held-out data
     is evaluated at the end, with the kept weights. 0: only that; the last weights are kept."""
+    patience: int = 0
+    """End the run early when the validation score has not improved (strictly) in this many
+    evaluations in a row (--eval-every): the learning rate then decays to its floor over
+    --decay-share of the steps done so far (within the plan), and the run stops there. 0: off.
+    Needs a validation split (--val-fraction > 0) and --eval-every > 0."""
     eval_batches: int = 8
     """Batches per objective for loss/accuracy at each evaluation."""
     rouge_samples: int = 200
@@ -360,6 +365,26 @@ def _check_streaming(cfg: TrainConfig, weights: dict[str, float]) -> None:
         raise TrainingError(str(err)) from None
 
 
+def _check_patience(cfg: TrainConfig) -> None:
+    """--patience counts periodic validation evaluations: refused where there are none."""
+    r, d = cfg.run, cfg.data
+    if not r.patience:
+        return
+    if r.patience < 0:
+        raise TrainingError(f"--patience must be >= 0 (0: off), got {r.patience}")
+    problem = (
+        "--eval-every is 0 (no periodic evaluation)" if not r.eval_every
+        else "--val-fraction is 0 (no validation split)" if not d.val_fraction
+        else "--streaming has no validation split" if d.streaming
+        else None
+    )  # fmt: skip
+    if problem:
+        raise TrainingError(
+            f"--patience {r.patience} counts validation evaluations without improvement, but "
+            f"{problem}; give --eval-every > 0 and --val-fraction > 0, or leave out --patience"
+        )
+
+
 def _shape(cfg: TrainConfig) -> dict:
     """The model's shape: the preset's, with the options' overrides."""
     if cfg.model.preset not in PRESETS:
@@ -442,5 +467,6 @@ def check_config(cfg: TrainConfig) -> None:
     weights = parse_objectives(cfg.run.objectives, available=None)
     if cfg.data.streaming:
         _check_streaming(cfg, weights)
+    _check_patience(cfg)
     if not (cfg.data.tokenizer or cfg.run.resume or cfg.run.init_from):
         check_tokenizer_options(cfg.data.tokenizer_kind, cfg.data.vocab_size)

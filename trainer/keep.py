@@ -22,17 +22,20 @@ def selection(run: Run) -> tuple[str, bool] | None:
     return selection_metric(run.data.streams.val, run.cfg.run.rouge_samples)
 
 
-def keep_if_best(run: Run, results: dict, rule: tuple[str, bool]) -> None:
+def keep_if_best(run: Run, results: dict, rule: tuple[str, bool]) -> bool:
     """Keep the weights now as RUN/model.safetensors if this validation score is the best so
-    far (rank 0's score decides on every rank; a non-finite score never wins)."""
+    far (rank 0's score decides on every rank; a non-finite score never wins, nor does a tie);
+    whether it was (--patience counts the evaluations that were not)."""
     metric, higher = rule
     value = rank0_value(results.get(metric, math.nan), run.env)
     kept = run.state.kept
     if not math.isfinite(value):
-        return
+        return False
     if kept is None or (value > kept["value"] if higher else value < kept["value"]):
         save_kept_weights(run.checkpointer, run.model, run.env)
         run.state.kept = {"step": run.state.step, "metric": f"val/{metric}", "value": value}
+        return True
+    return False
 
 
 def kept_summary(run: Run) -> dict:

@@ -17,7 +17,7 @@ from data.batching import MixtureLoader, pieces_for, split_batch
 from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig
 from trainer.checkpoint import intact_checkpoint_note, kept_model, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import OptimConfig, TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate
@@ -30,8 +30,17 @@ from trainer.metrics import (
     write_summary,
     write_training_curves,
 )
-from trainer.optim import lr_at, warmup_steps
-from trainer.prepare import Run, prepare
+from trainer.optim import final_decay_lr, lr_at, warmup_steps
+from trainer.patience import (
+    after_evaluation,
+    announcement,
+    begin_final_decay,
+    check_validation,
+    ran_out,
+    stopped_line,
+    stopped_summary,
+)
+from trainer.prepare import Run, TrainState, prepare
 from trainer.schedule import Plan
 
 
@@ -191,16 +200,16 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
     """Train to the end of the plan; ``started`` is the clock when this process began the run."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
+    if state.stopping:  # resumed in the final decay of --patience: it ends where decided
+        plan.total = plan.cap = min(plan.total, state.stopping["end"])
+    check_validation(run, selection(run))
     plan.final_evaluations = 2 if selection(run) else 1
     tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
         t = clock()
         batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
         data_wait = clock() - t
-        lr = lr_at(state.step, plan.total, cfg.optim, state.lr_ceiling)
-        if state.step >= warmup_steps(plan.total, cfg.optim):
-            state.lr_ceiling = lr
-        losses, grad_norm = train_step(run, batches, lr)
+        losses, grad_norm = train_step(run, batches, learning_rate(state, plan, cfg.optim))
         tracker.step_done(batches, losses, data_wait, clock() - t)
         if plan.refit_due(state.step):
             fitted = plan.fit(state.step, tracker.elapsed(), cfg.run.eval_every, cfg.run.save_every)
@@ -210,6 +219,8 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
         tracker.maybe_log(grad_norm, last)
         if periodic_job_due(state.step, cfg.run.eval_every, last):
             plan.eval_seconds = tracker.timed(periodic_evaluation, run, tracker.progress)
+            if ran_out(run):
+                stop_early(run, plan, tracker)
         if stop.requested(env):
             save_run(run, tracker)
             tracker.progress.close()
@@ -226,7 +237,33 @@ def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float)
             reason = f"time budget of {plan.budget:g}s reached at step {state.step}"
             if state.step % cfg.run.log_every:  # the steps since the last log line
                 tracker.maybe_log(grad_norm, last=True)
+    if state.stopping and reason == "done":
+        reason = stopped_line(state)
     return finish(run, tracker, reason)
+
+
+def learning_rate(state: TrainState, plan: Plan, optim: OptimConfig) -> float:
+    """This step's rate: the schedule over the plan, never raised again after the warm-up
+    (``optim.lr_at``), or, once --patience ran out, the final decay to the floor."""
+    if state.stopping:
+        begun = state.stopping
+        lr = final_decay_lr(state.step, begun["step"], plan.total, begun["lr"], optim)
+        state.lr_ceiling = lr
+        return lr
+    lr = lr_at(state.step, plan.total, optim, state.lr_ceiling)
+    if state.step >= warmup_steps(plan.total, optim):
+        state.lr_ceiling = lr
+    return lr
+
+
+def stop_early(run: Run, plan: Plan, tracker: StepTracker) -> None:
+    """--patience ran out: the run now ends after a short decay (``patience``), and no refit
+    of the time budget's plan may lengthen it again."""
+    end = begin_final_decay(run, plan.total)
+    run.state.planned_steps = plan.total = plan.cap = end
+    tracker.progress.set_total(end)
+    if run.env.main:
+        tracker.progress.write(announcement(run.state, run.state.kept))
 
 
 def periodic_job_due(step: int, every: int, last: bool) -> bool:
@@ -398,6 +435,7 @@ def summary(run: Run, tracker: StepTracker) -> dict:
         "precision": "bf16" if run.env.dtype else "fp32",
         "init_from": getattr(run.model.config, "init_from", None),  # the parent run, if any
         "kept": kept_summary(run),
+        "stopped": stopped_summary(run.state),  # None unless --patience ended the run early
     }
 
 
@@ -407,8 +445,10 @@ def periodic_evaluation(run: Run, progress: Progress) -> None:
     rule = selection(run)
     if rule is None:
         run_evaluation(run, progress, "eval")
-    else:
-        keep_if_best(run, run_evaluation(run, progress, "val"), rule)
+        return
+    improved = keep_if_best(run, run_evaluation(run, progress, "val"), rule)
+    if run.cfg.run.patience:
+        after_evaluation(run.state, improved)
 
 
 def evaluate_kept(run: Run, progress: Progress) -> None:

@@ -51,3 +51,16 @@ def lr_at(step: int, total: int, cfg: OptimConfig, ceiling: float | None = None)
         shape = 0.5 * (1 + math.cos(math.pi * progress))
     lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
     return lr if ceiling is None else min(lr, ceiling)
+
+
+def final_decay_lr(step: int, start: int, end: int, rate: float, cfg: OptimConfig) -> float:
+    """The rate of ``step`` in a decay begun early (``--patience``) after step ``start``: from
+    ``rate``, the rate then, down to the floor (min_lr_ratio * lr) at the last step, ``end - 1``,
+    in the schedule's shape (1-sqrt for wsd, half a cosine for cosine). Never above ``rate``."""
+    floor = cfg.lr * cfg.min_lr_ratio
+    progress = min((step - start + 1) / max(end - start, 1), 1.0)
+    if cfg.schedule == "wsd":
+        shape = 1 - math.sqrt(progress)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    return min(rate, floor + (rate - floor) * shape)

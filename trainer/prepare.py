@@ -74,6 +74,10 @@ class TrainState:
     window_losses: dict = field(default_factory=dict)
     # The evaluation whose weights RUN/model.safetensors keeps: step, metric, value.
     kept: dict | None = None
+    # --patience: validation evaluations in a row without an improvement, and, once it ran
+    # out, the final decay decided then (trainer/patience.py).
+    evaluations_without_improvement: int = 0
+    stopping: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
