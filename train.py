@@ -26,11 +26,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from model.files import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.errors import TrainingError
 from trainer.init_from import parent_options
 from trainer.loop import Stopped, train
+from trainer.samples import print_samples
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -115,50 +115,6 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig.from_dict(merged)
 
 
-# ---------------------------------------------------------------------------- samples
-
-
-SAMPLE_MASKS = (
-    "Return the [MASK] value of a number.",
-    "Raise a [MASK] if the file does not exist.",
-    "The list is [MASK] in place.",
-)
-
-
-def write_samples(folder: Path, eval_pairs: list[tuple[str, str]]) -> dict:
-    """Fill-mask predictions and one held-out document's summary, saved as samples.json."""
-    import model as api
-
-    lm = api.load(folder)
-    samples: dict = {"fill_mask": [], "summary": None}
-    for text in SAMPLE_MASKS:
-        best = lm.fill_mask(text, top_k=3)
-        samples["fill_mask"].append(
-            {"text": text, "predictions": [[p["token"].strip(), p["score"]] for p in best]}
-        )
-    if eval_pairs:
-        document, reference = eval_pairs[0]
-        generated = lm.summarize(document)  # decoded as the run's generation_config.json says
-        samples["summary"] = {"document": document, "reference": reference, "generated": generated}
-    atomic_write_text(folder / "samples.json", json.dumps(samples, indent=1))
-    return samples
-
-
-def print_samples(samples: dict) -> None:
-    """What the README's first command ends with: a few fill-masks and a held-out summary."""
-    print("\nfill-mask:")
-    for item in samples["fill_mask"]:
-        shown = ", ".join(f"{token} ({score:.2f})" for token, score in item["predictions"])
-        print(f"  {item['text']}\n    -> {shown}")
-    summary = samples.get("summary")
-    if summary:
-        doc = summary["document"]
-        short = doc if len(doc) < 400 else doc[:400] + " ..."
-        print(f"\nheld-out document:\n  {short}")
-        print(f"reference summary:\n  {summary['reference']}")
-        print(f"generated summary:\n  {summary['generated']}")
-
-
 def process_age() -> float:
     """Seconds since this process started, its imports included."""
     return max(0.0, time.time() - psutil.Process().create_time())
@@ -169,7 +125,7 @@ def main(argv: list[str] | None = None, **seams) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(argv)
     try:
-        run = train(cfg, **seams)
+        run = train(cfg, samples=True, **seams)
     except (TrainingError, ValueError, OSError) as err:
         # Configuration, data and run-folder errors carry their own explanation (file, record,
         # expectation): one line, no traceback.
@@ -182,8 +138,8 @@ def main(argv: list[str] | None = None, **seams) -> None:
         print(f"interrupted; continue from the last complete checkpoint with: python train.py "
               f"--resume {cfg.run.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(128 + signal.SIGINT) from None
-    if run.env.main:
-        print_samples(write_samples(run.folder, run.data.raw.eval_pairs))
+    if run.samples is not None:
+        print_samples(run.samples)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

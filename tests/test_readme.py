@@ -5,6 +5,8 @@ stays short enough to read in five minutes, and its links (and the docs' links) 
 
 from __future__ import annotations
 
+import json
+
 import re
 import subprocess
 import sys
@@ -68,6 +70,9 @@ def test_main_job_on_the_embedded_corpus(tmp_path, capsys):
     assert "fill-mask:" in printed and "Return the [MASK] value of a number." in printed
     assert "reference summary:" in printed and "generated summary:" in printed
     assert (out / "model.safetensors").is_file()
+    # The samples are the run's last job, timed inside it (and its budget).
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_seconds"] > 0 and (out / "samples.json").is_file()
 
 
 def test_default_configuration_is_the_tiny_preset_on_everything():

@@ -20,12 +20,16 @@ def simulate(
     final_eval_cost=None,
     plot_costs=(),
     drawn=None,
+    samples_cost=None,
+    keep_back_samples=True,
 ):
     """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans).
     ``final_eval_cost``: the final evaluation's time, when it differs from the periodic ones;
     ``plot_costs``: the training curves' drawings, one after another (the last repeats), and
-    ``drawn`` collects the steps they were drawn at."""
+    ``drawn`` collects the steps they were drawn at; ``samples_cost``: the closing samples'
+    time (kept back unless ``keep_back_samples`` is false)."""
     plan = Plan(budget, None, None)
+    plan.samples = samples_cost is not None and keep_back_samples
     step, now, plans = 0, 0.0, []
     drawn = [] if drawn is None else drawn
 
@@ -58,6 +62,7 @@ def simulate(
     now += (eval_cost if final_eval_cost is None else final_eval_cost) + save_cost  # the final ones
     if plot_costs:
         draw()
+    now += samples_cost or 0.0
     return step, now, plans
 
 
@@ -104,6 +109,17 @@ def test_a_final_evaluation_longer_than_the_periodic_ones_still_ends_in_time():
         final_eval_cost=12.0,
     )
     assert steps > 2500 and seconds <= 600.0
+
+
+def test_the_closing_samples_are_kept_back():
+    # Final jobs exactly a quarter longer than the periodic ones (all the margin they have), then
+    # the samples (a twentieth of an evaluation): they fit only because they are kept back.
+    timeline = dict(eval_every=400, eval_cost=20.0, save_every=400, save_cost=2.0)
+    final = dict(final_eval_cost=25.0, samples_cost=1.0)
+    steps, seconds, _ = simulate(600.0, lambda s: 0.2, **timeline, **final)
+    assert 600.0 - 1.0 < seconds <= 600.0
+    _, over, _ = simulate(600.0, lambda s: 0.2, **timeline, **final, keep_back_samples=False)
+    assert over > 600.0
 
 
 def test_a_slowdown_is_refitted_and_the_run_still_ends_in_time():

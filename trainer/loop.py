@@ -41,6 +41,7 @@ from trainer.patience import (
     stopped_summary,
 )
 from trainer.prepare import Run, TrainState, prepare
+from trainer.samples import write_samples
 from trainer.schedule import Plan
 
 
@@ -91,6 +92,7 @@ def train(
     clock: Callable[[], float] = time.perf_counter,
     make_loader: Callable[..., MixtureLoader] | None = None,
     startup: float = 0.0,
+    samples: bool = False,
 ) -> Run:
     """Run training as configured; returns the finished run. Raises ``Stopped`` when a signal
     ended it early (checkpoint saved) and ``TrainingError`` for what the user must fix.
@@ -98,14 +100,15 @@ def train(
     ``startup`` is the seconds this process spent before the call (the interpreter and its
     imports: the command's), counted in the time budget. ``clock`` (seconds) times the steps
     and the budget, and ``make_loader`` builds the data loader (by default the one the
-    configuration asks for), for tests that drive a run by a fake clock or watch its batches."""
+    configuration asks for), for tests that drive a run by a fake clock or watch its batches.
+    ``samples``: the run ends with ``trainer.samples`` (``run.samples``), inside its budget."""
     started = clock()
     with contextlib.ExitStack() as cleanup:  # the folder's lock and more, until the run ends
         run = prepare(cfg, cleanup, make_loader=make_loader)
         run.state.elapsed += startup  # the run's seconds before this process's clock
         stop = StopSignal()
         try:
-            reason = loop(run, stop, clock, started)
+            reason = loop(run, stop, clock, started, samples)
         except Stopped as stopped:
             # Pre-empted: the grace period is short, so no plot or samples.
             if run.env.main:
@@ -148,6 +151,7 @@ class StepTracker:
         self.progress = Progress(plan.total, self.start_step, enabled=enabled)
         self.window = LogWindow()
         self.after_warmup = LogWindow()  # every log window but the first, summed
+        self.samples_seconds: float | None = None  # the closing samples, when made
         self.first_step: float | None = None  # seconds from train() to this process's first step
         self.window.losses = run.state.window_losses
         # The time estimate waits until the speed is known, sooner on a short run.
@@ -196,14 +200,18 @@ class StepTracker:
             self.window = LogWindow()
 
 
-def loop(run: Run, stop: StopSignal, clock: Callable[[], float], started: float) -> str:
-    """Train to the end of the plan; ``started`` is the clock when this process began the run."""
+def loop(
+    run: Run, stop: StopSignal, clock: Callable[[], float], started: float, samples: bool = False
+) -> str:
+    """Train to the end of the plan; ``started`` is the clock when this process began the run,
+    ``samples`` whether it ends with samples."""
     cfg, env, state = run.cfg, run.env, run.state
     plan = Plan(cfg.run.time_budget, cfg.run.max_steps, state.planned_steps)
     if state.stopping:  # resumed in the final decay of --patience: it ends where decided
         plan.total = plan.cap = min(plan.total, state.stopping["end"])
     check_validation(run, selection(run))
     plan.final_evaluations = 2 if selection(run) else 1
+    plan.samples = samples
     tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
         t = clock()
@@ -286,6 +294,10 @@ def finish(run: Run, tracker: StepTracker, reason: str) -> str:
         evaluate_kept(run, tracker.progress)
         save_run(run, tracker)
         draw_curves(run, tracker, final=True)
+    if run.env.main and tracker.plan.samples:
+        started = tracker.clock()
+        run.samples = write_samples(run.folder, run.data.raw.eval_pairs)
+        tracker.samples_seconds = tracker.clock() - started
     if run.env.main:
         write_summary(run.folder, summary(run, tracker))
     if tracker.plan.budget:
@@ -435,6 +447,7 @@ def summary(run: Run, tracker: StepTracker) -> dict:
         "precision": "bf16" if run.env.dtype else "fp32",
         "init_from": getattr(run.model.config, "init_from", None),  # the parent run, if any
         "kept": kept_summary(run),
+        "samples_seconds": tracker.samples_seconds,
         "stopped": stopped_summary(run.state),  # None unless --patience ended the run early
     }
 

@@ -114,6 +114,7 @@ class Run:
     metrics: Metrics
     state: TrainState
     generation: dict  # summarize's decoding options, as generation_config.json holds them
+    samples: dict | None = None  # what the run ends with when asked (trainer.samples)
 
     @property
     def folder(self) -> Path:

@@ -31,6 +31,10 @@ UNMEASURED_FINAL_SHARE = 0.03
 # evaluation's summaries can be longer than the last periodic one's (a 30-minute run that kept
 # back exactly the latest ended 0.97 s past its budget).
 FINAL_MARGIN = 1.25
+# The samples a command run ends with (trainer.samples: the run folder loaded, three fill-masks,
+# one summary) are kept back as this share of an evaluation, which decodes a few hundred
+# summaries: measured at 0.2 s against an evaluation's 10 to 20 s.
+SAMPLES_SHARE = 0.05
 # The training curves are redrawn with a checkpoint at most this often (0.5 s a drawing, 1 to 5
 # s for the first one in a process, which imports matplotlib).
 REDRAW_SECONDS = 60.0
@@ -50,6 +54,7 @@ class Plan:
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
         self.final_evaluations = 1  # two with a validation split: it, then the held-out data
+        self.samples = False  # whether the run ends with samples (trainer.samples)
         # The training curves' latest drawing: when (elapsed seconds) and how long it took.
         self.plot_at: float | None = None
         self.plot_seconds = 0.0
@@ -61,10 +66,15 @@ class Plan:
             del self.step_seconds[WARMUP_STEPS : -2 * REPLAN_EVERY]
 
     def final_cost(self) -> float:
-        """Seconds kept back for the final evaluation, checkpoint and training curves."""
+        """Seconds kept back for the final evaluation, checkpoint, training curves and
+        samples."""
         timed = (self.eval_seconds,) * self.final_evaluations + (self.save_seconds,)
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
         jobs = sum(FINAL_MARGIN * seconds if seconds else guess for seconds in timed)
+        if self.samples:
+            jobs += SAMPLES_SHARE * (
+                FINAL_MARGIN * self.eval_seconds if self.eval_seconds else guess
+            )
         return jobs + FINAL_MARGIN * self.plot_seconds
 
     def redraw_due(self, elapsed: float) -> bool:
