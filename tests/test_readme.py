@@ -6,7 +6,6 @@ stays short enough to read in five minutes, and its links (and the docs' links) 
 from __future__ import annotations
 
 import json
-
 import re
 import subprocess
 import sys
