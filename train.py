@@ -125,8 +125,11 @@ SAMPLE_MASKS = (
 )
 
 
-def write_samples(folder: Path, eval_pairs: list[tuple[str, str]]) -> dict:
-    """Fill-mask predictions and one held-out document's summary, saved as samples.json."""
+def write_samples(
+    folder: Path, eval_pairs: list[tuple[str, str]], tasks: dict | None = None
+) -> dict:
+    """Fill-mask predictions and one held-out document's summary, saved as samples.json; with
+    named tasks (``tasks``: name -> held-out pairs), one held-out output of each too."""
     import model as api
 
     lm = api.load(folder)
@@ -140,6 +143,13 @@ def write_samples(folder: Path, eval_pairs: list[tuple[str, str]]) -> dict:
         document, reference = eval_pairs[0]
         generated = lm.summarize(document)  # decoded as the run's generation_config.json says
         samples["summary"] = {"document": document, "reference": reference, "generated": generated}
+    for name, pairs in (tasks or {}).items():
+        if pairs:
+            source, reference = pairs[0]
+            generated = lm.generate(source, task=name)  # as its generation_config.json entry says
+            samples.setdefault("tasks", {})[name] = {
+                "source": source, "reference": reference, "generated": generated
+            }  # fmt: skip
     atomic_write_text(folder / "samples.json", json.dumps(samples, indent=1))
     return samples
 
@@ -157,6 +167,11 @@ def print_samples(samples: dict) -> None:
         print(f"\nheld-out document:\n  {short}")
         print(f"reference summary:\n  {summary['reference']}")
         print(f"generated summary:\n  {summary['generated']}")
+    for name, sample in samples.get("tasks", {}).items():
+        source = sample["source"]
+        short = source if len(source) < 200 else source[:200] + " ..."
+        print(f"\ntask {name}, held-out source:\n  {short}")
+        print(f"reference:\n  {sample['reference']}\ngenerated:\n  {sample['generated']}")
 
 
 def process_age() -> float:
@@ -183,7 +198,9 @@ def main(argv: list[str] | None = None, **seams) -> None:
               f"--resume {cfg.run.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(128 + signal.SIGINT) from None
     if run.env.main:
-        print_samples(write_samples(run.folder, run.data.raw.eval_pairs))
+        raw = run.data.raw
+        tasks = {name: raw.pairs(name, "eval") for name in raw.tasks}
+        print_samples(write_samples(run.folder, raw.eval_pairs, tasks))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
