@@ -340,7 +340,6 @@ def test_init_from_extends_the_vocabulary_with_new_task_tokens(short_run, tmp_pa
 # ---------------------------------------------------------------------------- learning
 
 
-@pytest.mark.slow
 def test_two_tasks_on_the_same_sources_are_both_learned(tmp_path):
     """Copy the first word, copy the last word: the same documents, two skills, one model.
     Each task, asked by its token, answers with its own skill on held-out documents."""
