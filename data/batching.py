@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.objectives import OBJECTIVES
+from data.objectives import is_objective, objective_index, ordered
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
 from data.objectives.summarize import PAD_MULTIPLE, build_example, collate
 from data.store import Ragged
 from data.vocab import layout_ids, word_start_table
 from model.constants import round_up
-from model.tokenizer import SpecialIds, special_ids
+from model.tokenizer import SpecialIds, special_ids, task_ids
 
 _MIXTURE, _ORDER, _SAMPLE = 0, 1, 2
 
@@ -36,6 +36,7 @@ _TOO_LITTLE = {
     "gap_summary": "no training document has the two or more sentences gap sentences need",
     "summarize": "no training document/summary pairs",
 }
+_TOO_LITTLE_TASK = "no training pairs in its --train-pairs source"
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -60,12 +61,14 @@ class MaskedLMStream:
         word_start: np.ndarray | None,
         vocab_size: int,
         layout: np.ndarray | None = None,
+        tasks: list[int] | None = None,
     ) -> None:
         """``layout``: token ids never masked besides the special tokens (whitespace-only
-        tokens, :func:`~data.vocab.layout_ids`)."""
+        tokens, :func:`~data.vocab.layout_ids`); ``tasks``: the task tokens' ids, special
+        too (never masked, never a random replacement)."""
         self.flat, self.seq_len, self.ids, self.masking = flat, seq_len, ids, masking
         self.word_start = word_start
-        special = np.array(sorted(set(ids.as_list())), dtype=np.int64)
+        special = np.array(sorted(set(ids.as_list()) | set(tasks or ())), dtype=np.int64)
         self.random_pool = np.setdiff1d(np.arange(vocab_size), special)
         self.never_masked = np.union1d(special, layout if layout is not None else [])
         self.size = pack_blocks(flat, seq_len)
@@ -83,6 +86,7 @@ class MaskedLMStream:
             word_start=word_start_table(tokenizer),
             vocab_size=len(tokenizer),
             layout=layout_ids(tokenizer),
+            tasks=list(task_ids(tokenizer).values()),
         )
 
     def over(self, flat: np.ndarray) -> MaskedLMStream:
@@ -109,7 +113,7 @@ class MaskedLMStream:
         """The batch of whole blocks ([CLS] + ``seq_len - 1`` tokens), each masked by its sample
         key (also what :mod:`data.streaming` masks its packed blocks with)."""
         inputs, labels = [], []
-        obj = OBJECTIVES.index(self.name)
+        obj = objective_index(self.name)
         for ids, key in zip(blocks, keys, strict=True):
             x, y = self.mask(ids, _rng(seed, _SAMPLE, obj, key))
             inputs.append(x)
@@ -139,6 +143,8 @@ class Seq2SeqStream:
     source, as masked LM would, and labels the masked positions with their tokens: the same
     step then learns both to fill the source's gaps and to summarize it (as UniLM's and
     PEGASUS's sources carry masked words). Each example is masked by its sample key.
+
+    ``task_id``: a named task's token, put in front of every source (never masked).
     """
 
     def __init__(
@@ -152,9 +158,12 @@ class Seq2SeqStream:
         target_len: int,
         pad_multiple: int = PAD_MULTIPLE,
         source_masker: MaskedLMStream | None = None,
+        task_id: int | None = None,
     ) -> None:
         self.name = name
         self.source_masker = source_masker
+        self.task_id = task_id
+        head = 1 if task_id is None else 2  # [CLS], and the task's token
         if not isinstance(sources, Ragged):
             sources = Ragged.from_list(sources)
         if not isinstance(targets, Ragged):
@@ -165,8 +174,9 @@ class Seq2SeqStream:
         self.source_len, self.target_len = source_len, target_len
         self.pad_multiple = pad_multiple
         self._lengths = (
-            np.minimum(sources.lengths(), source_len - 2)
-            + 2
+            np.minimum(sources.lengths(), source_len - 1 - head)
+            + 1
+            + head
             + np.minimum(targets.lengths(), target_len - 1)
         ).astype(np.int64)
 
@@ -188,15 +198,17 @@ class Seq2SeqStream:
             sep_id=self.ids.sep,
             source_len=self.source_len,
             target_len=self.target_len,
+            task_id=self.task_id,
         )
 
     def batch(self, indices: np.ndarray, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         examples = [self.example(int(i)) for i in indices]
         if self.source_masker is not None:
-            obj = OBJECTIVES.index(self.name)
+            obj = objective_index(self.name)
+            start = 1 if self.task_id is None else 2
             for (ids, labels, prefix), key in zip(examples, keys, strict=True):
-                # Between [CLS] and [SEP]; labels there were IGNORE_INDEX.
-                source = slice(1, prefix - 1)
+                # Between [CLS] (and the task's token) and [SEP]; labels there were IGNORE_INDEX.
+                source = slice(start, prefix - 1)
                 ids[source], labels[source] = self.source_masker.mask(
                     ids[source], _rng(seed, _SAMPLE, obj, key)
                 )
@@ -328,15 +340,16 @@ class MixtureLoader(Loader):
     """
 
     def choose(self, streams: dict, weights: dict[str, float]) -> list[str]:
-        unknown = [name for name in weights if name not in OBJECTIVES]
+        unknown = [name for name in weights if not is_objective(name)]
         if unknown:
             raise ValueError(
-                f"unknown objective(s) {', '.join(unknown)}; expected {', '.join(OBJECTIVES)}"
+                f"unknown objective(s) {', '.join(unknown)}; expected masked_lm, gap_summary, "
+                "summarize or a task name of --train-pairs"
             )
         for name, w in weights.items():
             if not (np.isfinite(w) and w >= 0):
                 raise ValueError(f"objective weight must be a finite number >= 0, got {name}={w}")
-        names = [n for n in OBJECTIVES if weights.get(n, 0) > 0]
+        names = ordered(n for n, w in weights.items() if w > 0)
         if not names:
             raise ValueError("at least one objective needs a weight > 0")
         # An objective weighted 0 is switched off and needs no data.
@@ -345,7 +358,8 @@ class MixtureLoader(Loader):
             raise ValueError(f"no data for objective(s) {', '.join(missing)}")
         for name in names:
             if len(streams[name]) == 0:
-                raise ValueError(f"objective {name} has no training examples ({_TOO_LITTLE[name]})")
+                why = _TOO_LITTLE.get(name, _TOO_LITTLE_TASK)
+                raise ValueError(f"objective {name} has no training examples ({why})")
         total = sum(weights[n] for n in names)
         self.probs = np.array([weights[n] / total for n in names])
         self._orders: dict[tuple[str, int], np.ndarray] = {}
@@ -386,7 +400,7 @@ class MixtureLoader(Loader):
             self._orders[key] = epoch_order(
                 len(stream),
                 self.seed,
-                OBJECTIVES.index(name),
+                objective_index(name),
                 epoch,
                 stream.lengths(),
                 self.batch_size * self.world_size,

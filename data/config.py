@@ -20,12 +20,16 @@ class DataConfig:
     """Text sources for the self-supervised objectives: .txt files or folders, jsonl/csv/parquet
     files, save_to_disk folders or hub dataset names. Empty: the embedded corpus."""
     train_pairs: list[str] = field(default_factory=list)
-    """Document/summary pair sources (jsonl/csv/parquet, folders, datasets). Empty: the
-    embedded corpus's docstring pairs when no text source is given either."""
+    """Document/summary pair sources (jsonl/csv/parquet, folders, datasets). NAME=SOURCE makes
+    a source the pairs of a named text-to-text task (title=titles.jsonl), with its own token
+    before the source, weight in --objectives, metrics and decoding defaults; unnamed sources
+    are summarize's. Empty: the embedded corpus's docstring pairs when no text source is given
+    either."""
     eval_text: list[str] = field(default_factory=list)
     """Held-out text sources. Empty: a stable-hash share of the training text."""
     eval_pairs: list[str] = field(default_factory=list)
-    """Held-out pair sources. Empty: a stable-hash share of the training pairs."""
+    """Held-out pair sources (NAME=SOURCE for a named task). Empty: a stable-hash share of the
+    training pairs."""
     text_column: str = "text"
     document_column: str = "document"
     summary_column: str = "summary"

@@ -19,7 +19,7 @@ from datasets.utils.logging import disable_progress_bar
 from data.batching import MaskedLMStream, Seq2SeqStream
 from data.cache import PREP_VERSION, CacheDir, mp_context, prepared_root, worker_count
 from data.config import DataConfig
-from data.objectives import OBJECTIVES
+from data.objectives import OBJECTIVES, is_objective
 from data.objectives.gap_summary import gap_sentences
 from data.raw import RawData
 from data.store import (
@@ -33,7 +33,7 @@ from data.store import (
     write_array,
 )
 from model.files import atomic_path
-from model.tokenizer import special_ids
+from model.tokenizer import DEFAULT_TASK, TokenizerError, special_ids, task_ids
 
 # ---------------------------------------------------------------------------- tokenization
 
@@ -238,8 +238,11 @@ def build_streams(
     masking = cfg.masking()
     train, evals, vals = {}, {}, {}
     for name in objectives:
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+        if not is_objective(name):
+            raise ValueError(
+                f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)} or a task "
+                "name of --train-pairs"
+            )
     if "masked_lm" in objectives:
         flat = tokenize_texts(raw.train_texts, tokenizer, "text-train", tok_key)
         train["masked_lm"] = MaskedLMStream.from_tokenizer(flat, seq_len, tokenizer, masking)
@@ -266,15 +269,23 @@ def build_streams(
             out["gap_summary"] = Seq2SeqStream(
                 "gap_summary", src, tgt, ids, **lengths, source_masker=masker
             )
-    if "summarize" in objectives:
-        for split, pairs, out in (
-            ("train", raw.train_pairs, train),
-            ("eval", raw.eval_pairs, evals),
-            ("val", raw.val_pairs, vals),
-        ):
-            src, tgt = tokenize_pairs(pairs, tokenizer, f"pairs-{split}", tok_key)
+    tokens = task_ids(tokenizer)
+    for task in [n for n in objectives if n not in OBJECTIVES]:
+        if task not in tokens:
+            raise TokenizerError(
+                f"the tokenizer has no token for task {task} (expected {task!r} among its task "
+                f"tokens: {', '.join(tokens) or 'none'})"
+            )
+    # summarize first (as it always was), then each named task: the same objective, with the
+    # task's token in front of its sources.
+    for task in [n for n in objectives if n == DEFAULT_TASK or n not in OBJECTIVES]:
+        task_id = None if task == DEFAULT_TASK else tokens[task]
+        prefix = "pairs" if task == DEFAULT_TASK else f"pairs-{task}"
+        for split, out in (("train", train), ("eval", evals), ("val", vals)):
+            pairs = raw.pairs(task, split)
+            src, tgt = tokenize_pairs(pairs, tokenizer, f"{prefix}-{split}", tok_key)
             masker = source_masker if split == "train" else None
-            out["summarize"] = Seq2SeqStream(
-                "summarize", src, tgt, ids, **lengths, source_masker=masker
+            out[task] = Seq2SeqStream(
+                task, src, tgt, ids, **lengths, source_masker=masker, task_id=task_id
             )
     return Streams(train, evals, vals)

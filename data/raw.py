@@ -28,6 +28,8 @@ from data.corpus import DEFAULT_MAX_CHARS, build_default_corpus, corpus_key
 from data.sources import Reading, iter_pairs, iter_texts
 from data.split import held_out_document, validation_document, validation_share
 from data.store import PairTable, TableWriter, TextTable, digest
+from data.tasks import check_eval_tasks, pair_tasks
+from model.tokenizer import DEFAULT_TASK
 
 
 @dataclass
@@ -42,11 +44,27 @@ class RawData:
     # Set aside from the training data to pick the kept weights; never the held-out split.
     val_texts: TextTable | list[str] = field(default_factory=list)
     val_pairs: PairTable | list[tuple[str, str]] = field(default_factory=list)
+    # The named text-to-text tasks (``--train-pairs title=...``), name -> (train, eval, val)
+    # pairs; ``summarize``'s are the pairs above.
+    tasks: dict[str, tuple] = field(default_factory=dict)
 
     def has(self, objective: str) -> bool:
-        if objective == "summarize":
+        if objective == DEFAULT_TASK:
             return bool(self.train_pairs)
+        if objective in self.tasks:
+            return bool(self.tasks[objective][0])
         return bool(self.train_texts)
+
+    def pairs(self, task: str, split: str):
+        """A task's pairs of one split ("train", "eval" or "val")."""
+        if task == DEFAULT_TASK:
+            return getattr(self, f"{split}_pairs")
+        return self.tasks[task][("train", "eval", "val").index(split)]
+
+    @property
+    def task_names(self) -> list[str]:
+        """``summarize`` and the named tasks (those with pairs of some split)."""
+        return [DEFAULT_TASK, *self.tasks]
 
 
 # ---------------------------------------------------------------------------- sources
@@ -263,17 +281,26 @@ def _build_embedded(cache: CacheDir, eval_fraction: float, kwargs: dict) -> None
 def load_raw(cfg: DataConfig) -> RawData:
     if not cfg.train_text and not cfg.train_pairs:
         return _embedded_corpus(cfg)
+    tasks = pair_tasks(cfg.train_pairs)
+    evals = check_eval_tasks(tasks, cfg.eval_pairs)
     train_texts, eval_texts, val_texts = prepare_split("texts", cfg.train_text, cfg.eval_text, cfg)
     train_pairs, eval_pairs, val_pairs = prepare_split(
-        "pairs", cfg.train_pairs, cfg.eval_pairs, cfg
+        "pairs", tasks.get(DEFAULT_TASK, []), evals.get(DEFAULT_TASK, []), cfg
     )
+    named = {
+        name: prepare_split("pairs", sources, evals.get(name, []), cfg)
+        for name, sources in tasks.items()
+        if name != DEFAULT_TASK
+    }
     names = ", ".join(cfg.train_text + cfg.train_pairs)
     desc = (
         f"{names}: {len(train_texts)} texts ({train_texts.num_chars:,} chars), "
         f"{len(train_pairs)} pairs; validation {len(val_texts)} texts, {len(val_pairs)} pairs; "
         f"held out {len(eval_texts)} texts, {len(eval_pairs)} pairs"
     )
+    for name, (train, held, val) in named.items():
+        desc += f"; task {name}: {len(train)} pairs, validation {len(val)}, held out {len(held)}"
     return RawData(
         train_texts, eval_texts, train_pairs, eval_pairs, desc, val_texts=val_texts,
-        val_pairs=val_pairs,
+        val_pairs=val_pairs, tasks=named,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The inference API: ``model.load(run_folder)`` -> ``fill_mask`` and ``summarize``."""
+"""The inference API: ``model.load(run_folder)`` -> ``fill_mask``, ``summarize`` and
+``generate(texts, task=...)`` for the run's named text-to-text tasks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import GenerationConfig
 from model.config import MiniTuringConfig
 from model.files import atomic_write_text
 from model.generate import DecodingConfig, generate
-from model.tokenizer import TokenizerError, check_compatible, load_tokenizer
+from model.tokenizer import DEFAULT_TASK, TokenizerError, check_compatible, load_tokenizer
 from model.transformer import MiniTuringModel, never_predicted
 
 MASK_LITERAL = "[MASK]"
@@ -69,6 +70,14 @@ def checked_weights(
         ) from None
     if model is None:
         return weights
+    return matching_weights(weights, model, path, against=against)
+
+
+def matching_weights(
+    weights: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, *, against: str
+) -> dict[str, torch.Tensor]:
+    """``weights`` (read from ``path``) checked against ``model``'s parameter names and shapes,
+    as :func:`checked_weights` checks them."""
     expected = model.state_dict()
     problems = [f"{k} is missing" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
@@ -91,12 +100,39 @@ class LM:
         tokenizer,
         source_len: int | None = None,
         generation: dict | None = None,
+        task_generation: dict[str, dict] | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.source_len = source_len or self.config.length("source_len")
         # The decoding defaults of summarize: the run's, over the package's.
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        # Each named task's: its own, from the run's training targets, over the package's.
+        self.task_generation = {
+            task: {**DEFAULT_GENERATION, **(task_generation or {}).get(task, {})}
+            for task in self.task_tokens
+        }
+
+    @property
+    def task_tokens(self) -> dict[str, int]:
+        """The named tasks the model was trained on, name -> the id of its token."""
+        return dict(getattr(self.config, "task_tokens", None) or {})
+
+    @property
+    def tasks(self) -> list[str]:
+        """What ``generate(task=...)`` accepts: ``summarize`` and the run's named tasks."""
+        return [DEFAULT_TASK, *self.task_tokens]
+
+    def generation_for(self, task: str) -> dict:
+        """A task's decoding defaults (``generation_config.json``, else the package's)."""
+        self._check_task(task)
+        return self.generation if task == DEFAULT_TASK else self.task_generation[task]
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValueError(
+                f"unknown task {task!r}: this model was trained on {', '.join(self.tasks)}"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -166,9 +202,8 @@ class LM:
             results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
         return results
 
-    # ------------------------------------------------------------------ summarize
+    # ------------------------------------------------------------------ summarize, generate
 
-    @torch.inference_mode()
     def summarize(
         self,
         text: str | list[str],
@@ -184,15 +219,55 @@ class LM:
         seed: int | None = None,
         batch_size: int = 16,
     ) -> str | list[str]:
-        """A summary per document. Documents longer than the model's source length (from
-        training) are truncated to their beginning. The decoding options left out (None) come
-        from the run's ``generation_config.json``, else ``DEFAULT_GENERATION``; ``num_beams``
-        is 1 when sampling. An empty or whitespace-only document gets ``""``, without running
-        the model (the others in a list are summarized as usual, in order)."""
+        """A summary per document: ``generate(text, task="summarize", ...)``. Documents longer
+        than the model's source length (from training) are truncated to their beginning. The
+        decoding options left out (None) come from the run's ``generation_config.json``, else
+        ``DEFAULT_GENERATION``; ``num_beams`` is 1 when sampling. An empty or whitespace-only
+        document gets ``""``, without running the model (the others in a list are summarized
+        as usual, in order)."""
+        return self.generate(
+            text,
+            task=DEFAULT_TASK,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        text: str | list[str],
+        task: str = DEFAULT_TASK,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 16,
+    ) -> str | list[str]:
+        """The output of ``task`` (``summarize``, or a named task of the run: ``lm.tasks``) for
+        each text, as ``summarize`` describes, decoded with that task's defaults (its own
+        ``generation_config.json`` entry) under the options given. A named task's source
+        starts with its token, as in training."""
+        self._check_task(task)
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("summarize expects a string or a list of strings")
+            raise TypeError(f"{'summarize' if task == DEFAULT_TASK else 'generate'} expects a "
+                            "string or a list of strings")  # fmt: skip
         given = dict(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams if num_beams is not None else (1 if do_sample else None),
@@ -200,7 +275,8 @@ class LM:
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
         )
-        options = {**self.generation, **{k: v for k, v in given.items() if v is not None}}
+        defaults = self.generation_for(task)
+        options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         cfg = DecodingConfig(
             **options, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p
         )
@@ -215,10 +291,13 @@ class LM:
             )
         # Nothing to summarize is summarized by nothing: the model would make text up.
         wanted = [i for i, t in enumerate(texts) if t.strip()]
+        head = [tok.cls_token_id]
+        if task != DEFAULT_TASK:
+            head.append(self.task_tokens[task])
         sources = []
         for i in wanted:
-            body = tok(texts[i], add_special_tokens=False)["input_ids"][: room - 2]
-            sources.append([tok.cls_token_id, *body, tok.sep_token_id])
+            body = tok(texts[i], add_special_tokens=False)["input_ids"][: room - 1 - len(head)]
+            sources.append([*head, *body, tok.sep_token_id])
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device)
@@ -235,21 +314,42 @@ class LM:
 def load(path: str | Path, device: str | torch.device = "cpu") -> LM:
     """Load a run folder for inference (CPU by default)."""
     model, tokenizer = load_model(path, device)
-    return LM(model, tokenizer, generation=read_generation_config(path))
+    return LM(
+        model,
+        tokenizer,
+        generation=read_generation_config(path),
+        task_generation=read_task_generation(path),
+    )
 
 
-def save_generation_config(folder: str | Path, **options) -> None:
-    """Write the run's decoding defaults as ``generation_config.json`` (Hugging Face's file:
-    ``GenerationConfig.from_pretrained(folder)`` reads it), atomically."""
+# generation_config.json's entry for the named tasks' decoding defaults, each under its name.
+TASKS_KEY = "tasks"
+
+
+def _checked_options(options: dict, where: str = "") -> None:
     unknown = set(options) - set(DEFAULT_GENERATION)
     if unknown:
-        raise TypeError(f"not decoding options: {', '.join(sorted(unknown))}")
+        raise TypeError(f"not decoding options{where}: {', '.join(sorted(unknown))}")
     GenerationConfig(**options).validate()  # what transformers would refuse, refused here
-    atomic_write_text(Path(folder) / GENERATION_FILE, json.dumps(options, indent=2) + "\n")
 
 
-def read_generation_config(folder: str | Path) -> dict:
-    """The decoding options a run folder's ``generation_config.json`` sets (none without it)."""
+def save_generation_config(
+    folder: str | Path, tasks: dict[str, dict] | None = None, **options
+) -> None:
+    """Write the run's decoding defaults as ``generation_config.json`` (Hugging Face's file:
+    ``GenerationConfig.from_pretrained(folder)`` reads it), atomically: ``summarize``'s at the
+    top level, and each named task's (``tasks``, name -> options) under ``"tasks"``, which a
+    run without named tasks does not write."""
+    _checked_options(options)
+    values = dict(options)
+    if tasks:
+        for name, task_options in tasks.items():
+            _checked_options(task_options, f" of task {name}")
+        values[TASKS_KEY] = {name: dict(task_options) for name, task_options in tasks.items()}
+    atomic_write_text(Path(folder) / GENERATION_FILE, json.dumps(values, indent=2) + "\n")
+
+
+def _generation_values(folder: str | Path) -> dict:
     path = Path(folder) / GENERATION_FILE
     if not path.is_file():
         return {}
@@ -257,4 +357,23 @@ def read_generation_config(folder: str | Path) -> dict:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise RunFolderError(f"{path} is not a valid generation config: {err}") from None
+    if not isinstance(values, dict) or not isinstance(values.get(TASKS_KEY, {}), dict):
+        raise RunFolderError(f"{path} is not a valid generation config: expected an object")
+    return values
+
+
+def read_generation_config(folder: str | Path) -> dict:
+    """The decoding options a run folder's ``generation_config.json`` sets for ``summarize``
+    (none without it)."""
+    values = _generation_values(folder)
     return {k: values[k] for k in DEFAULT_GENERATION if k in values}
+
+
+def read_task_generation(folder: str | Path) -> dict[str, dict]:
+    """The decoding options ``generation_config.json`` sets for each named task, by name."""
+    tasks = _generation_values(folder).get(TASKS_KEY, {})
+    return {
+        name: {k: v[k] for k in DEFAULT_GENERATION if k in v}
+        for name, v in tasks.items()
+        if isinstance(v, dict)
+    }

@@ -28,6 +28,10 @@ class MiniTuringConfig(PretrainedConfig):
     """
 
     model_type = MODEL_TYPE
+    # Named text-to-text tasks, name -> the id of the token in front of their source
+    # (``model.tokenizer.task_token``); set on a config only when the tokenizer has some, so the
+    # config.json of a run without named tasks is as it always was.
+    task_tokens: dict[str, int] | None = None
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class MiniTuringConfig(PretrainedConfig):
         mask_token_id: int = 4,
         sentence_mask_token_id: int = 5,
         tokenizer_size: int | None = None,
+        task_tokens: dict[str, int] | None = None,
         preset: str | None = None,
         seq_len: int | None = None,
         source_len: int | None = None,
@@ -81,6 +86,8 @@ class MiniTuringConfig(PretrainedConfig):
         # Number of entries the tokenizer actually has; vocab_size is this rounded up to a
         # multiple of 64 so the embedding matmul stays aligned.
         self.tokenizer_size = tokenizer_size
+        if task_tokens:
+            self.task_tokens = {str(k): int(v) for k, v in task_tokens.items()}
         self.preset = preset
         # The lengths the model was trained at, which inference needs: the masked-LM block,
         # and the longest summarization source and target. None in folders written before

@@ -12,10 +12,16 @@ Every tokenizer we use carries the same special tokens, which the objectives rel
 
 A loaded tokenizer that lacks some of them (say a RoBERTa one with ``<mask>``) keeps its own
 names where a common alias exists and gains the missing ones as added special tokens.
+
+A run trained on named text-to-text tasks (``--train-pairs title=titles.jsonl``) also has one
+special token per task, ``[TASK:title]``, which stands in front of that task's source. The task
+``summarize`` has none: its source is the bare ``[CLS] source [SEP]`` of every run, so a run
+with no named task has exactly the tokenizer it always had.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,42 @@ ALIASES = {
     "mask": ["[MASK]", "<mask>"],
     "sentence_mask": ["[MASK_SENT]", "<mask_1>", "<mask_sent>"],
 }
+
+
+# The task whose source carries no task token: what every run's pairs train.
+DEFAULT_TASK = "summarize"
+# A task's name: a lowercase identifier, so that it reads as a flag value, a metrics key and a
+# token alike.
+TASK_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_TASK_TOKEN = re.compile(r"\[TASK:([a-z][a-z0-9_]{0,31})\]")
+
+
+def task_token(name: str) -> str:
+    """The special token in front of a named task's source: ``[TASK:name]``."""
+    return f"[TASK:{name}]"
+
+
+def task_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The named tasks a tokenizer has a token for, name -> token id, in id order."""
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    found = {m.group(1): i for t, i in vocab.items() if (m := _TASK_TOKEN.fullmatch(t))}
+    return dict(sorted(found.items(), key=lambda item: item[1]))
+
+
+def with_task_tokens(
+    tokenizer: PreTrainedTokenizerFast, names: list[str]
+) -> PreTrainedTokenizerFast:
+    """``tokenizer`` with a special token for each named task (``summarize`` has none) that it
+    lacks, appended after its last entry in the order given; the same object when it lacks
+    none."""
+    have = task_ids(tokenizer)
+    missing = [n for n in dict.fromkeys(names) if n != DEFAULT_TASK and n not in have]
+    if not missing:
+        return tokenizer
+    raw = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    raw.add_special_tokens([AddedToken(task_token(n), special=True, normalized=False)
+                            for n in missing])  # fmt: skip
+    return wrap(raw)
 
 
 class TokenizerError(ValueError):
@@ -126,7 +168,10 @@ def tokenizer_fields(tokenizer: PreTrainedTokenizerFast) -> dict:
     """The MiniTuringConfig fields a tokenizer decides: the embedding rows (its size rounded up
     to a multiple of 64) and the special-token ids."""
     ids = special_ids(tokenizer)
+    tasks = task_ids(tokenizer)
     return dict(
+        # Only a tokenizer with task tokens sets the field (a run without is as it always was).
+        **({"task_tokens": tasks} if tasks else {}),
         vocab_size=round_vocab(len(tokenizer)),
         tokenizer_size=len(tokenizer),
         pad_token_id=ids.pad,
@@ -170,5 +215,8 @@ def check_compatible(tokenizer: PreTrainedTokenizerFast, config, where: str = ""
             problems.append(
                 f"config {name}={getattr(config, name, None)} but the tokenizer's is {value}"
             )
+    tasks, recorded = task_ids(tokenizer), getattr(config, "task_tokens", None) or {}
+    if tasks != recorded:
+        problems.append(f"config task_tokens={recorded} but the tokenizer's are {tasks}")
     if problems:
         raise TokenizerError(f"tokenizer and model config disagree{place}: " + "; ".join(problems))

@@ -451,8 +451,8 @@ def never_predicted(
     config: MiniTuringConfig, *, allow: int | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
     """Boolean (vocab_size,): True for ids the model is never asked to produce: the embedding
-    wanted past the tokenizer (they only round the vocabulary up) and the special tokens, except
-    ``allow`` (end-of-sequence, when generating)."""
+    wanted past the tokenizer (they only round the vocabulary up) and the special tokens (task
+    tokens included), except ``allow`` (end-of-sequence, when generating)."""
     c = config
     never = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
     never[c.tokenizer_size or c.vocab_size :] = True
@@ -463,6 +463,7 @@ def never_predicted(
         c.eos_token_id,
         c.mask_token_id,
         c.sentence_mask_token_id,
+        *(getattr(c, "task_tokens", None) or {}).values(),
     ]
     never[[i for i in specials if i is not None and i != allow]] = True
     return never

@@ -2,7 +2,8 @@
 
     minituring fill-mask RUN "Return the [MASK] value of a number."
     minituring summarize RUN docs.txt --num-beams 4 --json
-    minituring evaluate RUN --pairs test.jsonl --text test.txt --output metrics.json
+    minituring generate RUN docs.txt --task title        # a named task of the run
+    minituring evaluate RUN --pairs test.jsonl title=titles.jsonl --text test.txt
     minituring plot RUN
 
 It sits above ``model/`` and ``data/``: evaluation runs the trainer's own evaluator
@@ -29,9 +30,11 @@ from data.config import DataConfig
 from data.pipeline import build_streams
 from data.raw import RawData, read_pairs, read_texts
 from data.sources import read_source_texts
+from data.tasks import pair_tasks
 from model.api import DEFAULT_GENERATION, LM, RunFolderError, load
 from model.config import PRESETS, resolve_shape
 from model.generate import DecodingConfig
+from model.tokenizer import DEFAULT_TASK
 from trainer.evaluate import evaluate
 from trainer.plot import plot_run
 
@@ -185,23 +188,34 @@ def fill_mask_command(args) -> None:
 
 
 def summarize_command(args) -> None:
+    _generate(args, DEFAULT_TASK, "summary")
+
+
+def generate_command(args) -> None:
+    _generate(args, args.task, "output")
+
+
+def _generate(args, task: str, key: str) -> None:
+    """The output of ``task`` for each document, one a line (or JSON objects with ``key``)."""
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = _read_documents(args.file, args.split, args.text_column)
     _decoding(args, {})  # bad flags fail before the run is loaded
     lm = _load(args)
-    options = dataclasses.asdict(_decoding(args, lm.generation))
-    summaries: list[str] = []
+    if task not in lm.tasks:
+        raise CLIError(f"--task {task}: {args.run} was trained on {', '.join(lm.tasks)}")
+    options = dataclasses.asdict(_decoding(args, lm.generation_for(task)))
+    outputs: list[str] = []
     starts = range(0, len(docs), args.batch_size)
-    for n, start in enumerate(tqdm(starts, desc="summarize", unit="batch", disable=None)):
+    for n, start in enumerate(tqdm(starts, desc=task, unit="batch", disable=None)):
         # Each batch gets its own seed, so batches do not replay one random stream.
         seed = None if args.seed is None else args.seed + n
         chunk = docs[start : start + args.batch_size]
-        summaries += lm.summarize(chunk, batch_size=args.batch_size, seed=seed, **options)
+        outputs += lm.generate(chunk, task=task, batch_size=args.batch_size, seed=seed, **options)
     if args.json:
-        _print_json([{"index": i, "summary": s} for i, s in enumerate(summaries)])
+        _print_json([{"index": i, key: s} for i, s in enumerate(outputs)])
         return
-    for s in summaries:
+    for s in outputs:
         print(" ".join(s.split()))
 
 
@@ -257,7 +271,14 @@ def evaluate_command(args) -> dict:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    sources = pair_tasks(args.pairs or [], "--pairs")
     lm = _load(args)
+    unknown = [task for task in sources if task != DEFAULT_TASK and task not in lm.tasks]
+    if unknown:
+        raise CLIError(
+            f"--pairs {unknown[0]}={sources[unknown[0]][0]}: {args.run} has no task {unknown[0]} "
+            f"(its tasks: {', '.join(lm.tasks)})"
+        )
     data, seq_len, run_batch = _training_settings(lm)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     cfg = DataConfig(**{k: v for k, v in data.items() if k in known})
@@ -265,9 +286,15 @@ def evaluate_command(args) -> dict:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
     texts = read_texts([_existing(args.text, "--text")], cfg) if args.text else []
-    pairs = read_pairs([_existing(args.pairs, "--pairs")], cfg) if args.pairs else []
+    by_task = {
+        task: read_pairs([_existing(p, "--pairs") for p in paths], cfg)
+        for task, paths in sources.items()
+    }
+    pairs = by_task.pop(DEFAULT_TASK, [])
     objectives = (["masked_lm", "gap_summary"] if texts else []) + (["summarize"] if pairs else [])
-    raw = RawData([], texts, [], pairs, "evaluation files")
+    objectives += list(by_task)
+    tasks = {task: ([], held, []) for task, held in by_task.items()}
+    raw = RawData([], texts, [], pairs, "evaluation files", tasks=tasks)
     streams = build_streams(raw, lm.tokenizer, cfg, objectives, seq_len).eval
     if texts and len(streams["masked_lm"]) == 0:
         raise CLIError(
@@ -276,14 +303,16 @@ def evaluate_command(args) -> dict:
 
     batch_size = args.batch_size or run_batch
     max_batches = args.max_batches if args.max_batches is not None else sys.maxsize
-    rouge_samples = (
-        len(pairs) if args.rouge_samples is None else min(args.rouge_samples, len(pairs))
-    )
-    decoding = _decoding(args, lm.generation)
+    scored = {"summarize": pairs, **by_task} if pairs else by_task
+    largest = max((len(p) for p in scored.values()), default=0)
+    rouge_samples = largest if args.rouge_samples is None else args.rouge_samples
+    counts = {task: min(rouge_samples, len(p)) for task, p in scored.items()}
+    decodings = {task: _decoding(args, lm.generation_for(task)) for task in scored}
+    decoding = decodings.get(DEFAULT_TASK) or _decoding(args, lm.generation)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     steps = sum(min(max_batches, math.ceil(len(s) / batch_size)) for s in streams.values())
-    steps += math.ceil(rouge_samples / batch_size)
+    steps += sum(math.ceil(n / batch_size) for n in counts.values())
     with tqdm(total=steps, desc="evaluate", unit="batch", disable=None) as bar:
         results = evaluate(
             lm.model,
@@ -292,14 +321,14 @@ def evaluate_command(args) -> dict:
             batch_size=batch_size,
             max_batches=max_batches,
             rouge_samples=rouge_samples,
-            decoding=decoding,
+            decoding=decodings if by_task else decoding,
         )
     report = {
         "run": str(args.run),
         "text": args.text,
-        "pairs": args.pairs,
+        "pairs": args.pairs[0] if args.pairs and len(args.pairs) == 1 else args.pairs,
         "examples": {name: min(len(s), max_batches * batch_size) for name, s in streams.items()}
-        | ({"summarize/rouge": rouge_samples} if pairs else {}),
+        | {f"{task}/rouge": n for task, n in counts.items()},
         "settings": {
             "batch_size": batch_size,
             "seq_len": seq_len,
@@ -310,6 +339,10 @@ def evaluate_command(args) -> dict:
         },
         "metrics": results,
     }
+    if by_task:  # each named task's own decoding
+        report["settings"]["task_decoding"] = {
+            task: dataclasses.asdict(decodings[task]) for task in by_task
+        }
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,9 +387,11 @@ def format_table(report: dict) -> str:
     lines.append(
         "accuracy: of masked tokens for masked_lm, of target tokens (teacher-forced) otherwise"
     )
-    if "summarize/rouge1" in metrics:
-        count = report["examples"].get("summarize/rouge", 0)
-        lines.append(f"rouge: F1 x100 over {count} generated summaries")
+    for name in objectives:
+        if f"{name}/rouge1" in metrics:
+            count = report["examples"].get(f"{name}/rouge", 0)
+            what = "summaries" if name == DEFAULT_TASK else f"{name} outputs"
+            lines.append(f"rouge: F1 x100 over {count} generated {what}")
     return "\n".join(lines)
 
 
@@ -429,13 +464,37 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
     sub.set_defaults(handler=summarize_command)
 
     sub = command(
+        "generate",
+        "Write the output of one of the run's text-to-text tasks (--task) for each document in\n"
+        "FILE (or stdin), decoded with that task's defaults.",
+        "generate runs/tasks docs.txt --task title",
+    )
+    sub.add_argument("file", nargs="?", default="-", metavar="FILE",
+                     help="documents: a text file, a jsonl/csv/parquet file or - for stdin (default: -)")  # fmt: skip
+    sub.add_argument("--task", default=DEFAULT_TASK,
+                     help="summarize or a task the run was trained on (--train-pairs NAME=FILE) (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--split", choices=SPLITS, default="line",
+                     help="a document per line, per blank-line block, or the whole file (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--text-column", default="text",
+                     help="column holding the document in jsonl/csv/parquet files (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--batch-size", type=int, default=16,
+                     help="documents decoded together (default: %(default)s)")  # fmt: skip
+    sub.add_argument(
+        "--json", action="store_true", help="print JSON instead of one output per line"
+    )
+    _add_decoding(sub)
+    device(sub)
+    sub.set_defaults(handler=generate_command)
+
+    sub = command(
         "evaluate",
         "Held-out metrics with the trainer's evaluation: ROUGE-1/2/L of generated summaries\n"
         "against references (--pairs), masked-token accuracy and perplexity (--text).",
         "evaluate runs/default --pairs test.jsonl --text test.txt --output eval.json",
     )
-    sub.add_argument("--pairs", metavar="FILE",
-                     help="document/summary pairs: jsonl, json, csv, tsv or parquet, or a folder of them")  # fmt: skip
+    sub.add_argument("--pairs", metavar="[TASK=]FILE", nargs="+",
+                     help="held-out pairs: jsonl, json, csv, tsv or parquet, or a folder of them; "
+                          "TASK=FILE for a named task of the run (unnamed: summarize)")  # fmt: skip
     sub.add_argument(
         "--text",
         metavar="FILE",
@@ -450,7 +509,7 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
     sub.add_argument("--max-batches", type=int, default=None,
                      help="batches per objective for loss and accuracy (default: all)")  # fmt: skip
     sub.add_argument("--rouge-samples", type=int, default=None,
-                     help="pairs summarized for ROUGE (default: all)")  # fmt: skip
+                     help="pairs decoded for ROUGE, per task (default: all)")  # fmt: skip
     for flag in ("text-column", "document-column", "summary-column"):
         sub.add_argument(f"--{flag}", default=None, help="column name (default: the run's)")
     sub.add_argument("--text-split", choices=SPLITS, default=None,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.config import DataConfig, check_objectives, check_tokenizer_options
-from data.objectives import OBJECTIVES
+from data.objectives import OBJECTIVES, is_task
+from data.tasks import TaskError, check_eval_tasks, pair_tasks
 from model.config import (
     ACTIVATIONS,
     ATTENTIONS,
@@ -142,10 +143,12 @@ class RunConfig:
     included; the learning-rate schedule is fitted to the steps that fit, and refitted as the
     speed is measured (with --max-steps as a cap, when given)."""
     objectives: str = "auto"
-    """Mixture, e.g. masked_lm=1,gap_summary=0.5,summarize=1. auto: with document/summary
-    pairs, summarize=1,masked_lm=0.25 (the pairs first; masked LM, with the sources' masked
-    words of --source-mask-rate, kept for the fill-mask skill; gap sentences pay off only over
-    long runs); without, masked_lm=1,gap_summary=1."""
+    """Mixture, e.g. masked_lm=1,gap_summary=0.5,summarize=1; each named task of --train-pairs
+    (title=titles.jsonl) is an objective of that name (summarize=1,title=0.5,masked_lm=0.25).
+    auto: with document/summary pairs, weight 1 for each task (summarize and the named ones)
+    and masked_lm=0.25 (the pairs first; masked LM, with the sources' masked words of
+    --source-mask-rate, kept for the fill-mask skill; gap sentences pay off only over long
+    runs); without, masked_lm=1,gap_summary=1."""
     log_every: int = 20
     """Steps between metrics.jsonl lines."""
     eval_every: int = 400
@@ -203,9 +206,12 @@ AUTO_WITH_PAIRS = {"summarize": 1.0, "masked_lm": 0.25}
 AUTO_TEXT_ONLY = {"masked_lm": 1.0, "gap_summary": 1.0}
 
 
-def parse_objectives(spec: str, available: list[str] | None) -> dict[str, float]:
-    """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> weight 1 for each available one.
-    With ``available`` None (before the data is read) only the spelling is checked."""
+def parse_objectives(
+    spec: str, available: list[str] | None, tasks: list[str] | None = None
+) -> dict[str, float]:
+    """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> the recipe for the available ones.
+    With ``available`` None (before the data is read) only the spelling is checked, and the
+    named tasks against ``tasks`` (those of --train-pairs) when given."""
     if spec.strip() == "auto":
         if available is None:
             return {}
@@ -214,15 +220,21 @@ def parse_objectives(spec: str, available: list[str] | None) -> dict[str, float]
                 "no training data left: every document was held out for evaluation "
                 "(use more data, a smaller --eval-fraction, or --eval-text / --eval-pairs)"
             )
-        recipe = AUTO_WITH_PAIRS if "summarize" in available else AUTO_TEXT_ONLY
+        named = [n for n in available if n not in OBJECTIVES]
+        if "summarize" in available or named:
+            # Every text-to-text task as summarize: weight 1 each.
+            recipe = {**AUTO_WITH_PAIRS, **dict.fromkeys(named, AUTO_WITH_PAIRS["summarize"])}
+        else:
+            recipe = AUTO_TEXT_ONLY
         return {name: recipe[name] for name in available if recipe.get(name)}
     weights = {}
+    expected = ", ".join(OBJECTIVES) + (f" or a task of --train-pairs ({', '.join(tasks)})"
+                                        if tasks else " or a task named in --train-pairs")  # fmt: skip
     for part in spec.split(","):
         name, _, value = part.strip().partition("=")
-        if name not in OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {name!r} in --objectives; expected {', '.join(OBJECTIVES)}"
-            )
+        known = name in OBJECTIVES or (is_task(name) and (tasks is None or name in tasks))
+        if not known:
+            raise ValueError(f"unknown objective {name!r} in --objectives; expected {expected}")
         try:
             weights[name] = float(value) if value else 1.0
         except ValueError:
@@ -240,6 +252,7 @@ def parse_objectives(spec: str, available: list[str] | None) -> dict[str, float]
     missing = [n for n, w in weights.items() if w > 0 and n not in available]
     if missing:
         need = {"summarize": "document/summary pairs (--train-pairs)"}
+        need |= {n: f"pairs (--train-pairs {n}=FILE)" for n in missing if n not in OBJECTIVES}
         raise ValueError(
             "; ".join(f"objective {n} needs {need.get(n, 'text (--train-text)')}" for n in missing)
         )
@@ -464,7 +477,12 @@ def check_config(cfg: TrainConfig) -> None:
         codecs.lookup(cfg.data.encoding)
     except LookupError:
         raise TrainingError(f"unknown encoding {cfg.data.encoding!r}") from None
-    weights = parse_objectives(cfg.run.objectives, available=None)
+    try:
+        tasks = pair_tasks(cfg.data.train_pairs)
+        check_eval_tasks(tasks, cfg.data.eval_pairs)
+    except TaskError as err:
+        raise TrainingError(str(err)) from None
+    weights = parse_objectives(cfg.run.objectives, available=None, tasks=list(tasks))
     if cfg.data.streaming:
         _check_streaming(cfg, weights)
     _check_patience(cfg)

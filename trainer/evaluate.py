@@ -1,7 +1,7 @@
 """Held-out evaluation, one evaluator for the trainer's periodic evaluation and for
 ``minituring evaluate``: masked-token accuracy and perplexity, teacher-forced loss of the
 sequence-to-sequence objectives, and ROUGE-1/2/L of generated summaries against the lead
-baseline.
+baseline, for ``summarize`` and for each named text-to-text task (``title/rougeL``, ...).
 
 It is rank-aware, and one process is the ordinary case of N: rank r takes the held-out batches
 r, r + N, ... (the same batches and masks one process would use) and token-weighted sums are
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
+from data.objectives import is_task
 from model.constants import IGNORE_INDEX
 from model.generate import DecodingConfig, generate
 from model.transformer import MiniTuringModel
@@ -41,18 +42,28 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 SELECTION_RULE = (
     "validation ROUGE-L of the summaries (higher is better) when summarize trains and "
-    "--rouge-samples > 0, the product skill; else the validation loss (lower is better) of "
-    "masked_lm, else of gap_summary, else of summarize"
+    "--rouge-samples > 0, the product skill (with named tasks, the mean ROUGE-L of the tasks, "
+    "tasks/rougeL; a named task alone, its own); else the validation loss (lower is better) of "
+    "masked_lm, else of gap_summary, else of summarize, else of the first named task"
 )
+# The key of the tasks' mean ROUGE-L, when a run has several.
+TASKS_MEAN = "tasks/rougeL"
+
+
+def task_names(streams: dict) -> list[str]:
+    """The text-to-text tasks among ``streams``' objectives: summarize first, then the others."""
+    names = [n for n in streams if is_task(n)]
+    return sorted(names, key=lambda n: n != "summarize")
 
 
 def selection_metric(val_streams: dict, rouge_samples: int) -> tuple[str, bool] | None:
     """The validation metric that picks the kept weights (:data:`SELECTION_RULE`) and whether
     higher is better; None without a validation split."""
     present = [name for name, stream in val_streams.items() if len(stream)]
-    if "summarize" in present and rouge_samples > 0:
-        return "summarize/rougeL", True
-    for name in ("masked_lm", "gap_summary", "summarize"):
+    tasks = task_names({n: None for n in present})
+    if tasks and rouge_samples > 0:
+        return (f"{tasks[0]}/rougeL" if len(tasks) == 1 else TASKS_MEAN), True
+    for name in ("masked_lm", "gap_summary", *tasks):
         if name in present:
             return f"{name}/loss", False
     return None
@@ -71,24 +82,34 @@ def evaluate(
     batch_size: int = 32,
     max_batches: int = 8,
     rouge_samples: int = 32,
-    decoding: DecodingConfig | None = None,
+    decoding: DecodingConfig | dict[str, DecodingConfig] | None = None,
     env: Env | None = None,
 ) -> dict[str, float]:
     """Metrics per objective, named ``objective/metric``. Every rank calls it; every rank gets
     the same numbers. ``max_batches`` counts global batches (batch size x processes), as one
-    process with the global batch would evaluate them."""
+    process with the global batch would evaluate them. ROUGE is taken for each task
+    (``summarize`` and the named ones) on its first ``rouge_samples`` pairs, decoded as
+    ``decoding`` says (one config, or one per task); with several tasks, ``tasks/rougeL`` is
+    their mean ROUGE-L."""
     env = env or _one_process(model)
     was_training = model.training
     model.eval()
     try:
         with autocast(env):
             results = _stream_metrics(model, streams, batch_size, max_batches, env)
-            summaries = streams.get("summarize")
-            if summaries is not None and rouge_samples > 0 and len(summaries):
-                count = min(rouge_samples, len(summaries))
+            scored = []
+            for task in task_names(streams):
+                pairs = streams[task]
+                if rouge_samples <= 0 or not len(pairs):
+                    continue
+                count = min(rouge_samples, len(pairs))
+                cfg = decoding.get(task) if isinstance(decoding, dict) else decoding
                 results.update(
-                    _rouge(model, tokenizer, summaries, count, batch_size, decoding, env)
+                    _rouge(model, tokenizer, pairs, count, batch_size, cfg, env, task=task)
                 )
+                scored.append(task)
+            if len(scored) > 1 and all(f"{t}/rougeL" in results for t in scored):
+                results[TASKS_MEAN] = float(np.mean([results[f"{t}/rougeL"] for t in scored]))
     finally:
         model.train(was_training)
     return results
@@ -136,9 +157,11 @@ def _stream_metrics(model, streams: dict, batch_size: int, max_batches: int, env
     return results
 
 
-def _rouge(model, tokenizer, summaries, count, batch_size, decoding, env: Env) -> dict:
-    """ROUGE of summaries of the first ``count`` held-out documents, and of the lead baseline
-    (the document's first words, as many as the reference has).
+def _rouge(
+    model, tokenizer, summaries, count, batch_size, decoding, env: Env, task: str = "summarize"
+) -> dict:
+    """ROUGE of ``task``'s outputs for the first ``count`` held-out sources, and of the lead
+    baseline (the source's first words, as many as the reference has), as ``task/rouge1``...
 
     DDP (or one process): each rank summarizes every N-th document with its own replica, and
     per-document scores are gathered. FSDP: decoding runs a data-dependent number of forward
@@ -168,6 +191,7 @@ def _rouge(model, tokenizer, summaries, count, batch_size, decoding, env: Env) -
     rows = []
     for source, prediction, i in zip(sources, predictions, mine, strict=True):
         reference = tokenizer.decode(summaries.targets[i], skip_special_tokens=True).strip()
+        # (A named task's token is special: decoding leaves it out.)
         words = tokenizer.decode(source[1:-1], skip_special_tokens=True).split()
         lead = " ".join(words[: len(reference.split())])
         rows.append(rouge_scores(prediction.strip(), reference) + rouge_scores(lead, reference))
@@ -176,5 +200,5 @@ def _rouge(model, tokenizer, summaries, count, batch_size, decoding, env: Env) -
         torch.distributed.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
     means = np.mean(rows, axis=0).tolist()
-    keys = [f"summarize/{k}" for k in ROUGE_KEYS] + [f"summarize/lead_{k}" for k in ROUGE_KEYS]
+    keys = [f"{task}/{k}" for k in ROUGE_KEYS] + [f"{task}/lead_{k}" for k in ROUGE_KEYS]
     return dict(zip(keys, means, strict=True))

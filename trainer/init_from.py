@@ -8,6 +8,11 @@ their shapes, the function they were trained to compute, the tokenizer they inde
 given only with the parent's value; the others (``FREE``) may differ. The child's config.json
 and summary.json record the parent's path and the SHA-256 of its weights file. A resumed child
 continues from its own checkpoints and never reads the parent again.
+
+A child may train named tasks its parent never saw (``--train-pairs title=...``): their tokens
+are appended to the parent's tokenizer, and the embedding gains their rows (``extended``), each
+the mean of the embeddings of the parent's ordinary tokens, a word-like start that attends and
+is attended to like text; every other weight, and the parent's rows, are the parent's.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from model.api import RunFolderError, checked_weights
+from model.api import RunFolderError, checked_weights, matching_weights
 from model.config import MiniTuringConfig
-from model.tokenizer import TokenizerError, check_compatible
+from model.tokenizer import TokenizerError, check_compatible, load_tokenizer, task_ids
 from trainer.checkpoint import WEIGHT_FIELDS, model_differences
 from trainer.errors import TrainingError
 
@@ -131,11 +136,15 @@ def start_from_parent(model: torch.nn.Module, folder: Path, tokenizer) -> dict:
     child's) and the model the options built agree. Returns the record config.json keeps:
     the parent's path and the SHA-256 of its weights file."""
     saved = parent_config(folder)
+    parent_tokenizer = load_tokenizer(folder)
     try:
-        check_compatible(tokenizer, saved, where=str(folder))
+        check_compatible(parent_tokenizer, saved, where=str(folder))
     except TokenizerError as err:
         raise TrainingError(f"--init-from {folder}: {err}") from None
-    differences = model_differences(saved, model.config, INHERITED_FIELDS)
+    added = _added_tasks(parent_tokenizer, tokenizer, folder)
+    # New task tokens change the vocabulary's size, and nothing else.
+    inherited = [f for f in INHERITED_FIELDS if not (added and f in VOCABULARY_FIELDS)]
+    differences = model_differences(saved, model.config, inherited)
     if differences:
         raise TrainingError(
             f"--init-from {folder}: the model these options build is not the one in "
@@ -143,9 +152,59 @@ def start_from_parent(model: torch.nn.Module, folder: Path, tokenizer) -> dict:
             "change it."
         )
     weights_file = folder / "model.safetensors"
+    against = str(folder / "config.json")
     try:
-        weights = checked_weights(weights_file, model, against=str(folder / "config.json"))
+        if added:
+            weights = checked_weights(weights_file)
+            weights[EMBEDDING] = extended(weights.get(EMBEDDING), model, saved, added, folder)
+            weights = matching_weights(weights, model, weights_file, against=against)
+        else:
+            weights = checked_weights(weights_file, model, against=against)
     except RunFolderError as err:
         raise TrainingError(f"--init-from {folder}: {err}") from None
     model.load_state_dict(weights)
     return {"path": str(folder.resolve()), "weights_sha256": weights_sha256(weights_file)}
+
+
+VOCABULARY_FIELDS = ("vocab_size", "tokenizer_size")
+EMBEDDING = "embed.weight"  # the token embedding, tied to the output layer
+
+
+def _added_tasks(parent, child, folder: Path) -> dict[str, int]:
+    """The task tokens the child's tokenizer adds to the parent's, name -> id; a child
+    tokenizer that is not the parent's (with task tokens appended) is refused."""
+    n = len(parent)
+    parent_vocab = parent.backend_tokenizer.get_vocab(with_added_tokens=True)
+    child_vocab = child.backend_tokenizer.get_vocab(with_added_tokens=True)
+    added = {name: i for name, i in task_ids(child).items() if name not in task_ids(parent)}
+    same = {t: i for t, i in child_vocab.items() if i < n} == parent_vocab
+    if not same or sorted(added.values()) != list(range(n, len(child))):
+        raise TrainingError(
+            f"--init-from {folder}: the child's tokenizer is not the parent's "
+            f"({folder / 'tokenizer.json'}) with task tokens appended"
+        )
+    return added
+
+
+def extended(embedding, model: torch.nn.Module, saved, added: dict[str, int], folder: Path):
+    """The parent's token embedding grown to the child's rows: the parent's rows as they are,
+    each new task token's row the mean of the parent's ordinary tokens' rows (not the special
+    tokens, nor the rows that only round the vocabulary up), and any other new row (rounding
+    up) as the child's model initialised it."""
+    if embedding is None or tuple(embedding.shape) != (saved.vocab_size, saved.hidden_size):
+        shape = None if embedding is None else tuple(embedding.shape)
+        raise RunFolderError(
+            f"{folder / 'model.safetensors'}: {EMBEDDING} has shape {shape}, config implies "
+            f"{(saved.vocab_size, saved.hidden_size)}"
+        )
+    rows = model.state_dict()[EMBEDDING].detach().clone().to(embedding.dtype)
+    rows[: saved.vocab_size] = embedding[: rows.shape[0]]
+    ordinary = torch.ones(saved.tokenizer_size or saved.vocab_size, dtype=torch.bool)
+    specials = [saved.pad_token_id, saved.unk_token_id, saved.bos_token_id, saved.eos_token_id,
+                saved.mask_token_id, saved.sentence_mask_token_id,
+                *(getattr(saved, "task_tokens", None) or {}).values()]  # fmt: skip
+    ordinary[[i for i in specials if i is not None and i < len(ordinary)]] = False
+    mean = embedding[: len(ordinary)][ordinary].float().mean(0).to(embedding.dtype)
+    for i in added.values():
+        rows[i] = mean
+    return rows

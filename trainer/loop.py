@@ -296,7 +296,9 @@ def finish(run: Run, tracker: StepTracker, reason: str) -> str:
         draw_curves(run, tracker, final=True)
     if run.env.main and tracker.plan.samples:
         started = tracker.clock()
-        run.samples = write_samples(run.folder, run.data.raw.eval_pairs)
+        raw = run.data.raw
+        tasks = {name: raw.pairs(name, "eval") for name in raw.tasks}
+        run.samples = write_samples(run.folder, raw.eval_pairs, tasks)
         tracker.samples_seconds = tracker.clock() - started
     if run.env.main:
         write_summary(run.folder, summary(run, tracker))
@@ -488,7 +490,7 @@ def run_evaluation(
         batch_size=run.cfg.optim.batch_size,
         max_batches=run.cfg.run.eval_batches,
         rouge_samples=run.cfg.run.rouge_samples,
-        decoding=DecodingConfig(**run.generation),  # as summarize decodes
+        decoding=decodings(run),  # as summarize and generate(task=...) decode
         env=run.env,
     )
     if run.env.main:
@@ -497,6 +499,16 @@ def run_evaluation(
         shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
         progress.write(f"{split} @ step {run.state.step}: {shown}")
     return results
+
+
+def decodings(run: Run) -> DecodingConfig | dict[str, DecodingConfig]:
+    """How the evaluation decodes: as ``summarize`` does, and each named task as
+    ``generate(task=...)`` does (its own generation_config.json entry)."""
+    summarize = DecodingConfig(**run.generation)
+    if not run.task_generation:
+        return summarize
+    named = {name: DecodingConfig(**options) for name, options in run.task_generation.items()}
+    return {"summarize": summarize, **named}
 
 
 def draw_curves(run: Run, tracker: StepTracker, final: bool = False) -> None:

@@ -1,8 +1,8 @@
 """A run's training curves as one PNG, drawn from its metrics.jsonl: readable without a server.
 
 Four panels against the optimizer step: the loss of each objective (training solid, held-out
-dashed, one colour per objective), held-out accuracy, held-out ROUGE, and the learning rate
-with the throughput, drawn with matplotlib (a dependency of the package).
+dashed, one colour per objective; each named task is one), held-out accuracy, held-out ROUGE
+(ROUGE-L per task when there are named tasks), and the learning rate with the throughput, drawn with matplotlib (a dependency of the package).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _objectives(keys: set[str]) -> list[str]:
     found = {k.split("/")[1] for k in keys if k.startswith(("eval/", "val/"))}
     found |= {k.split("/")[1] for k in keys if k.startswith("loss/")}
+    found.discard("tasks")  # the tasks' mean ROUGE-L, no objective of its own
     return sorted(found, key=lambda n: (OBJECTIVES + (n,)).index(n))
 
 
@@ -118,16 +119,28 @@ def plot_metrics(records: list[dict], output: str | os.PathLike, title: str = ""
     drawn = _draw_lines(acc_ax, records, accuracy_lines)
     _finish_panel(acc_ax, drawn, "held-out accuracy", title="held-out accuracy", ylabel="accuracy")
 
-    rouge_lines = [
-        line
-        for i, metric in enumerate(("rouge1", "rouge2", "rougeL"))
-        for line in (
-            (f"val/summarize/{metric}", "s:", f"C{i}", f"{metric} (validation)"),
-            (f"eval/summarize/{metric}", "o-", f"C{i}", metric),
-            # The lead baseline (the document's first words), where the evaluation reports it.
-            (f"eval/summarize/lead_{metric}", "x:", f"C{i}", f"{metric}, lead baseline"),
-        )
-    ]
+    tasks = [n for n in objectives if any(k.endswith(f"/{n}/rougeL") for k in keys)]
+    if tasks in ([], ["summarize"]):
+        rouge_lines = [
+            line
+            for i, metric in enumerate(("rouge1", "rouge2", "rougeL"))
+            for line in (
+                (f"val/summarize/{metric}", "s:", f"C{i}", f"{metric} (validation)"),
+                (f"eval/summarize/{metric}", "o-", f"C{i}", metric),
+                # The lead baseline (the document's first words), where the evaluation has it.
+                (f"eval/summarize/lead_{metric}", "x:", f"C{i}", f"{metric}, lead baseline"),
+            )
+        ]
+    else:  # several tasks, or a named one: ROUGE-L of each, in its objective's colour
+        rouge_lines = [
+            line
+            for name in tasks
+            for line in (
+                (f"val/{name}/rougeL", "s:", colors[name], f"{name} rougeL (validation)"),
+                (f"eval/{name}/rougeL", "o-", colors[name], f"{name} rougeL"),
+                (f"eval/{name}/lead_rougeL", "x:", colors[name], f"{name} rougeL, lead baseline"),
+            )
+        ]
     drawn = [key for key in _draw_lines(rouge_ax, records, rouge_lines) if "/lead_" not in key]
     _finish_panel(
         rouge_ax,

@@ -33,11 +33,19 @@ from data.vocab import save_tokenizer, train_tokenizer
 from model.api import (
     DEFAULT_GENERATION,
     read_generation_config,
+    read_task_generation,
     save_generation_config,
 )
 from model.config import MiniTuringConfig
 from model.hf import save_remote_code
-from model.tokenizer import check_compatible, load_tokenizer
+from model.tokenizer import (
+    DEFAULT_TASK,
+    TokenizerError,
+    check_compatible,
+    load_tokenizer,
+    task_ids,
+    with_task_tokens,
+)
 from model.transformer import MiniTuringModel
 from trainer.checkpoint import Checkpointer, check_resumed_model
 from trainer.config import (
@@ -114,6 +122,8 @@ class Run:
     metrics: Metrics
     state: TrainState
     generation: dict  # summarize's decoding options, as generation_config.json holds them
+    # Each named task's decoding options, by name (generation_config.json's "tasks").
+    task_generation: dict = field(default_factory=dict)
     samples: dict | None = None  # what the run ends with when asked (trainer.samples)
 
     @property
@@ -176,6 +186,11 @@ def prepare(
         if env.main:
             write_run_folder(cfg, folder, model.config, data)
     generation = {**DEFAULT_GENERATION, **from_rank0(env, lambda: read_generation_config(folder))}
+    saved_tasks = from_rank0(env, lambda: read_task_generation(folder))
+    task_generation = {
+        name: {**DEFAULT_GENERATION, **saved_tasks.get(name, {})}
+        for name in task_ids(data.tokenizer)
+    }
     resume_step = state.step if cfg.run.resume is not None else None
     metrics = Metrics(folder / "metrics.jsonl", env.main, resume_step, report_to=cfg.run.report_to)
     run = Run(
@@ -190,6 +205,7 @@ def prepare(
         metrics=metrics,
         state=state,
         generation=generation,
+        task_generation=task_generation,
     )
     if env.main:
         print(describe(run), flush=True)
@@ -278,7 +294,13 @@ def write_run_folder(
     model_config.save_pretrained(folder)
     save_tokenizer(data.tokenizer, folder)
     save_remote_code(folder)  # AutoModel*.from_pretrained(folder, trust_remote_code=True)
-    save_generation_config(folder, **generation_defaults(data.streams, cfg.data.target_len))
+    target_len = cfg.data.target_len
+    tasks = {
+        name: task_generation_defaults(data.streams.train[name], target_len)
+        for name in task_ids(data.tokenizer)
+        if name in data.streams.train
+    }
+    save_generation_config(folder, tasks=tasks, **generation_defaults(data.streams, target_len))
 
 
 def release_freed_memory() -> None:
@@ -321,12 +343,15 @@ def prepare_data(cfg: TrainConfig, env: Env, folder: Path) -> RunData:
 def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> RunData:
     with local_main_first(env):
         raw = load_raw(cfg.data)
-    available = [n for n in OBJECTIVES if raw.has(n)]
+    available = [n for n in OBJECTIVES if raw.has(n)] + [n for n in raw.tasks if raw.has(n)]
     weights = parse_objectives(cfg.run.objectives, available)
     objectives = [n for n, w in weights.items() if w > 0]
-    tokenizer = _tokenizer(
-        cfg, env, folder, lambda: raw.train_texts + [d for d, _ in raw.train_pairs]
-    )
+
+    def sample() -> Iterable[str]:
+        documents = [d for task in raw.task_names for d, _ in raw.pairs(task, "train")]
+        return raw.train_texts + documents
+
+    tokenizer = _tokenizer(cfg, env, folder, sample, tasks=list(raw.tasks))
     with local_main_first(env):
         streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len)
     if cfg.run.objectives.strip() == "auto":
@@ -345,17 +370,33 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
     return RunData(raw, tokenizer, streams, weights)
 
 
-def _tokenizer(cfg: TrainConfig, env: Env, folder: Path, texts: Callable[[], Iterable[str]]):
+def _tokenizer(
+    cfg: TrainConfig,
+    env: Env,
+    folder: Path,
+    texts: Callable[[], Iterable[str]],
+    tasks: list[str] = (),
+):
     """The run's tokenizer (resuming), the parent's (--init-from), the given one (--tokenizer),
-    or one trained by rank 0 on ``texts()`` and sent to the others."""
+    or one trained by rank 0 on ``texts()`` and sent to the others; with a special token for
+    each named task of ``tasks`` it lacks, after its last entry (a resumed run has them all)."""
     if cfg.run.resume is not None:
-        return load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
+        missing = [t for t in tasks if t not in task_ids(tokenizer)]
+        if missing:
+            raise TokenizerError(
+                f"--resume {folder}: the run has no task {', '.join(missing)} (its tasks: "
+                f"{', '.join([DEFAULT_TASK, *task_ids(tokenizer)])}); a resumed run keeps its "
+                "tokenizer: start a new run from it with --init-from to add a task"
+            )
+        return tokenizer
     if cfg.run.init_from:
-        return load_tokenizer(cfg.run.init_from)
+        return with_task_tokens(load_tokenizer(cfg.run.init_from), tasks)
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+        return with_task_tokens(load_tokenizer(cfg.data.tokenizer), tasks)
     kind, size = cfg.data.tokenizer_kind, cfg.data.vocab_size
-    return from_rank0(env, lambda: train_tokenizer(texts(), kind=kind, vocab_size=size))
+    trained = from_rank0(env, lambda: train_tokenizer(texts(), kind=kind, vocab_size=size))
+    return with_task_tokens(trained, tasks)
 
 
 def _streamed_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> RunData:
@@ -384,17 +425,29 @@ BIGRAM_BLOCKING_SHARE = 0.2
 
 
 def generation_defaults(streams: Streams, target_len: int) -> dict:
-    """summarize's decoding defaults for this data: the summary lengths from the training
-    summaries' lengths in tokens (2nd and 98th percentile, the end token included), beam search
-    with repeated n-grams blocked (bigrams where the training summaries rarely repeat one,
-    trigrams otherwise). A run without pairs keeps the package's defaults."""
-    options = dict(DEFAULT_GENERATION)
+    """summarize's decoding defaults for this data (:func:`task_generation_defaults` of its
+    training pairs, else of the gap sentences). A run without either keeps the package's
+    defaults."""
     stream = streams.train.get("summarize") or streams.train.get("gap_summary")
+    # summarize's shortest length counts the end token, as it always has (runs decode as they
+    # did); a named task's does not.
+    return task_generation_defaults(stream, target_len, end_in_shortest=True)
+
+
+def task_generation_defaults(stream, target_len: int, *, end_in_shortest: bool = False) -> dict:
+    """A task's decoding defaults from its training targets (``stream``): the longest from the
+    targets' lengths in tokens with the end token (their 98th percentile), the shortest from
+    their 2nd percentile without it (``min_new_tokens`` counts the tokens before the end;
+    ``end_in_shortest``: with it, summarize's rule), beam search with repeated n-grams blocked
+    (bigrams where the targets rarely repeat one, trigrams otherwise). No stream, or an empty
+    one: the package's defaults."""
+    options = dict(DEFAULT_GENERATION)
     if stream is None or len(stream) == 0:
         return options
     picked = np.unique(np.linspace(0, len(stream) - 1, min(len(stream), 2000)).astype(int))
     targets = [ids[prefix:] for ids, _, prefix in map(stream.example, picked.tolist())]
     shortest, longest = np.percentile([len(t) + 1 for t in targets], [2, 98])
+    shortest -= 0 if end_in_shortest else 1
     options["max_new_tokens"] = int(max(2, min(target_len, math.ceil(longest))))
     options["min_new_tokens"] = int(max(1, min(math.floor(shortest), options["max_new_tokens"])))
     if repeat_share(targets, 2) <= BIGRAM_BLOCKING_SHARE:

@@ -16,8 +16,9 @@ SAMPLE_MASKS = (
 )
 
 
-def write_samples(folder: Path, eval_pairs) -> dict:
-    """Fill-mask predictions and one held-out document's summary, saved as samples.json."""
+def write_samples(folder: Path, eval_pairs, tasks: dict | None = None) -> dict:
+    """Fill-mask predictions and one held-out document's summary, saved as samples.json; with
+    named tasks (``tasks``: name -> held-out pairs), one held-out output of each too."""
     import model as api
 
     lm = api.load(folder)
@@ -31,6 +32,13 @@ def write_samples(folder: Path, eval_pairs) -> dict:
         document, reference = eval_pairs[0]
         generated = lm.summarize(document)  # decoded as the run's generation_config.json says
         samples["summary"] = {"document": document, "reference": reference, "generated": generated}
+    for name, pairs in (tasks or {}).items():
+        if len(pairs):
+            source, reference = pairs[0]
+            generated = lm.generate(source, task=name)  # as its generation_config.json entry says
+            samples.setdefault("tasks", {})[name] = {
+                "source": source, "reference": reference, "generated": generated
+            }  # fmt: skip
     atomic_write_text(folder / "samples.json", json.dumps(samples, indent=1))
     return samples
 
@@ -48,3 +56,8 @@ def print_samples(samples: dict) -> None:
         print(f"\nheld-out document:\n  {short}")
         print(f"reference summary:\n  {summary['reference']}")
         print(f"generated summary:\n  {summary['generated']}")
+    for name, sample in samples.get("tasks", {}).items():
+        source = sample["source"]
+        short = source if len(source) < 200 else source[:200] + " ..."
+        print(f"\ntask {name}, held-out source:\n  {short}")
+        print(f"reference:\n  {sample['reference']}\ngenerated:\n  {sample['generated']}")

@@ -6,7 +6,8 @@ One sequence per example, read by the prefix-LM mask:
           (ignored)   t1 t2 t3 ... [SEP]      labels (shifted: each position predicts the next)
 
 The prefix (``[CLS] source [SEP]``) sees itself in both directions; each target position
-sees the prefix and the target before it. Sources longer than the limit are truncated at
+sees the prefix and the target before it. A named task's source starts with its token
+(``[CLS] [TASK:title] source... [SEP]``), which counts in the source length. Sources longer than the limit are truncated at
 the end; targets likewise (documented behaviour, counted by the caller).
 """
 
@@ -30,11 +31,14 @@ def build_example(
     sep_id: int,
     source_len: int,
     target_len: int,
+    task_id: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (input_ids, labels, prefix_length); total length <= source_len + target_len."""
-    src = np.asarray(source, dtype=np.int64)[: source_len - 2]
+    """Return (input_ids, labels, prefix_length); total length <= source_len + target_len.
+    ``task_id``: the token of a named task, in front of the source."""
+    head = [cls_id] if task_id is None else [cls_id, task_id]
+    src = np.asarray(source, dtype=np.int64)[: source_len - 1 - len(head)]
     tgt = np.asarray(target, dtype=np.int64)[: target_len - 1]
-    prefix = np.concatenate([[cls_id], src, [sep_id]])
+    prefix = np.concatenate([head, src, [sep_id]])
     inputs = np.concatenate([prefix, tgt])
     labels = np.full(len(inputs), IGNORE_INDEX, dtype=np.int64)
     labels[len(prefix) - 1 :] = np.concatenate([tgt, [sep_id]])
