@@ -207,6 +207,12 @@ def assert_close_run(expected: Path, actual: Path) -> None:
         torch.testing.assert_close(wb[key], wa[key], rtol=REL, atol=ABS, msg=key)
 
 
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus_files) -> dict[str, Path]:
     """reference   1 process, batch 8, Muon
@@ -232,10 +238,12 @@ def runs(tmp_path_factory, corpus_files) -> dict[str, Path]:
     return out
 
 
+@needs_gloo
 def test_ddp_with_muon_matches_one_process(runs):
     assert_close_run(runs["reference"], runs["ddp"])
 
 
+@needs_gloo
 def test_fsdp_with_muon_matches_one_process_with_sharded_state(runs):
     assert_close_run(runs["reference"], runs["fsdp"])
     ckpt = runs["fsdp"] / "checkpoints" / "step-0000006"
@@ -243,6 +251,7 @@ def test_fsdp_with_muon_matches_one_process_with_sharded_state(runs):
     assert not (ckpt / "optimizer.pt").exists()
 
 
+@needs_gloo
 def test_muon_resumes_across_world_sizes(runs, tmp_path):
     """The 2-rank sharded checkpoint (Muon's momentum and AdamW's moments as DTensor shards)
     resumed by one process, and the 1-process checkpoint resumed by two FSDP ranks, both

@@ -47,8 +47,8 @@ class MuonAdamW:
     numbers the parameters across both in that order, the format of one optimizer's.
     torch.distributed.checkpoint takes ``parts``, the two optimizers.
 
-    Muon's update, an orthogonalised momentum, has a fixed size; ``match_rms_adamw`` scales
-    it per matrix (0.2 sqrt(max(rows, columns))) to the RMS of an AdamW update, so one rate,
+    Muon's update, an orthogonalised momentum (singular values near 1), has a size set by the
+    matrix's shape alone; ``match_rms_adamw`` scales it per matrix (0.2 sqrt(max(rows, columns))) to the RMS of an AdamW update, so one rate,
     its schedule and the weight decay serve both (Liu et al. 2025, "Muon is Scalable for LLM
     Training"). Muon's momentum is PyTorch's default, 0.95 with Nesterov.
 
