@@ -36,6 +36,7 @@ from model.files import atomic_path, atomic_write_text, fsync_dir, fsync_file
 from model.transformer import MiniTuringModel
 from trainer.distributed import Env, full_state_dict, is_fsdp
 from trainer.errors import TrainingError
+from trainer.optim import optimizer_parts
 
 
 def fsync_files(folder: Path) -> None:
@@ -156,7 +157,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "dcp").mkdir(parents=True)
         torch.distributed.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer_parts(optimizer))
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
         weights = full_state_dict(model) if export else {}  # collective: every rank takes part
         if self.main:
@@ -350,7 +351,7 @@ def _load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer_parts(optimizer))
     state = {"model": model_state, "optim": optim_state}
     single = not torch.distributed.is_initialized()
     with warnings.catch_warnings():
@@ -358,14 +359,18 @@ def _load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(folder), no_dist=single, planner=safe_load_planner())
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer_parts(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
     )
 
 
 def _load_plain_into_fsdp(path: Path, model: torch.nn.Module, optimizer) -> None:
     """A single-process or DDP checkpoint resumed under FSDP: every rank reads the full state and
     keeps its own shard. The optimizer's state is keyed by parameter index; this run's optimizer
-    holds the same parameters in the same order (``make_optimizer``), which gives their names."""
+    holds the same parameters in the same order (``make_optimizer``; with Muon, its groups then
+    AdamW's), which gives their names."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -379,7 +384,7 @@ def _load_plain_into_fsdp(path: Path, model: torch.nn.Module, optimizer) -> None
     }
     set_state_dict(
         model,
-        optimizer,
+        optimizer_parts(optimizer),
         model_state_dict=read_weights(path / "model.safetensors"),
         optim_state_dict=optim_state,
         options=StateDictOptions(full_state_dict=True),

@@ -26,6 +26,7 @@ from model.tokenizer import tokenizer_fields
 from trainer.errors import TrainingError
 
 SCHEDULES = ("wsd", "cosine")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -76,8 +77,13 @@ class OptimConfig:
     this (a batch of long documents) runs as pieces of it, with the same gradient and a
     fraction of the activation memory. Default: batch size x --seq-len, what a masked-LM
     batch holds; 0: never split."""
+    optimizer: str = "adamw"
+    """adamw, or muon: torch.optim.Muon (orthogonalised momentum) for the 2-D weight matrices
+    of the transformer blocks, AdamW for the rest (embeddings, norms, biases, the copy gate).
+    Muon's step is scaled per matrix to AdamW's update size (match_rms_adamw), so --lr,
+    --weight-decay and the schedule drive both."""
     lr: float = 5e-4
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate (AdamW; with --optimizer muon, Muon's too)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     warmup_steps: int = 100
@@ -89,7 +95,8 @@ class OptimConfig:
     decay_share: float = 0.2
     """wsd: the share of the run, at its end, over which the rate decays."""
     weight_decay: float = 0.01
-    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    """Decoupled weight decay (AdamW's, and Muon's; not applied to biases, norms and
+    embeddings)."""
     label_smoothing: float = 0.1
     """Label smoothing of the summaries' targets (summarize, gap_summary) in training: this
     share of the loss is the output layer's cross-entropy against the uniform distribution
@@ -304,6 +311,10 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (o.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {o.max_bad_steps}"),
         (o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}"),
         (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}"),
+        (
+            o.optimizer in OPTIMIZERS,
+            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {o.optimizer!r}",
+        ),
         (
             o.schedule in SCHEDULES,
             f"--schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}",

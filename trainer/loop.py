@@ -447,6 +447,7 @@ def summary(run: Run, tracker: StepTracker) -> dict:
         "processes": run.env.world_size,
         "device": str(run.env.device),
         "precision": "bf16" if run.env.dtype else "fp32",
+        "optimizer": run.cfg.optim.optimizer,
         "init_from": getattr(run.model.config, "init_from", None),  # the parent run, if any
         "kept": kept_summary(run),
         "samples_seconds": tracker.samples_seconds,

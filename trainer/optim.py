@@ -9,9 +9,16 @@ import torch
 from trainer.config import OptimConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW for every parameter, or with ``cfg.optimizer`` "muon", ``MuonAdamW``."""
+    if cfg.optimizer == "muon":
+        return MuonAdamW(model, cfg)
+    return _adamw(model.named_parameters(), cfg)
+
+
+def _adamw(named_parameters, cfg: OptimConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named_parameters:
         # Matrices decay; biases, norms and embeddings (position and tied token) do not.
         (
             decay if p.dim() == 2 and "embed" not in name and "position" not in name else no_decay
@@ -24,6 +31,91 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
     # default per-parameter loop, which otherwise dominates a small model's step.
     fused = True if cfg.fused_adamw else None  # None: PyTorch's own choice
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6, fused=fused)
+
+
+def muon_parameters(model: torch.nn.Module) -> list[str]:
+    """The parameters Muon trains: every 2-D weight of the transformer blocks (attention's
+    fused q/k/v and its output projection, the feed-forward's two). Not the embeddings (the
+    output layer is tied to one), norms, biases or the copy gate."""
+    return [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+
+
+class MuonAdamW:
+    """torch.optim.Muon for the blocks' matrices (``muon_parameters``), AdamW as ``_adamw``
+    for the rest, seen by the loop and the checkpoints as one optimizer: ``param_groups`` are
+    Muon's then AdamW's, the same dicts (the loop sets each one's rate), and ``state_dict``
+    numbers the parameters across both in that order, the format of one optimizer's.
+    torch.distributed.checkpoint takes ``parts``, the two optimizers.
+
+    Muon's update, an orthogonalised momentum (singular values near 1), has a size set by the
+    matrix's shape alone; ``match_rms_adamw`` scales it per matrix (0.2 sqrt(max(rows, columns))) to the RMS of an AdamW update, so one rate,
+    its schedule and the weight decay serve both (Liu et al. 2025, "Muon is Scalable for LLM
+    Training"). Muon's momentum is PyTorch's default, 0.95 with Nesterov.
+
+    Under FSDP2 the matrices are sharded DTensors: Muon's Newton-Schulz iteration runs on them
+    as DTensor operations, which compute the whole matrix's result (gathering or reducing
+    across ranks as each product needs), and the momentum stays sharded."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig) -> None:
+        matrices = set(muon_parameters(model))
+        muon = torch.optim.Muon(
+            [p for n, p in model.named_parameters() if n in matrices],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        rest = [(n, p) for n, p in model.named_parameters() if n not in matrices]
+        self.parts: tuple[torch.optim.Optimizer, ...] = (muon, _adamw(rest, cfg))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for part in self.parts:
+            saved = part.state_dict()
+            state.update({i + offset: s for i, s in saved["state"].items()})
+            groups += [
+                {**g, "params": [i + offset for i in g["params"]]} for g in saved["param_groups"]
+            ]
+            offset += sum(len(g["params"]) for g in part.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups, offset = list(state_dict["param_groups"]), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"it holds {len(groups)} parameter groups, Muon with AdamW has "
+                f"{len(self.param_groups)} (was the run trained with another --optimizer?)"
+            )
+        for part in self.parts:
+            mine, groups = groups[: len(part.param_groups)], groups[len(part.param_groups) :]
+            ids = [i for g in mine for i in g["params"]]
+            part.load_state_dict(
+                {
+                    "state": {
+                        i - offset: state_dict["state"][i] for i in ids if i in state_dict["state"]
+                    },
+                    "param_groups": [
+                        {**g, "params": [i - offset for i in g["params"]]} for g in mine
+                    ],
+                }
+            )
+            offset += len(ids)
+
+
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind a run's optimizer (for torch.distributed.checkpoint)."""
+    return list(getattr(optimizer, "parts", [optimizer]))
 
 
 def warmup_steps(total: int, cfg: OptimConfig) -> int:

@@ -60,7 +60,7 @@ from trainer.errors import TrainingError
 from trainer.init_from import parent_config, start_from_parent
 from trainer.lock import hold_run_folder
 from trainer.metrics import Metrics, check_report_to
-from trainer.optim import make_optimizer
+from trainer.optim import MuonAdamW, make_optimizer
 
 log = logging.getLogger("minituring")
 
@@ -116,7 +116,7 @@ class Run:
     data: RunData
     model: MiniTuringModel  # the plain model (under FSDP: with sharded parameters)
     wrapped: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW
     loader: MixtureLoader | StreamingLoader | Prefetcher
     checkpointer: Checkpointer
     metrics: Metrics
@@ -236,6 +236,7 @@ def build_model(cfg: TrainConfig, tokenizer, folder: Path) -> MiniTuringModel:
         saved = MiniTuringConfig.from_pretrained(folder)
         check_compatible(tokenizer, saved, where=str(folder))
         check_resumed_model(saved, model_config, folder)
+        check_resumed_optimizer(saved, cfg.optim.optimizer, folder)
         if getattr(saved, "init_from", None):  # a child run: its parent, for summary.json
             model_config.init_from = saved.init_from
     elif cfg.run.init_from:
@@ -243,6 +244,19 @@ def build_model(cfg: TrainConfig, tokenizer, folder: Path) -> MiniTuringModel:
         # them; config.json (written from this config) records where they came from.
         model_config.init_from = start_from_parent(model, Path(cfg.run.init_from), tokenizer)
     return model
+
+
+def check_resumed_optimizer(saved: MiniTuringConfig, optimizer: str, folder: Path) -> None:
+    """A resumed run keeps the optimizer its checkpoints hold the state of (runs from before
+    --optimizer trained with AdamW)."""
+    trained = (getattr(saved, "training", None) or {}).get("optim", {}).get("optimizer", "adamw")
+    if trained != optimizer:
+        raise TrainingError(
+            f"--resume {folder}: the run was trained with --optimizer {trained}; a resumed run "
+            f"keeps its optimizer, whose state its checkpoints hold. Drop --optimizer "
+            f"{optimizer}, or start a new run from its weights: --init-from {folder} "
+            f"--optimizer {optimizer} --output-dir NEW_FOLDER"
+        )
 
 
 def build_loader(
@@ -494,7 +508,7 @@ def describe(run: Run) -> str:
         f"objectives: {weights} | {run.data.streams.describe()}",
         f"global batch {run.global_batch} sequences = {cfg.optim.batch_size} x "
         f"{cfg.optim.grad_accum} accumulation x {env.world_size} processes; "
-        f"block {run.model.config.seq_len} tokens",
+        f"block {run.model.config.seq_len} tokens; optimizer {cfg.optim.optimizer}",
     ]
     if run.resumed:
         lines.append(f"resuming from step {run.state.step}")
