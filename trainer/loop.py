@@ -40,7 +40,7 @@ from trainer.patience import (
     stopped_line,
     stopped_summary,
 )
-from trainer.prepare import Run, TrainState, prepare
+from trainer.prepare import Run, TrainState, prepare, release_freed_memory
 from trainer.samples import write_samples
 from trainer.schedule import Plan
 
@@ -200,6 +200,14 @@ class StepTracker:
             self.window = LogWindow()
 
 
+# Steps between handing freed memory back to the system. The allocator keeps what each step
+# frees, and steps of other shapes grow its heap: the default job's process held 1.40 GB after
+# 50 steps without this (peak 1.45 GB), 0.89 GB handing it back after every step (peak 1.28 GB).
+# Every step pays for it with the next step's page faults (12% fewer tokens/s with a thread
+# trimming every second, docs/performance.md); every 50 steps pays once in 50.
+RELEASE_EVERY = 50
+
+
 def loop(
     run: Run, stop: StopSignal, clock: Callable[[], float], started: float, samples: bool = False
 ) -> str:
@@ -225,8 +233,11 @@ def loop(
             tracker.progress.set_total(plan.total)
         last = state.step == plan.total
         tracker.maybe_log(grad_norm, last)
+        if state.step % RELEASE_EVERY == 0:
+            release_freed_memory()
         if periodic_job_due(state.step, cfg.run.eval_every, last):
             plan.eval_seconds = tracker.timed(periodic_evaluation, run, tracker.progress)
+            release_freed_memory()  # what decoding's beams and caches held
             if ran_out(run):
                 stop_early(run, plan, tracker)
         if stop.requested(env):
