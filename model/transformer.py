@@ -59,12 +59,12 @@ class LayerCall:
     rotary_q: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def make_norm(config: MiniTuringConfig, size: int | None = None) -> nn.Module:
-    """The config's normalisation over the last ``size`` (default: hidden) features."""
-    size = size or config.hidden_size
+def make_norm(config: MiniTuringConfig) -> nn.Module:
+    """The config's normalisation of the hidden states (before each block's branches, and
+    the final one)."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=config.layer_norm_eps)
-    return nn.LayerNorm(size, eps=config.layer_norm_eps, bias=config.bias)
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
 
 
 def rotary_tables(
@@ -312,11 +312,11 @@ class MiniTuringModel(PreTrainedModel):
         (each block starts as the identity, as in modded-nanogpt)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            if getattr(module, "is_residual_projection", False):
-                std = std / math.sqrt(2 * self.config.num_layers)
-            if getattr(module, "is_residual_projection", False) and self.config.zero_init_proj:
+            residual = getattr(module, "is_residual_projection", False)
+            if residual and self.config.zero_init_proj:
                 nn.init.zeros_(module.weight)
             else:
+                std = std / math.sqrt(2 * self.config.num_layers) if residual else std
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
