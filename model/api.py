@@ -211,16 +211,16 @@ class LM:
         max_new_tokens = cfg.max_new_tokens
         tok = self.tokenizer
         room = max_source_tokens if max_source_tokens is not None else self.source_len
-        limit = self.config.position_limit
-        if limit is not None:
-            room = min(room, limit - max_new_tokens)
         if room < 3:
+            raise ValueError(f"max_source_tokens must be >= 3 (a word and the frame), got {room}")
+        limit = self.config.position_limit  # None: rotary positions, no limit
+        if limit is not None and limit - max_new_tokens < 3:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for the source in "
                 f"{limit} positions"
-                if limit is not None and limit - max_new_tokens < 3
-                else f"max_source_tokens must be >= 3 (a token and the frame), got {room}"
             )
+        if limit is not None:
+            room = min(room, limit - max_new_tokens)
         # Nothing to summarize is summarized by nothing: the model would make text up.
         wanted = [i for i, t in enumerate(texts) if t.strip()]
         sources = []

@@ -409,6 +409,8 @@ def test_summarize_reads_past_the_positions_with_rope_and_truncates_with_learned
     assert seen.pop() == 40
     assert isinstance(rope.summarize(doc, max_new_tokens=4, max_source_tokens=150), str)
     assert seen.pop() == 150
+    with pytest.raises(ValueError, match="max_source_tokens must be >= 3"):
+        rope.summarize(doc, max_source_tokens=2)
     assert isinstance(rope.fill_mask("word " * 100 + "[MASK]"), list)
     with pytest.raises(ValueError, match="reads at most"):
         learned.fill_mask("word " * 100 + "[MASK]")
