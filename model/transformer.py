@@ -116,9 +116,7 @@ class SelfAttention(nn.Module):
             k, v = F.linear(x, w[d:], kv_bias).view(b, t, 2, h, d // h).unbind(2)
             q = F.linear(_take(x, wanted), w[:d], q_bias).view(b, wanted.shape[1], h, d // h)
         if self.q_norm is not None:
-            # In fp32 (autocast leaves the norm to the input's dtype, and a bf16 input with the
-            # fp32 weight misses the fused kernel), then back to the dtype of the values.
-            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+            q, k = _head_norm(q, self.q_norm), _head_norm(k, self.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if call.rotary is not None:
             q, k = apply_rotary(q, *call.rotary_q), apply_rotary(k, *call.rotary)
@@ -171,6 +169,15 @@ def _bf16_attention(
     if dropout:
         probs = F.dropout(probs, dropout)
     return torch.matmul(probs, v)
+
+
+def _head_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """``norm(x)`` with the mean square taken in fp32 and the product left in x's dtype (bf16
+    under autocast, as the values). nn.RMSNorm given a bf16 input and its fp32 weight takes an
+    unfused path, and upcasting the whole input costs more: at the tiny preset's shapes on a
+    CPU core, forward + backward, 14 ms against 18-20 ms."""
+    scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps).to(x.dtype)
+    return x * scale * norm.weight.to(x.dtype)
 
 
 def _take(x: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,19 @@ def test_zero_init_proj_starts_the_residual_projections_at_zero():
         assert block.attn.qkv.weight.std() > 0.01 and block.ffn.up.weight.std() > 0.01
 
 
+def test_qk_norm_is_an_rmsnorm_of_each_head():
+    import model.transformer as transformer
+
+    norm = torch.nn.RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, 8)
+    torch.testing.assert_close(transformer._head_norm(x, norm), norm(x))
+    half = transformer._head_norm(x.bfloat16(), norm)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), norm(x), rtol=2e-2, atol=2e-2)
+
+
 def test_choices_are_checked():
     for field, value in (("position", "alibi"), ("norm", "batchnorm"), ("ffn", "geglu")):
         with pytest.raises(ValueError, match=field):
