@@ -69,9 +69,7 @@ def arch_model(choice: dict, seed: int = 0, **overrides) -> MiniTuringModel:
     return m
 
 
-def params(choice_ids=None):
-    ids = choice_ids or list(CHOICES)
-    return pytest.mark.parametrize("choice", [CHOICES[i] for i in ids], ids=ids)
+EVERY_CHOICE = pytest.mark.parametrize("choice", list(CHOICES.values()), ids=list(CHOICES))
 
 
 def seq2seq_batch():
@@ -89,7 +87,7 @@ def seq2seq_batch():
 # ---------------------------------------------------------------------------- training
 
 
-@params()
+@EVERY_CHOICE
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
 def test_forward_backward_and_the_sparse_last_block(choice, copy):
     """Masked LM and prefix-LM batches give finite losses and a finite gradient for every
@@ -116,7 +114,7 @@ def test_forward_backward_and_the_sparse_last_block(choice, copy):
         torch.testing.assert_close(loss, dense(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
-@params()
+@EVERY_CHOICE
 def test_bf16_autocast_forward_backward(choice):
     m = arch_model(choice, copy_attention=True).train()
     s_x, padding, prefix, labels = seq2seq_batch()
@@ -215,7 +213,7 @@ def _uncached_greedy(m, source, steps, eos=3):
     return out
 
 
-@params()
+@EVERY_CHOICE
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
 def test_cached_greedy_decoding_equals_uncached(choice, copy):
     """Sources of three lengths, left-padded in one batch, decoded with the cache: each the
@@ -228,7 +226,7 @@ def test_cached_greedy_decoding_equals_uncached(choice, copy):
         assert got == _uncached_greedy(m, source, 10)
 
 
-@params()
+@EVERY_CHOICE
 def test_cached_beam_steps_equal_uncached(choice):
     """Beam search's cache (the source shared by a document's beams, the beams re-ranked each
     step) gives each beam the log-probabilities of its whole sequence run uncached."""
@@ -291,7 +289,7 @@ def write_run_folder(folder: Path, tokenizer, choice: dict, seed: int = 0) -> Mi
     return m
 
 
-@params()
+@EVERY_CHOICE
 def test_save_and_load_round_trip_the_logits_exactly(choice, tokenizer, tmp_path):
     m = write_run_folder(tmp_path, tokenizer, choice)
     saved = json.loads((tmp_path / "config.json").read_text())
