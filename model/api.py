@@ -159,13 +159,13 @@ class LM:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not texts:
             return []
-        tok, limit = self.tokenizer, self.config.max_position_embeddings
+        tok, limit = self.tokenizer, self.config.position_limit  # None: rotary, no limit
         encoded = []
         for i, text in enumerate(texts):
             if MASK_LITERAL not in text and tok.mask_token not in text:
                 raise ValueError(f"text {i} has no {MASK_LITERAL} to fill: {text[:80]!r}")
             ids = tok(text.replace(MASK_LITERAL, tok.mask_token))["input_ids"]
-            if len(ids) > limit:
+            if limit is not None and len(ids) > limit:
                 raise ValueError(
                     f"text {i} is {len(ids)} tokens long; the model reads at most {limit}: shorten it"
                 )
@@ -218,13 +218,16 @@ class LM:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 16,
+        max_source_tokens: int | None = None,
     ) -> str | list[str]:
         """A summary per document: ``generate(text, task="summarize", ...)``. Documents longer
-        than the model's source length (from training) are truncated to their beginning. The
-        decoding options left out (None) come from the run's ``generation_config.json``, else
-        ``DEFAULT_GENERATION``; ``num_beams`` is 1 when sampling. An empty or whitespace-only
-        document gets ``""``, without running the model (the others in a list are summarized
-        as usual, in order)."""
+        than ``max_source_tokens`` (default: the model's source length from training) are
+        truncated to their beginning; a model with learned positions reads at most its
+        positions less ``max_new_tokens``, one with rotary positions (``position: rope``) any
+        length. The decoding options left out (None) come from the run's
+        ``generation_config.json``, else ``DEFAULT_GENERATION``; ``num_beams`` is 1 when
+        sampling. An empty or whitespace-only document gets ``""``, without running the model
+        (the others in a list are summarized as usual, in order)."""
         return self.generate(
             text,
             task=DEFAULT_TASK,
@@ -239,6 +242,7 @@ class LM:
             top_p=top_p,
             seed=seed,
             batch_size=batch_size,
+            max_source_tokens=max_source_tokens,
         )
 
     @torch.inference_mode()
@@ -257,6 +261,7 @@ class LM:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 16,
+        max_source_tokens: int | None = None,
     ) -> str | list[str]:
         """The output of ``task`` (``summarize``, or a named task of the run: ``lm.tasks``) for
         each text, as ``summarize`` describes, decoded with that task's defaults (its own
@@ -283,12 +288,17 @@ class LM:
         cfg.validate()
         max_new_tokens = cfg.max_new_tokens
         tok = self.tokenizer
-        room = min(self.source_len, self.config.max_position_embeddings - max_new_tokens)
+        room = max_source_tokens if max_source_tokens is not None else self.source_len
         if room < 3:
+            raise ValueError(f"max_source_tokens must be >= 3 (a word and the frame), got {room}")
+        limit = self.config.position_limit  # None: rotary positions, no limit
+        if limit is not None and limit - max_new_tokens < 3:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for the source in "
-                f"{self.config.max_position_embeddings} positions"
+                f"{limit} positions"
             )
+        if limit is not None:
+            room = min(room, limit - max_new_tokens)
         # Nothing to summarize is summarized by nothing: the model would make text up.
         wanted = [i for i, t in enumerate(texts) if t.strip()]
         head = [tok.cls_token_id]

@@ -11,6 +11,12 @@ from transformers import PretrainedConfig
 MODEL_TYPE = "minituring"
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTIONS = ("auto", "sdpa", "math")
+# Architecture choices. The first of each is the architecture of every run folder written
+# before the choice existed, so a config.json without the field loads as it was trained.
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+FFNS = ("gelu", "swiglu", "relu2")
+ROPE_BASE = 10000.0
 
 # Whether runs trained from now on get the copy path (``copy_attention``). The config's own
 # default stays False, so that a run folder written before the field existed loads as it was
@@ -64,6 +70,12 @@ class MiniTuringConfig(PretrainedConfig):
         attention: str = "auto",
         sparse_outputs: bool = True,
         chunked_loss: bool = True,
+        position: str = "learned",
+        norm: str = "layernorm",
+        bias: bool = True,
+        ffn: str = "gelu",
+        qk_norm: bool = False,
+        zero_init_proj: bool = False,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -109,6 +121,19 @@ class MiniTuringConfig(PretrainedConfig):
         self.sparse_outputs = sparse_outputs
         # The training loss chunk by chunk, gradients taken in the forward pass, no logits kept.
         self.chunked_loss = chunked_loss
+        # Architecture. position: "learned" (a table of max_position_embeddings vectors added
+        # to the tokens') or "rope" (rotary embeddings of q and k, RoFormer's half rotation with
+        # base ROPE_BASE; no table, no length limit). norm: "layernorm" or "rmsnorm". bias: the
+        # linear layers and norms of the blocks (and the final norm) have biases. ffn: "gelu"
+        # (the activation is hidden_act), "swiglu" (gated, ``ffn_hidden_size`` wide) or "relu2"
+        # (ReLU squared). qk_norm: RMSNorm of each head's queries and keys before attention.
+        # zero_init_proj: the projections that write into the residual stream start at zero.
+        self.position = position
+        self.norm = norm
+        self.bias = bias
+        self.ffn = ffn
+        self.qk_norm = qk_norm
+        self.zero_init_proj = zero_init_proj
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -120,6 +145,13 @@ class MiniTuringConfig(PretrainedConfig):
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {hidden_act!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        for name, value, choices in (
+            ("position", position, POSITIONS),
+            ("norm", norm, NORMS),
+            ("ffn", ffn, FFNS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
@@ -128,6 +160,11 @@ class MiniTuringConfig(PretrainedConfig):
             raise ValueError(f"copy_layer must index one of {num_layers} layers, got {copy_layer}")
         if copy_head is not None and not 0 <= copy_head < num_heads:
             raise ValueError(f"copy_head must be one of {num_heads} heads or None, got {copy_head}")
+        if position == "rope" and (hidden_size // num_heads) % 2:
+            raise ValueError(
+                f"rope rotates pairs of dimensions: the head size ({hidden_size // num_heads}) "
+                "must be even"
+            )
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", **fields) -> MiniTuringConfig:
@@ -146,15 +183,37 @@ class MiniTuringConfig(PretrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def position_limit(self) -> int | None:
+        """The most positions a sequence may have: the learned table's size; None with rope."""
+        return self.max_position_embeddings if self.position == "learned" else None
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Width of the feed-forward's inner layer: ``ffn_size``, or for swiglu, whose input
+        layer has two halves (gate and value), two thirds of it rounded to a multiple of 8, so
+        that the parameters stay about those of the GELU feed-forward of ``ffn_size``."""
+        if self.ffn != "swiglu":
+            return self.ffn_size
+        return max(8, round(2 * self.ffn_size / 3 / 8) * 8)
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count computed from the shape (tied output embedding counted once)."""
-        d, f, n = self.hidden_size, self.ffn_size, self.num_layers
-        block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-        total = n * block + 2 * d
+        d, f, n = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        b = 1 if self.bias else 0
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        attention = (3 * d * d + 3 * d * b) + (d * d + d * b)
+        if self.qk_norm:
+            attention += 2 * self.head_dim
+        up = 2 * f if self.ffn == "swiglu" else f
+        ffn = (d * up + up * b) + (f * d + d * b)
+        total = n * (attention + ffn + 2 * norm) + norm
         if self.copy_attention:
             total += 2 * d + 1  # the copy gate: [hidden; previous token's embedding] -> 1
         if not non_embedding:
-            total += self.vocab_size * d + self.max_position_embeddings * d
+            total += self.vocab_size * d
+            if self.position == "learned":
+                total += self.max_position_embeddings * d
         return total
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -90,10 +90,12 @@ class Decoder:
         # Sources of one length need no mask at all: attention then takes its unmasked kernel.
         self.padded = not bool(self.mask.all())
         self.source_len = self.ids.shape[1]
-        if self.source_len + cfg.max_new_tokens > conf.max_position_embeddings:
+        # Rotary positions have no limit: only a learned table's size bounds the sequence.
+        limit = conf.position_limit
+        if limit is not None and self.source_len + cfg.max_new_tokens > limit:
             raise ValueError(
                 f"source ({self.source_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
-                f"exceeds the model's {conf.max_position_embeddings} positions"
+                f"exceeds the model's {limit} positions"
             )
         self.never = never_predicted(conf, allow=self.eos, device=self.device)
 

@@ -471,10 +471,11 @@ def _sharded_load_errors(folder: Path):
         raise TrainingError(f"cannot load the sharded checkpoint {folder}: {first}") from None
 
 
-# The config fields that decide the weights' shapes, and the tokenizer they index.
+# The config fields that decide the weights: their shapes, the tokenizer they index, and the
+# architecture that reads them.
 WEIGHT_FIELDS = (
     "vocab_size", "tokenizer_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
-    "max_position_embeddings", "copy_attention",
+    "max_position_embeddings", "copy_attention", "position", "norm", "bias", "ffn", "qk_norm",
 )  # fmt: skip
 
 

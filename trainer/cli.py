@@ -257,7 +257,8 @@ def _training_settings(lm: LM) -> tuple[dict, int, int]:
         options = training.get("model", {})
         preset = options.get("preset") if options.get("preset") in PRESETS else "tiny"
         seq_len = resolve_shape(preset, seq_len=options.get("seq_len"))["seq_len"]
-    seq_len = min(seq_len, lm.config.max_position_embeddings)
+    if lm.config.position_limit is not None:  # rotary positions have no limit
+        seq_len = min(seq_len, lm.config.position_limit)
     batch_size = training.get("optim", {}).get("batch_size", 32)
     return data, seq_len, batch_size
 

@@ -17,6 +17,9 @@ from model.config import (
     ACTIVATIONS,
     ATTENTIONS,
     COPY_ATTENTION_FOR_NEW_RUNS,
+    FFNS,
+    NORMS,
+    POSITIONS,
     PRESETS,
     MiniTuringConfig,
     resolve_shape,
@@ -49,13 +52,30 @@ class ModelOptions:
     seq_len: int | None = None
     """Masked-LM block length in tokens (default: the preset's)."""
     max_positions: int = 512
-    """Longest sequence the model supports (position embeddings)."""
+    """Longest sequence the model supports (the learned position table; with --position rope
+    no limit, and recorded only)."""
     copy_attention: bool = COPY_ATTENTION_FOR_NEW_RUNS
     """Summaries mix the output layer's words with words copied from the source, read off the
     attention of the last layer (pointer-generator)."""
     hidden_act: str = "gelu"
-    """Feed-forward activation: gelu (exact, as in BERT and BART) or gelu_tanh (its tanh
-    approximation)."""
+    """Feed-forward activation with --ffn gelu: gelu (exact, as in BERT and BART) or gelu_tanh
+    (its tanh approximation)."""
+    position: str = "learned"
+    """Positions: learned (a table of --max-positions vectors added to the tokens) or rope
+    (rotary embeddings of queries and keys, base 10000: no table, no length limit)."""
+    norm: str = "layernorm"
+    """Normalisation before each block's attention and feed-forward, and at the end:
+    layernorm or rmsnorm."""
+    bias: bool = True
+    """Biases in the blocks' linear layers and norms (--no-bias: none)."""
+    ffn: str = "gelu"
+    """Feed-forward: gelu (--hidden-act), relu2 (ReLU squared) or swiglu (gated SiLU, 2/3 of
+    --ffn-size wide, rounded to a multiple of 8: about the parameters of gelu's)."""
+    qk_norm: bool = False
+    """RMSNorm of each head's queries and keys before attention."""
+    zero_init_proj: bool = False
+    """Start the projections that write into the residual stream (attention output,
+    feed-forward output) at zero instead of small random weights."""
     attention: str = "auto"
     """Attention kernel: sdpa (PyTorch's fused), math (matmuls and a softmax), or auto (math
     for bf16 training on CPU, where it is faster; else sdpa). Speed only."""
@@ -122,9 +142,10 @@ class RunConfig:
     folder model.load reads), with its own data, objectives, schedule and a fresh optimizer.
     Model options left out take the parent's values. Those that decide the weights (--preset,
     --hidden-size, --num-layers, --num-heads, --ffn-size, --max-positions, --copy-attention,
-    --hidden-act) and the tokenizer (--tokenizer, --tokenizer-kind, --vocab-size) are refused
-    when they differ from the parent's; --seq-len, --source-len, --target-len, the dropouts,
-    --attention, --sparse-outputs and --chunked-loss may differ."""
+    --hidden-act, --position, --norm, --bias, --ffn, --qk-norm) and the tokenizer (--tokenizer,
+    --tokenizer-kind, --vocab-size) are refused when they differ from the parent's; --seq-len,
+    --source-len, --target-len, the dropouts, --attention, --sparse-outputs, --chunked-loss
+    and --zero-init-proj may differ."""
     seed: int = 0
     """Seed for initialization, data order, masking and dropout."""
     device: str = "auto"
@@ -286,6 +307,12 @@ def build_model_config(cfg: TrainConfig, tokenizer=None) -> MiniTuringConfig:
         attention_dropout=m.attention_dropout,
         copy_attention=m.copy_attention,
         hidden_act=m.hidden_act,
+        position=m.position,
+        norm=m.norm,
+        bias=m.bias,
+        ffn=m.ffn,
+        qk_norm=m.qk_norm,
+        zero_init_proj=m.zero_init_proj,
         attention=m.attention,
         sparse_outputs=m.sparse_outputs,
         chunked_loss=m.chunked_loss,
@@ -344,6 +371,12 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
             m.attention in ATTENTIONS,
             f"--attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}",
         ),
+        (
+            m.position in POSITIONS,
+            f"--position must be one of {', '.join(POSITIONS)}, got {m.position!r}",
+        ),
+        (m.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {m.norm!r}"),
+        (m.ffn in FFNS, f"--ffn must be one of {', '.join(FFNS)}, got {m.ffn!r}"),
     ]
     for flag in ("hidden_size", "num_layers", "num_heads", "ffn_size"):
         value = getattr(m, flag)
@@ -430,6 +463,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Contradictory or impossible settings fail before any work."""
     shape = _shape(cfg)
     seq_len = shape["seq_len"]
+    rotary = cfg.model.position == "rope"  # no position table: no length limit
     checks = [
         (cfg.optim.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.optim.batch_size}"),
         (cfg.optim.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.optim.grad_accum}"),
@@ -444,11 +478,11 @@ def check_config(cfg: TrainConfig) -> None:
         ),
         (seq_len >= 8, f"--seq-len must be >= 8, got {seq_len}"),
         (
-            seq_len <= cfg.model.max_positions,
+            seq_len <= cfg.model.max_positions or rotary,
             f"--seq-len {seq_len} is larger than the model supports (--max-positions {cfg.model.max_positions})",
         ),
         (
-            cfg.data.source_len + cfg.data.target_len <= cfg.model.max_positions,
+            cfg.data.source_len + cfg.data.target_len <= cfg.model.max_positions or rotary,
             f"--source-len {cfg.data.source_len} + --target-len {cfg.data.target_len} exceeds "
             f"--max-positions {cfg.model.max_positions}",
         ),
@@ -479,6 +513,13 @@ def check_config(cfg: TrainConfig) -> None:
             (
                 shape["hidden_size"] % heads == 0,
                 f"hidden_size ({shape['hidden_size']}) must be divisible by num_heads ({heads})",
+            )
+        )
+        checks.append(
+            (
+                not rotary or (shape["hidden_size"] // heads) % 2 == 0,
+                f"--position rope rotates pairs of dimensions: the head size "
+                f"({shape['hidden_size'] // heads}) must be even",
             )
         )
     for ok, message in checks:

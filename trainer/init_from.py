@@ -35,10 +35,10 @@ PARENT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # regularization, speed): the parent's unless given. Each is the parent's config.json field of
 # the same name, but for CONFIG_FIELD's.
 FIXED = ("preset", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_positions",
-         "copy_attention", "hidden_act")  # fmt: skip
+         "copy_attention", "hidden_act", "position", "norm", "bias", "ffn", "qk_norm")  # fmt: skip
 FREE = {
     "model": ("seq_len", "dropout", "attention_dropout", "attention", "sparse_outputs",
-              "chunked_loss"),
+              "chunked_loss", "zero_init_proj"),
     "data": ("source_len", "target_len"),
 }  # fmt: skip
 CONFIG_FIELD = {"max_positions": "max_position_embeddings"}
