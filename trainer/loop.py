@@ -201,10 +201,9 @@ class StepTracker:
 
 
 # Steps between handing freed memory back to the system. The allocator keeps what each step
-# frees, and steps of other shapes grow its heap: the default job's process held 1.40 GB after
-# 50 steps without this (peak 1.45 GB), 0.89 GB handing it back after every step (peak 1.28 GB).
-# Every step pays for it with the next step's page faults (12% fewer tokens/s with a thread
-# trimming every second, docs/performance.md); every 50 steps pays once in 50.
+# frees, and steps of other shapes grow its heap: 150 steps of the default job peaked at 1.50 and
+# 1.52 GB with this, 1.75 and 1.72 GB without, at the same speed (docs/performance.md). After
+# every step, each next step would pay its page faults again.
 RELEASE_EVERY = 50
 
 
