@@ -89,6 +89,21 @@ def _read_documents(source: str, split: str, text_column: str) -> list[str]:
     return read_source_texts(_existing(source, "FILE"), text_column=text_column, split=split)
 
 
+def _add_documents(sub: argparse.ArgumentParser, what: str, output: str) -> None:
+    """The input options of summarize and generate: the documents and how to read them."""
+    sub.add_argument("file", nargs="?", default="-", metavar="FILE",
+                     help=f"{what}: a text file, a jsonl/csv/parquet file or - for stdin (default: -)")  # fmt: skip
+    sub.add_argument("--split", choices=SPLITS, default="line",
+                     help="a document per line, per blank-line block, or the whole file (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--text-column", default="text",
+                     help="column holding the document in jsonl/csv/parquet files (default: %(default)s)")  # fmt: skip
+    sub.add_argument("--batch-size", type=int, default=16,
+                     help="documents decoded together (default: %(default)s)")  # fmt: skip
+    sub.add_argument(
+        "--json", action="store_true", help=f"print JSON instead of one {output} per line"
+    )
+
+
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
     """The decoding flags. Those not given come from the run's generation_config.json (written
     by the trainer from its data), else from ``model.api.DEFAULT_GENERATION``."""
@@ -449,17 +464,7 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
         "Write a summary of each document in FILE (or stdin).",
         "summarize runs/default docs.txt --num-beams 4 --json",
     )
-    sub.add_argument("file", nargs="?", default="-", metavar="FILE",
-                     help="documents to summarize: a text file, a jsonl/csv/parquet file or - for stdin (default: -)")  # fmt: skip
-    sub.add_argument("--split", choices=SPLITS, default="line",
-                     help="a document per line, per blank-line block, or the whole file (default: %(default)s)")  # fmt: skip
-    sub.add_argument("--text-column", default="text",
-                     help="column holding the document in jsonl/csv/parquet files (default: %(default)s)")  # fmt: skip
-    sub.add_argument("--batch-size", type=int, default=16,
-                     help="documents decoded together (default: %(default)s)")  # fmt: skip
-    sub.add_argument(
-        "--json", action="store_true", help="print JSON instead of one summary per line"
-    )
+    _add_documents(sub, "documents to summarize", "summary")
     _add_decoding(sub)
     device(sub)
     sub.set_defaults(handler=summarize_command)
@@ -470,19 +475,9 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
         "FILE (or stdin), decoded with that task's defaults.",
         "generate runs/tasks docs.txt --task title",
     )
-    sub.add_argument("file", nargs="?", default="-", metavar="FILE",
-                     help="documents: a text file, a jsonl/csv/parquet file or - for stdin (default: -)")  # fmt: skip
+    _add_documents(sub, "documents", "output")
     sub.add_argument("--task", default=DEFAULT_TASK,
                      help="summarize or a task the run was trained on (--train-pairs NAME=FILE) (default: %(default)s)")  # fmt: skip
-    sub.add_argument("--split", choices=SPLITS, default="line",
-                     help="a document per line, per blank-line block, or the whole file (default: %(default)s)")  # fmt: skip
-    sub.add_argument("--text-column", default="text",
-                     help="column holding the document in jsonl/csv/parquet files (default: %(default)s)")  # fmt: skip
-    sub.add_argument("--batch-size", type=int, default=16,
-                     help="documents decoded together (default: %(default)s)")  # fmt: skip
-    sub.add_argument(
-        "--json", action="store_true", help="print JSON instead of one output per line"
-    )
     _add_decoding(sub)
     device(sub)
     sub.set_defaults(handler=generate_command)
