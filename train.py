@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import logging
@@ -138,8 +139,15 @@ def main(argv: list[str] | None = None, **seams) -> None:
         print(f"interrupted; continue from the last complete checkpoint with: python train.py "
               f"--resume {cfg.run.output_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(128 + signal.SIGINT) from None
-    if run.samples is not None:
-        print_samples(run.samples)
+    samples = run.samples
+    # The run goes first, its DDP reducer with it, while the process group is alive: the group's
+    # last reference dropped by the reducer's teardown joins gloo's worker threads while this
+    # thread holds the GIL, and a worker still freeing a finished collective's tensors needs it
+    # (a deadlock at exit, seen once in a two-process test).
+    del run
+    gc.collect()
+    if samples is not None:
+        print_samples(samples)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
