@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decoding_reference import check_beam_steps, uncached_greedy
 from transformers import AutoModel, AutoModelForMaskedLM
 
 import model
@@ -20,7 +21,7 @@ import train
 from data.vocab import save_tokenizer
 from model.config import PRESETS, MiniTuringConfig
 from model.constants import IGNORE_INDEX
-from model.generate import Decoder, DecodingConfig, generate
+from model.generate import DecodingConfig, generate
 from model.hf import save_remote_code
 from model.tokenizer import tokenizer_fields
 from model.transformer import MiniTuringModel, never_predicted
@@ -49,7 +50,6 @@ CHOICES = {
         "zero_init_proj": True,
     },
 }
-NEVER = list(range(100, 128)) + [0, 1, 2, 4, 5]  # never generated: past the tokenizer, specials
 SHAPE = dict(
     vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64,
     max_position_embeddings=64, tokenizer_size=100,
@@ -193,26 +193,6 @@ def test_rope_sees_relative_positions_only(copy):
 # ---------------------------------------------------------------------------- decoding
 
 
-def _uncached_log_probs(m, source: list[int], target: list[int]) -> torch.Tensor:
-    seq = torch.tensor([source + target])
-    with torch.no_grad():
-        return m(seq, prefix_lengths=torch.tensor([len(source)])).logits[0, -1].float()
-
-
-def _uncached_greedy(m, source, steps, eos=3):
-    out = []
-    for step in range(steps):
-        logits = _uncached_log_probs(m, source, out).clone()
-        logits[NEVER] = float("-inf")
-        if step == 0:
-            logits[eos] = float("-inf")
-        token = int(logits.argmax())
-        if token == eos:
-            break
-        out.append(token)
-    return out
-
-
 @EVERY_CHOICE
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
 def test_cached_greedy_decoding_equals_uncached(choice, copy):
@@ -223,7 +203,7 @@ def test_cached_greedy_decoding_equals_uncached(choice, copy):
     cfg = DecodingConfig(max_new_tokens=10, no_repeat_ngram_size=0)
     batched = generate(m, sources, cfg)
     for source, got in zip(sources, batched, strict=True):
-        assert got == _uncached_greedy(m, source, 10)
+        assert got == uncached_greedy(m, source, 10)
 
 
 @EVERY_CHOICE
@@ -231,28 +211,7 @@ def test_cached_beam_steps_equal_uncached(choice):
     """Beam search's cache (the source shared by a document's beams, the beams re-ranked each
     step) gives each beam the log-probabilities of its whole sequence run uncached."""
     m = arch_model(choice, seed=5, copy_attention=True, initializer_range=0.1)
-    sources = [[2, 10, 11, 12, 13, 3], [2, 20, 3], [2, 30, 31, 32, 3]]
-    k, steps = 3, 4
-    tokens = torch.randint(6, 100, (steps, 9), generator=torch.Generator().manual_seed(0))
-    order = torch.tensor([[2, 0, 0], [1, 2, 0], [0, 0, 1], [2, 1, 1]])
-    histories = [[] for _ in range(len(sources) * k)]
-    with torch.inference_mode():
-        dec = Decoder(m, sources, DecodingConfig(max_new_tokens=steps + 1, num_beams=k))
-        logits, cache, mask, pos = dec.encode(k)
-        for step in range(steps + 1):
-            for row, history in enumerate(histories):
-                expected = _uncached_log_probs(m, sources[row // k], history)
-                torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
-            if step == steps:
-                break
-            index = (torch.arange(len(sources)).unsqueeze(1) * k + order[step]).view(-1)
-            cache.reorder(index, start=dec.source_len)
-            mask, pos = mask[index], pos[index]
-            histories = [
-                histories[i] + [int(t)]
-                for i, t in zip(index.tolist(), tokens[step].tolist(), strict=True)
-            ]
-            logits, mask, pos = dec.step(tokens[step], cache, mask, pos)
+    check_beam_steps(m, [[2, 10, 11, 12, 13, 3], [2, 20, 3], [2, 30, 31, 32, 3]])
 
 
 def test_rope_decodes_inputs_longer_than_the_positions_learned_ones_refuse():
@@ -267,7 +226,7 @@ def test_rope_decodes_inputs_longer_than_the_positions_learned_ones_refuse():
         learned(torch.tensor([source]))
     rope = arch_model({"position": "rope"}, seed=3, copy_attention=True, initializer_range=0.1)
     (got,) = generate(rope, [source], cfg)
-    assert got == _uncached_greedy(rope, source, 6)
+    assert got == uncached_greedy(rope, source, 6)
     assert len(rope(torch.tensor([source * 3])).logits[0]) == 3 * len(source)
 
 

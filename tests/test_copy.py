@@ -8,15 +8,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding_reference import check_beam_steps, uncached_greedy
 
 import model.losses as losses
 import model.transformer as transformer
 from model.config import MiniTuringConfig
 from model.constants import IGNORE_INDEX
-from model.generate import Decoder, DecodingConfig, generate
+from model.generate import DecodingConfig, generate
 from model.transformer import MiniTuringModel
-
-NEVER = list(range(100, 128)) + [0, 1, 2, 4, 5]  # never generated: past the tokenizer, specials
 
 
 def copy_model(seed: int = 0, **overrides) -> MiniTuringModel:
@@ -257,28 +256,6 @@ def test_label_smoothing_never_touches_the_masked_source_words(copy_attention, c
 # ---------------------------------------------------------------------------- decoding
 
 
-def _uncached_log_probs(model, source: list[int], target: list[int]) -> torch.Tensor:
-    """Next-token log-probabilities after ``source + target``: the whole sequence through the
-    model, the source as its prefix."""
-    seq = torch.tensor([source + target])
-    with torch.no_grad():
-        return model(seq, prefix_lengths=torch.tensor([len(source)])).logits[0, -1]
-
-
-def _uncached_greedy(model, source, steps, eos=3):
-    out = []
-    for step in range(steps):
-        logp = _uncached_log_probs(model, source, out).clone()
-        logp[NEVER] = float("-inf")
-        if step == 0:
-            logp[eos] = float("-inf")
-        token = int(logp.argmax())
-        if token == eos:
-            break
-        out.append(token)
-    return out
-
-
 @pytest.mark.parametrize(
     "overrides", [{}, {"copy_layer": 0, "copy_head": 2}], ids=["last-layer", "first-layer-head"]
 )
@@ -289,7 +266,7 @@ def test_cached_greedy_decoding_equals_uncached(overrides):
     batched = generate(model, sources, cfg)
     assert any(t in s for s, g in zip(sources, batched, strict=True) for t in g)  # copies
     for source, got in zip(sources, batched, strict=True):
-        assert got == _uncached_greedy(model, source, 10)
+        assert got == uncached_greedy(model, source, 10)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"copy_layer": 0}], ids=["last-layer", "first-layer"])
@@ -297,31 +274,7 @@ def test_cached_beam_steps_equal_uncached(overrides):
     """Beam search's cache (the source shared by a document's beams, beams re-ranked each step)
     gives each beam the log-probabilities of its whole sequence run uncached."""
     model = copy_model(5, initializer_range=0.1, **overrides)
-    sources = [[2, 10, 11, 12, 13, 3], [2, 20, 3], [2, 30, 31, 32, 3]]
-    k, steps = 3, 4
-    tokens = torch.randint(
-        6, 100, (steps, len(sources) * k), generator=torch.Generator().manual_seed(0)
-    )
-    order = torch.tensor([[2, 0, 0], [1, 2, 0], [0, 0, 1], [2, 1, 1]])
-    histories = [[] for _ in range(len(sources) * k)]
-    with torch.inference_mode():
-        dec = Decoder(model, sources, DecodingConfig(max_new_tokens=steps + 1, num_beams=k))
-        logits, cache, mask, pos = dec.encode(k)
-        assert cache.group == k
-        for step in range(steps + 1):
-            for row, history in enumerate(histories):
-                expected = _uncached_log_probs(model, sources[row // k], history)
-                torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
-            if step == steps:
-                break
-            index = (torch.arange(len(sources)).unsqueeze(1) * k + order[step]).view(-1)
-            cache.reorder(index, start=dec.source_len)
-            mask, pos = mask[index], pos[index]
-            histories = [
-                histories[i] + [int(t)]
-                for i, t in zip(index.tolist(), tokens[step].tolist(), strict=True)
-            ]
-            logits, mask, pos = dec.step(tokens[step], cache, mask, pos)
+    check_beam_steps(model, [[2, 10, 11, 12, 13, 3], [2, 20, 3], [2, 30, 31, 32, 3]])
 
 
 def test_beam_search_and_sampling_run_with_copy():

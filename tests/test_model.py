@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from decoding_reference import uncached_greedy
 
 import model.losses as losses
 import model.transformer as transformer
@@ -320,32 +321,13 @@ def test_position_limit_is_a_clear_error():
         model(torch.randint(6, 100, (1, 65)))
 
 
-def _uncached_greedy(model, source, steps, eos):
-    """Reference decoding: the whole sequence through the model at every step."""
-    seq, out = list(source), []
-    never = list(range(100, 128)) + [0, 1, 2, 4, 5]
-    for step in range(steps):
-        logits = model(torch.tensor([seq]), prefix_lengths=torch.tensor([len(source)])).logits[
-            0, -1
-        ]
-        logits[never] = float("-inf")
-        if step == 0:
-            logits[eos] = float("-inf")
-        token = int(logits.argmax())
-        if token == eos:
-            break
-        out.append(token)
-        seq.append(token)
-    return out
-
-
 def test_cached_decoding_equals_uncached():
     model = small_model(3)
     sources = [[2, 10, 11, 12, 13, 3], [2, 20, 21, 3], [2, 30, 31, 32, 33, 34, 35, 36, 3]]
     cfg = DecodingConfig(max_new_tokens=10, num_beams=1, no_repeat_ngram_size=0)
     batched = generate(model, sources, cfg)
     for source, got in zip(sources, batched, strict=True):
-        assert got == _uncached_greedy(model, source, 10, eos=3)
+        assert got == uncached_greedy(model, source, 10)
 
 
 @torch.no_grad()
