@@ -12,6 +12,9 @@
     checkpoint.py   atomic run-folder checkpoints (plain and sharded), safe loading
     metrics.py      metrics.jsonl, TensorBoard, progress, curves, summary.json
     evaluate.py     the one held-out evaluator, rank-aware
+    samples.py      the fill-masks and summaries a command run ends with (samples.json)
+    init_from.py    --init-from: a new run from another run's weights and tokenizer
+    plot.py         training_curves.png from metrics.jsonl
     cli.py          the ``minituring`` command for trained runs
     errors.py       ``TrainingError``
 
