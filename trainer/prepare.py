@@ -443,8 +443,9 @@ def generation_defaults(streams: Streams, target_len: int) -> dict:
     training pairs, else of the gap sentences). A run without either keeps the package's
     defaults."""
     stream = streams.train.get("summarize") or streams.train.get("gap_summary")
-    # summarize's shortest length counts the end token, as it always has (runs decode as they
-    # did); a named task's does not.
+    # summarize's shortest length counts the end token, as it always has; a named task's does
+    # not. Decoding the default job's 377 validation pairs with the other rule (min_new_tokens 7
+    # instead of 8) changed 115 summaries and ROUGE-L by -0.24 +- 0.23 (paired), so it stays.
     return task_generation_defaults(stream, target_len, end_in_shortest=True)
 
 
