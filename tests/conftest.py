@@ -141,3 +141,21 @@ def tiny_run(tmp_path_factory, corpus_files) -> Path:
     )
     train.train(cfg)
     return out
+
+
+# The head of a script run with ``python -c`` that must find none of this project: no path to
+# it, and even an installed (editable) copy of it stays out of reach, so a run folder loads
+# through transformers and its own copied code alone.
+WITHOUT_PROJECT = rf"""
+import importlib.abc, os, sys
+
+root = {str(Path(__file__).resolve().parents[1])!r}
+sys.path[:] = [p for p in sys.path if not (os.path.isdir(p) and os.path.samefile(p, root))]
+
+class NoMiniTuring(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("model", "data", "train", "conftest"):
+            raise ImportError(f"{{name}} is blocked in this test")
+
+sys.meta_path.insert(0, NoMiniTuring())
+"""

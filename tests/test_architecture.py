@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WITHOUT_PROJECT
 from decoding_reference import check_beam_steps, uncached_greedy
 from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -301,22 +302,16 @@ def test_old_config_json_without_the_fields_is_today_s_model(tokenizer, tmp_path
             assert torch.equal(loaded(x, prefix_lengths=prefix).logits, expected)
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, json, os, sys
+REMOTE_SCRIPT = (
+    WITHOUT_PROJECT
+    + r"""
+import json
 
-run, root = sys.argv[1:3]
-sys.path[:] = [p for p in sys.path if not (os.path.isdir(p) and os.path.samefile(p, root))]
-
-class NoMiniTuring(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("model", "data", "train", "conftest"):
-            raise ImportError(f"{name} is blocked in this test")
-
-sys.meta_path.insert(0, NoMiniTuring())
+run = sys.argv[1]
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-x = torch.tensor(json.loads(sys.argv[3]))
+x = torch.tensor(json.loads(sys.argv[2]))
 out = {}
 with torch.no_grad():
     base = AutoModel.from_pretrained(run, trust_remote_code=True).eval()
@@ -326,6 +321,7 @@ with torch.no_grad():
     out["mlm"] = mlm(x).logits.tolist()
 print("RESULT " + json.dumps(out))
 """
+)
 
 
 def test_trust_remote_code_loads_every_choice(tokenizer, tmp_path):
@@ -336,7 +332,7 @@ def test_trust_remote_code_loads_every_choice(tokenizer, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     out = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path), str(ROOT), json.dumps(x.tolist())],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path), json.dumps(x.tolist())],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_OBJECTIVES, TINY_FLAGS
+from conftest import ALL_OBJECTIVES, TINY_FLAGS, WITHOUT_PROJECT
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -150,19 +150,12 @@ def test_run_folder_carries_its_code_and_auto_map(tiny_run):
     assert json.loads((tiny_run / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, json, os, sys
+REMOTE_SCRIPT = (
+    WITHOUT_PROJECT
+    + r"""
+import json
 
-run, resaved, text, root = sys.argv[1:5]
-# No path to the project, and even an installed (editable) copy of it stays out of reach.
-sys.path[:] = [p for p in sys.path if not (os.path.isdir(p) and os.path.samefile(p, root))]
-
-class NoMiniTuring(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("model", "data", "train", "conftest"):
-            raise ImportError(f"{name} is blocked in this test")
-
-sys.meta_path.insert(0, NoMiniTuring())
+run, resaved, text = sys.argv[1:4]
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, pipeline
 
 result = {}
@@ -188,6 +181,7 @@ result.update(
 )
 print("RESULT " + json.dumps(result))
 """
+)
 
 
 def test_trust_remote_code_loads_without_this_package(tiny_run, lm, tmp_path):
@@ -200,7 +194,7 @@ def test_trust_remote_code_loads_without_this_package(tiny_run, lm, tmp_path):
         "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
     }
     out = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tiny_run), str(resaved), TEXTS[0], str(ROOT)],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tiny_run), str(resaved), TEXTS[0]],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
