@@ -32,8 +32,8 @@ UNMEASURED_FINAL_SHARE = 0.03
 # back exactly the latest ended 0.97 s past its budget).
 FINAL_MARGIN = 1.25
 # The samples a command run ends with (trainer.samples: the run folder loaded, three fill-masks,
-# one summary) are kept back as this share of an evaluation, which decodes a few hundred
-# summaries: measured at 0.2 s against an evaluation's 10 to 20 s.
+# one summary, one per named task) are kept back as this share of an evaluation, which decodes a
+# few hundred summaries; in the default job they took 0.19 s (summary.json's samples_seconds).
 SAMPLES_SHARE = 0.05
 # The training curves are redrawn with a checkpoint at most this often (0.5 s a drawing, 1 to 5
 # s for the first one in a process, which imports matplotlib).
