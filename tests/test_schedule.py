@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import OptimConfig
+from trainer.evaluate import evaluation_work
 from trainer.optim import lr_at
 from trainer.schedule import DEFAULT_BUDGET, DEFAULT_STEPS, FIRST_PLAN_AT, Plan
 
@@ -22,13 +23,19 @@ def simulate(
     drawn=None,
     samples_cost=None,
     keep_back_samples=True,
+    held_out=None,
+    plan_held_out=True,
 ):
     """Run the loop's bookkeeping against a fake timeline; returns (steps, seconds, plans).
     ``final_eval_cost``: the final evaluation's time, when it differs from the periodic ones;
     ``plot_costs``: the training curves' drawings, one after another (the last repeats), and
     ``drawn`` collects the steps they were drawn at; ``samples_cost``: the closing samples'
-    time (kept back unless ``keep_back_samples`` is false)."""
+    time (kept back unless ``keep_back_samples`` is false); ``held_out``: with a validation
+    split, the final held-out evaluation's cost relative to a periodic (validation) one, told
+    to the plan unless ``plan_held_out`` is false."""
     plan = Plan(budget, None, None)
+    if held_out is not None and plan_held_out:
+        plan.held_out_evaluation(held_out)
     plan.samples = samples_cost is not None and keep_back_samples
     step, now, plans = 0, 0.0, []
     drawn = [] if drawn is None else drawn
@@ -60,6 +67,8 @@ def simulate(
         if not last and plan.out_of_time(now):
             plan.total = step
     now += (eval_cost if final_eval_cost is None else final_eval_cost) + save_cost  # the final ones
+    if held_out is not None:
+        now += held_out * eval_cost
     if plot_costs:
         draw()
     now += samples_cost or 0.0
@@ -109,6 +118,21 @@ def test_a_final_evaluation_longer_than_the_periodic_ones_still_ends_in_time():
         final_eval_cost=12.0,
     )
     assert steps > 2500 and seconds <= 600.0
+
+
+def test_a_held_out_evaluation_larger_than_the_validation_one_is_kept_back_at_its_size():
+    # 52 validation pairs, 200 held-out ones: the final held-out evaluation costs ~3.8 periodic
+    # ones. Counted as one, a 10-minute run ended 8 s late; scaled by its work, it ends in time.
+    timeline = dict(eval_every=100, eval_cost=4.0, save_every=400, save_cost=1.0)
+    steps, seconds, _ = simulate(600.0, lambda s: 0.7, **timeline, held_out=200 / 52)
+    assert 600.0 - 8.0 < seconds <= 600.0  # the margin: a quarter of the final jobs
+    _, over, _ = simulate(600.0, lambda s: 0.7, **timeline, held_out=200 / 52, plan_held_out=False)
+    assert over > 600.0
+    # A smaller held-out split keeps less back than a second validation evaluation would.
+    plan = Plan(600.0, None, None)
+    plan.eval_seconds, plan.save_seconds = 10.0, 1.0
+    plan.held_out_evaluation(127 / 200)
+    assert plan.final_cost() == pytest.approx(1.25 * (10.0 * (1 + 127 / 200) + 1.0))
 
 
 def test_the_closing_samples_are_kept_back():
@@ -197,3 +221,13 @@ def test_a_refit_that_adds_steps_never_raises_the_rate(
     # and the decay goes on to the new end
     cfg = OptimConfig(lr=1e-3, warmup_steps=2, schedule=schedule)
     assert rates[-1] == pytest.approx(lr_at(39, 40, cfg)) and rates[-1] < rates[19]
+
+
+def test_evaluation_work_counts_the_summaries_decoded_else_the_examples_scored():
+    val = {"masked_lm": [0] * 1000, "summarize": [0] * 52}
+    held_out = {"masked_lm": [0] * 900, "summarize": [0] * 504, "title": [0] * 30}
+    assert evaluation_work(val, 32, 8, 200) == 52
+    assert evaluation_work(held_out, 32, 8, 200) == 200 + 30  # each task's first 200
+    # Without decoding (text alone, or --rouge-samples 0): the examples scored, 8 batches each.
+    assert evaluation_work({"masked_lm": [0] * 1000, "gap_summary": [0] * 100}, 32, 8, 200) == 356
+    assert evaluation_work(val, 32, 8, 0) == 256 + 52

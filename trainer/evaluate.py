@@ -69,6 +69,20 @@ def selection_metric(val_streams: dict, rouge_samples: int) -> tuple[str, bool] 
     return None
 
 
+def evaluation_work(streams: dict, batch_size: int, max_batches: int, rouge_samples: int) -> int:
+    """What one ``evaluate`` of ``streams`` does, in the unit that dominates its time: the
+    documents it summarizes for ROUGE (beam search, a forward per new token and beam), else the
+    examples it scores for loss and accuracy. The plan scales a timed evaluation by it to the
+    cost of another split's."""
+    tasks = task_names({name: None for name, stream in streams.items() if len(stream)})
+    decoded = (
+        sum(min(rouge_samples, len(streams[task])) for task in tasks) if rouge_samples > 0 else 0
+    )
+    if decoded:
+        return decoded
+    return sum(min(len(s), max_batches * batch_size) for s in streams.values())
+
+
 def _one_process(model: torch.nn.Module) -> Env:
     return Env(next(model.parameters()).device, None)
 

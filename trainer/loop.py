@@ -20,7 +20,7 @@ from trainer.checkpoint import intact_checkpoint_note, kept_model, save_checkpoi
 from trainer.config import OptimConfig, TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, evaluation_work
 from trainer.keep import keep_if_best, kept_summary, selection
 from trainer.metrics import (
     ETA_AFTER_STEPS,
@@ -217,7 +217,8 @@ def loop(
     if state.stopping:  # resumed in the final decay of --patience: it ends where decided
         plan.total = plan.cap = min(plan.total, state.stopping["end"])
     check_validation(run, selection(run))
-    plan.final_evaluations = 2 if selection(run) else 1
+    if selection(run):
+        plan.held_out_evaluation(held_out_relative_cost(run))
     plan.samples = samples
     tracker, reason = StepTracker(run, plan, clock, started), "done"
     while state.step < plan.total:
@@ -486,6 +487,18 @@ def evaluate_kept(run: Run, progress: Progress) -> None:
     if run.env.distributed:
         torch.distributed.barrier()  # rank 0 has written them
     run_evaluation(run, progress, "eval", kept_model(run.checkpointer, run.model, run.env.device))
+
+
+def held_out_relative_cost(run: Run) -> float:
+    """What the final evaluation of the held-out data costs against one of the validation
+    split (``evaluate.evaluation_work``)."""
+    streams, c = run.data.streams, run.cfg
+
+    def work(split: str) -> int:
+        return evaluation_work(getattr(streams, split), c.optim.batch_size, c.run.eval_batches,
+                               c.run.rouge_samples)  # fmt: skip
+
+    return work("eval") / max(work("val"), 1)
 
 
 def run_evaluation(
