@@ -129,6 +129,10 @@ def test_a_held_out_evaluation_larger_than_the_validation_one_is_kept_back_at_it
     _, over, _ = simulate(600.0, lambda s: 0.7, **timeline, held_out=200 / 52, plan_held_out=False)
     assert over > 600.0
     # A smaller held-out split keeps less back than a second validation evaluation would.
+    # Untimed (no periodic evaluation yet), each final job is the same guess, whatever its size.
+    plan = Plan(600.0, None, None)
+    plan.held_out_evaluation(200 / 52)
+    assert plan.final_cost() == pytest.approx(3 * 0.03 * 600.0)
     plan = Plan(600.0, None, None)
     plan.eval_seconds, plan.save_seconds = 10.0, 1.0
     plan.held_out_evaluation(127 / 200)

@@ -53,9 +53,8 @@ class Plan:
         self.step_seconds: list[float] = []
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
-        # The final evaluations, in units of the timed periodic one: with a validation split,
-        # it and then the held-out data, which may be larger (``held_out_evaluation``).
-        self.final_evaluations = 1.0
+        self.final_evaluations = 1  # two with a validation split: it, then the held-out data
+        self.held_out_scale = 1.0  # the held-out one's cost against the validation one's
         self.samples = False  # whether the run ends with samples (trainer.samples)
         # The training curves' latest drawing: when (elapsed seconds) and how long it took.
         self.plot_at: float | None = None
@@ -71,13 +70,13 @@ class Plan:
         """Seconds kept back for the final evaluation, checkpoint, training curves and
         samples."""
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
-        jobs = sum(
-            FINAL_MARGIN * seconds * times if seconds else guess * times
-            for seconds, times in (
-                (self.eval_seconds, self.final_evaluations),
-                (self.save_seconds, 1),
-            )
-        )
+        # Timed, the evaluations are scaled to their size; untimed, each is a guess.
+        if self.eval_seconds:
+            sizes = 1.0 + (self.held_out_scale if self.final_evaluations == 2 else 0.0)
+            jobs = FINAL_MARGIN * self.eval_seconds * sizes
+        else:
+            jobs = guess * self.final_evaluations
+        jobs += FINAL_MARGIN * self.save_seconds if self.save_seconds else guess
         if self.samples:
             jobs += SAMPLES_SHARE * (
                 FINAL_MARGIN * self.eval_seconds if self.eval_seconds else guess
@@ -89,7 +88,7 @@ class Plan:
         and one of the held-out data, which costs ``relative`` times as much (by
         ``evaluate.evaluation_work``: 200 held-out summaries after a validation evaluation of
         52 took the 10-minute runs of 448 pairs 8 s past their budget when counted as one)."""
-        self.final_evaluations = 1.0 + relative
+        self.final_evaluations, self.held_out_scale = 2, relative
 
     def redraw_due(self, elapsed: float) -> bool:
         """Whether a periodic checkpoint redraws the training curves: the first one does (which
