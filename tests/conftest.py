@@ -22,8 +22,8 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
-# Every objective, so that the tests train each (--objectives auto leaves gap_summary out when
-# there are pairs); a test's own --objectives, given later, wins.
+# Every objective, so that the tests train each (--objectives auto leaves gap_summary out with
+# 2,000 pairs or more); a test's own --objectives, given later, wins.
 ALL_OBJECTIVES = ["--objectives", "masked_lm=1,gap_summary=1,summarize=1"]
 
 

@@ -65,7 +65,8 @@ def test_main_job_on_the_embedded_corpus(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "embedded corpus" in printed
-    assert "objectives: masked_lm=0.25, summarize=1" in printed
+    # Under 2,000 pairs (this corpus has a few hundred), gap sentences join the pairs.
+    assert "objectives: masked_lm=0.25, gap_summary=1, summarize=1" in printed
     assert "fill-mask:" in printed and "Return the [MASK] value of a number." in printed
     assert "reference summary:" in printed and "generated summary:" in printed
     assert (out / "model.safetensors").is_file()

@@ -247,7 +247,7 @@ def test_progress_off_a_terminal_is_a_plain_line_per_log_interval(tmp_path, corp
 
 
 def test_the_auto_mixture_puts_the_pairs_first():
-    from trainer.config import parse_objectives
+    from trainer.config import FEW_PAIRS, parse_objectives
 
     everything = ["masked_lm", "gap_summary", "summarize"]
     assert parse_objectives("auto", everything) == {"masked_lm": 0.25, "summarize": 1.0}
@@ -256,6 +256,16 @@ def test_the_auto_mixture_puts_the_pairs_first():
         "gap_summary": 1.0,
     }
     assert parse_objectives("auto", ["summarize"]) == {"summarize": 1.0}
+    # Few pairs: gap sentences on the text join (where there is text to draw them from).
+    few = {"masked_lm": 0.25, "gap_summary": 1.0, "summarize": 1.0}
+    assert parse_objectives("auto", everything, fewest_pairs=448) == few
+    assert parse_objectives("auto", everything, fewest_pairs=FEW_PAIRS) == {
+        "masked_lm": 0.25,
+        "summarize": 1.0,
+    }
+    assert parse_objectives("auto", ["summarize"], fewest_pairs=448) == {"summarize": 1.0}
+    named = parse_objectives("auto", [*everything, "title"], ["title"], fewest_pairs=300)
+    assert named == {**few, "title": 1.0}
     # Spelled out, every objective is trained as asked.
     assert parse_objectives("masked_lm=1,gap_summary=0.5", everything) == {
         "masked_lm": 1.0,
