@@ -8,7 +8,14 @@ import pytest
 from trainer.config import OptimConfig
 from trainer.evaluate import evaluation_work
 from trainer.optim import lr_at
-from trainer.schedule import DEFAULT_BUDGET, DEFAULT_STEPS, FIRST_PLAN_AT, Plan
+from trainer.schedule import (
+    DEFAULT_BUDGET,
+    DEFAULT_STEPS,
+    FINAL_MARGIN,
+    FIRST_PLAN_AT,
+    UNMEASURED_FINAL_SHARE,
+    Plan,
+)
 
 
 def simulate(
@@ -132,11 +139,11 @@ def test_a_held_out_evaluation_larger_than_the_validation_one_is_kept_back_at_it
     # Untimed (no periodic evaluation yet), each final job is the same guess, whatever its size.
     plan = Plan(600.0, None, None)
     plan.held_out_evaluation(200 / 52)
-    assert plan.final_cost() == pytest.approx(3 * 0.03 * 600.0)
+    assert plan.final_cost() == pytest.approx(3 * UNMEASURED_FINAL_SHARE * 600.0)
     plan = Plan(600.0, None, None)
     plan.eval_seconds, plan.save_seconds = 10.0, 1.0
     plan.held_out_evaluation(127 / 200)
-    assert plan.final_cost() == pytest.approx(1.25 * (10.0 * (1 + 127 / 200) + 1.0))
+    assert plan.final_cost() == pytest.approx(FINAL_MARGIN * (10.0 * (1 + 127 / 200) + 1.0))
 
 
 def test_the_closing_samples_are_kept_back():

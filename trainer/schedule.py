@@ -53,8 +53,10 @@ class Plan:
         self.step_seconds: list[float] = []
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
-        self.final_evaluations = 1  # two with a validation split: it, then the held-out data
-        self.held_out_scale = 1.0  # the held-out one's cost against the validation one's
+        # With a validation split the run ends with two evaluations, it and then the held-out
+        # data; this is the held-out one's cost against the (timed) validation one's. None:
+        # one final evaluation, the held-out data's, as the periodic ones.
+        self.held_out_scale: float | None = None
         self.samples = False  # whether the run ends with samples (trainer.samples)
         # The training curves' latest drawing: when (elapsed seconds) and how long it took.
         self.plot_at: float | None = None
@@ -71,11 +73,11 @@ class Plan:
         samples."""
         guess = UNMEASURED_FINAL_SHARE * (self.budget or 0.0)
         # Timed, the evaluations are scaled to their size; untimed, each is a guess.
+        scale = self.held_out_scale
         if self.eval_seconds:
-            sizes = 1.0 + (self.held_out_scale if self.final_evaluations == 2 else 0.0)
-            jobs = FINAL_MARGIN * self.eval_seconds * sizes
+            jobs = FINAL_MARGIN * self.eval_seconds * (1.0 if scale is None else 1.0 + scale)
         else:
-            jobs = guess * self.final_evaluations
+            jobs = guess * (1 if scale is None else 2)
         jobs += FINAL_MARGIN * self.save_seconds if self.save_seconds else guess
         if self.samples:
             jobs += SAMPLES_SHARE * (
@@ -88,7 +90,7 @@ class Plan:
         and one of the held-out data, which costs ``relative`` times as much (by
         ``evaluate.evaluation_work``: 200 held-out summaries after a validation evaluation of
         52 took the 10-minute runs of 448 pairs 8 s past their budget when counted as one)."""
-        self.final_evaluations, self.held_out_scale = 2, relative
+        self.held_out_scale = relative
 
     def redraw_due(self, elapsed: float) -> bool:
         """Whether a periodic checkpoint redraws the training curves: the first one does (which
