@@ -166,6 +166,24 @@ def test_evaluate_reproduces_the_trainers_held_out_numbers(
     assert f"written to {output}" in printed
 
 
+def test_evaluate_masks_at_the_rate_asked(tiny_run, corpus_files, capsys):
+    """--mask-rate replaces the run's training rate (other masks, other masked-LM numbers on
+    the same text); the report names the rate used; a rate outside (0, 1) is one clear line."""
+    text_file, _ = corpus_files
+    reports = {}
+    for rate in ("0.15", "0.3"):
+        code, out, err = run_main(capsys, "evaluate", str(tiny_run), "--text", str(text_file),
+                                  "--max-batches", "2", "--json", "--mask-rate", rate)  # fmt: skip
+        assert code == 0, err
+        reports[rate] = json.loads(out)
+        assert reports[rate]["settings"]["mask_rate"] == float(rate)
+    low, high = (reports[r]["metrics"]["masked_lm/loss"] for r in ("0.15", "0.3"))
+    assert low != high
+    code, _, err = run_main(capsys, "evaluate", str(tiny_run), "--text", str(text_file),
+                            "--mask-rate", "1.5")  # fmt: skip
+    assert code == 1 and "--mask-rate: mask rate must be in (0, 1), got 1.5" in err
+
+
 def test_plot_command_writes_a_png(tiny_run, tmp_path, capsys):
     target = tmp_path / "curves.png"
     code, printed, _ = run_main(capsys, "plot", str(tiny_run), "--output", str(target))
@@ -238,7 +256,7 @@ def test_bad_input_is_one_clear_line(tiny_run, args, message, capsys, monkeypatc
         ("summarize", ["--split", "--num-beams", "--max-new-tokens", "--length-penalty",
                        "--no-repeat-ngram-size", "--do-sample", "--top-k", "--top-p",
                        "--temperature", "--seed", "--json"]),
-        ("evaluate", ["--pairs", "--text", "--output", "--json", "--rouge-samples"]),
+        ("evaluate", ["--pairs", "--text", "--output", "--json", "--rouge-samples", "--mask-rate"]),
         ("plot", ["--output"]),
     ],
 )  # fmt: skip

@@ -298,9 +298,13 @@ def evaluate_command(args) -> dict:
     data, seq_len, run_batch = _training_settings(lm)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     cfg = DataConfig(**{k: v for k, v in data.items() if k in known})
-    for flag in ("text_column", "document_column", "summary_column", "text_split"):
+    for flag in ("text_column", "document_column", "summary_column", "text_split", "mask_rate"):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
+    try:
+        cfg.masking()
+    except ValueError as e:
+        raise CLIError(f"--mask-rate: {e}") from None
     texts = read_texts([_existing(args.text, "--text")], cfg) if args.text else []
     by_task = {
         task: read_pairs([_existing(p, "--pairs") for p in paths], cfg)
@@ -506,6 +510,10 @@ def build_parser(prog: str = "minituring") -> argparse.ArgumentParser:
                      help="batches per objective for loss and accuracy (default: all)")  # fmt: skip
     sub.add_argument("--rouge-samples", type=int, default=None,
                      help="pairs decoded for ROUGE, per task (default: all)")  # fmt: skip
+    sub.add_argument("--mask-rate", type=float, default=None,
+                     help="share of the text's words masked for masked-token accuracy (default: "
+                          "the run's training rate; give one rate to compare runs trained at "
+                          "different rates)")  # fmt: skip
     for flag in ("text-column", "document-column", "summary-column"):
         sub.add_argument(f"--{flag}", default=None, help="column name (default: the run's)")
     sub.add_argument("--text-split", choices=SPLITS, default=None,
