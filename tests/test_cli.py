@@ -166,6 +166,27 @@ def test_evaluate_reproduces_the_trainers_held_out_numbers(
     assert f"written to {output}" in printed
 
 
+def test_evaluation_decodes_a_few_documents_at_a_time(tiny_run, corpus_files, capsys,
+                                                      monkeypatch):  # fmt: skip
+    """On a CPU the evaluation decodes CPU_DECODE_BATCH documents at a time (memory): the same
+    summaries, so the same ROUGE, as decoding the whole batch at once."""
+    from trainer import evaluate
+
+    _, pairs_file = corpus_files
+    sizes, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda m, s, c: sizes.append(len(s)) or real(m, s, c))
+    reports = []
+    for chunk in (3, 64):
+        monkeypatch.setattr(evaluate, "CPU_DECODE_BATCH", chunk)
+        sizes.clear()
+        code, out, err = run_main(capsys, "evaluate", str(tiny_run), "--pairs", str(pairs_file),
+                                  "--rouge-samples", "10", "--batch-size", "8", "--json")  # fmt: skip
+        assert code == 0, err
+        reports.append(json.loads(out)["metrics"])
+        assert sizes == ([3, 3, 3, 1] if chunk == 3 else [8, 2])
+    assert reports[0] == reports[1]
+
+
 def test_evaluate_masks_at_the_rate_asked(tiny_run, corpus_files, capsys):
     """--mask-rate replaces the run's training rate (other masks, other masked-LM numbers on
     the same text); the report names the rate used; a rate outside (0, 1) is one clear line."""

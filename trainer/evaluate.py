@@ -25,6 +25,11 @@ from trainer.distributed import Env, autocast, full_state_dict, is_fsdp
 EVAL_SEED = 1234
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 _SCORER = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+# Documents an evaluation decodes at once on a CPU. Beam search holds keys and values for every
+# document, beam and position; on two cores 8 documents decode as fast as 32 (192 documents,
+# beam 4: 5.6-6.0 s against 5.5-6.1 s, the same summaries) with 150-190 MB less at the peak.
+# A GPU decodes the evaluation's whole batch at once.
+CPU_DECODE_BATCH = 8
 
 
 def rouge_scores(prediction: str, reference: str) -> list[float]:
@@ -199,8 +204,9 @@ def _rouge(
         ids, _, prefix = summaries.example(i)
         sources.append(ids[:prefix].tolist())
     predictions = []
-    for start in range(0, len(sources), batch_size):
-        outs = generate(model, sources[start : start + batch_size], cfg)
+    step = min(batch_size, CPU_DECODE_BATCH) if env.device.type == "cpu" else batch_size
+    for start in range(0, len(sources), step):
+        outs = generate(model, sources[start : start + step], cfg)
         predictions += tokenizer.batch_decode(outs, skip_special_tokens=True)
     rows = []
     for source, prediction, i in zip(sources, predictions, mine, strict=True):
