@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 
 import model
 import model.api as api
+import model.losses as losses
 import train
 from data.vocab import save_tokenizer
 from model.config import PRESETS, MiniTuringConfig
@@ -90,10 +91,11 @@ def seq2seq_batch():
 
 @EVERY_CHOICE
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
-def test_forward_backward_and_the_sparse_last_block(choice, copy):
+def test_forward_backward_and_the_sparse_last_block(choice, copy, monkeypatch):
     """Masked LM and prefix-LM batches give finite losses and a finite gradient for every
     parameter; the last block run at the labelled positions only (sparse_outputs) gives the
     loss of the whole block; the parameter count is the config's formula."""
+    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # rows of 20-24 positions: a sparse path
     m = arch_model(choice, copy_attention=copy).train()
     assert sum(p.numel() for p in m.parameters()) == m.config.num_parameters()
     dense = arch_model(choice, copy_attention=copy, sparse_outputs=False).train()

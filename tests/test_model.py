@@ -134,6 +134,7 @@ def test_loss_only_on_labelled_positions():
 def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, prefix_lm):
     """The last block computes queries and feed-forward only where labels are; loss and every
     gradient equal those of the model run at every position (padding, uneven label counts)."""
+    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # rows of 30 positions: a fast path
     model = small_model(num_layers=3).train()
     torch.manual_seed(1)
     x = torch.randint(6, 100, (3, 30))
@@ -235,14 +236,21 @@ def test_copy_gate_is_the_same_whatever_the_row_count():
     assert gate(h.view(7, 10, 32), previous.view(7, 10)).shape == (7, 10)
 
 
-def test_labelled_positions_gather_what_a_boolean_index_takes():
+@pytest.mark.parametrize("multiple", [8, 32])
+def test_labelled_positions_gather_what_a_boolean_index_takes(monkeypatch, multiple):
+    monkeypatch.setattr(losses, "QUERY_MULTIPLE", multiple)
     torch.manual_seed(0)
+    gathered = 0
     for _ in range(20):
-        selected = torch.rand(4, 30) < torch.rand(1)
-        labels = torch.randint(0, 50, (4, 30))
+        selected = torch.rand(4, 100) < torch.rand(1) / 2
+        labels = torch.randint(0, 50, (4, 100))
         wanted, valid = labelled_positions(selected)
         taken = labels[valid] if wanted is None else labels.gather(1, wanted)[valid]
         assert torch.equal(taken, labels[selected])
+        if wanted is not None:
+            assert wanted.shape[1] % multiple == 0
+            gathered += 1
+    assert gathered >= 10
     wanted, valid = labelled_positions(torch.ones(2, 5, dtype=torch.bool))
     assert wanted is None and bool(valid.all())
 
