@@ -233,7 +233,8 @@ def round_vocab(n: int, multiple: int = 64) -> int:
 
 
 def tiny() -> dict:
-    """Laptop scale: trains in minutes on two CPU cores (5.4M parameters)."""
+    """Laptop scale: trains in minutes on two CPU cores (5.3M parameters with rotary positions
+    and an 8192-entry vocabulary; 5.4M with a learned table of 512 positions)."""
     return dict(hidden_size=256, num_layers=4, num_heads=4, ffn_size=1024, seq_len=128)
 
 

@@ -131,6 +131,18 @@ def small_corpus(tmp_path_factory, texts):
 
 
 @pytest.fixture(scope="session")
+def learned_run(tmp_path_factory, corpus_files) -> Path:
+    """A run folder of two steps with a learned table of 128 positions (``--position learned``,
+    the architecture of folders from before rotary positions): inputs past it are refused."""
+    import train
+
+    out = tmp_path_factory.mktemp("runs") / "learned"
+    flags = train_flags(out, corpus_files, "--position", "learned", "--max-steps", "2")
+    train.train(train.config_from_args(flags))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus_files) -> Path:
     """A run folder trained for a few steps with every objective."""
     import train

@@ -48,10 +48,16 @@ def test_fill_mask_bad_inputs(lm):
         lm.fill_mask("")
     with pytest.raises(ValueError, match="no \\[MASK\\]"):
         lm.fill_mask("nothing to fill here")
-    with pytest.raises(ValueError, match="reads at most"):
-        lm.fill_mask("word " * 500 + "[MASK]")
     with pytest.raises(TypeError):
         lm.fill_mask(42)
+
+
+def test_fill_mask_past_a_learned_position_table(learned_run, lm):
+    """A learned table of 128 positions refuses a longer text; rotary positions read it."""
+    text = "word " * 500 + "[MASK]"
+    with pytest.raises(ValueError, match="reads at most"):
+        model.load(learned_run).fill_mask(text)
+    assert lm.model.config.position == "rope" and len(lm.fill_mask(text)) == 5
 
 
 def test_summarize_str_and_list(lm):

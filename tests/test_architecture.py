@@ -400,8 +400,13 @@ def test_swiglu_has_about_the_parameters_of_gelu(preset):
 
 def test_flags_reach_the_model_config_and_default_to_today():
     default = build_model_config(train.config_from_args([]))
+    # Rotary positions: the trainer's default since 2026-12-07; the rest as before.
     assert {f: getattr(default, f) for f in NEW_FIELDS} == dict(
-        position="learned", norm="layernorm", bias=True, ffn="gelu", qk_norm=False,
+        position="rope",
+        norm="layernorm",
+        bias=True,
+        ffn="gelu",
+        qk_norm=False,
         zero_init_proj=False,
     )  # fmt: skip
     cfg = train.config_from_args(
@@ -415,7 +420,7 @@ def test_flags_reach_the_model_config_and_default_to_today():
         ("--ffn geglu", "--ffn must be one of"),
         ("--norm batchnorm", "--norm must be one of"),
         ("--position alibi", "--position must be one of"),
-        ("--seq-len 1024", "larger than the model supports"),
+        ("--position learned --seq-len 1024", "larger than the model supports"),
         ("--position rope --hidden-size 36 --num-heads 4", "must be even"),
     ):
         with pytest.raises(TrainingError, match=match):

@@ -289,8 +289,14 @@ FLAG_CASES = [
     (["--num-layers", "0"], "--num-layers must be >= 1"),
     (["--num-heads", "3"], "hidden_size \\(32\\) must be divisible by num_heads \\(3\\)"),
     (["--eval-fraction", "1"], "--eval-fraction must be in \\[0, 1\\)"),
-    (["--seq-len", "4096"], "--seq-len 4096 is larger than the model supports"),
-    (["--source-len", "100", "--target-len", "100"], "exceeds --max-positions 128"),
+    (
+        ["--position", "learned", "--seq-len", "4096"],
+        "--seq-len 4096 is larger than the model supports",
+    ),
+    (
+        ["--position", "learned", "--source-len", "100", "--target-len", "100"],
+        "exceeds --max-positions 128",
+    ),
     (["--vocab-size", "10"], "vocabulary size 10 is too small: bpe needs more than 262"),
     (["--objectives", "masked_lm=0"], "at least one objective needs a weight > 0"),
     (["--objectives", "masked_lm=-1"], "weight of masked_lm must be a finite number >= 0"),
@@ -373,11 +379,11 @@ def test_fill_mask_odd_texts(lm, text):
     assert len(first) == 2 and all("[MASK]" not in o["sequence"] for o in first)
 
 
-def test_fill_mask_without_a_mask_or_too_long(lm):
+def test_fill_mask_without_a_mask_or_too_long(lm, learned_run):
     with pytest.raises(ValueError, match="text 1 has no \\[MASK\\] to fill"):
         lm.fill_mask(["a [MASK] b", "no mask here"])
     with pytest.raises(ValueError, match="text 0 is .* tokens long; the model reads at most 128"):
-        lm.fill_mask("word " * 300 + "[MASK]")
+        api.load(learned_run).fill_mask("word " * 300 + "[MASK]")
     with pytest.raises(TypeError):
         lm.fill_mask(["a [MASK]", None])
 
@@ -400,6 +406,7 @@ def test_summarize_batch_of_mixed_lengths_equals_one_at_a_time(lm, texts):
     assert batch == alone
 
 
-def test_summarize_options_that_leave_no_room(lm):
+def test_summarize_options_that_leave_no_room(learned_run):
+    """A learned table of 128 positions holds the source and the summary together."""
     with pytest.raises(ValueError, match="leaves no room for the source"):
-        lm.summarize("text", max_new_tokens=127)
+        api.load(learned_run).summarize("text", max_new_tokens=127)

@@ -192,8 +192,11 @@ def test_existing_run_is_not_overwritten(tiny_run, corpus_files):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--seq-len", "1024"], "larger than the model supports"),
-        (["--source-len", "500", "--target-len", "100"], "exceeds --max-positions"),
+        (["--position", "learned", "--seq-len", "1024"], "larger than the model supports"),
+        (
+            ["--position", "learned", "--source-len", "500", "--target-len", "100"],
+            "exceeds --max-positions",
+        ),
         (["--mask-rate", "0"], "--mask-rate"),
         (["--batch-size", "0"], "--batch-size"),
         (

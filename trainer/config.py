@@ -60,9 +60,9 @@ class ModelOptions:
     hidden_act: str = "gelu"
     """Feed-forward activation with --ffn gelu: gelu (exact, as in BERT and BART) or gelu_tanh
     (its tanh approximation)."""
-    position: str = "learned"
-    """Positions: learned (a table of --max-positions vectors added to the tokens) or rope
-    (rotary embeddings of queries and keys, base 10000: no table, no length limit)."""
+    position: str = "rope"
+    """Positions: rope (rotary embeddings of queries and keys, base 10000: no table, no length
+    limit) or learned (a table of --max-positions vectors added to the tokens, as in BERT)."""
     norm: str = "layernorm"
     """Normalisation before each block's attention and feed-forward, and at the end:
     layernorm or rmsnorm."""
