@@ -168,8 +168,8 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 # The last block's queries per row (the most labels in a row) are rounded up to a multiple of
 # this: a few shapes for its products, whose CPU kernels are prepared and kept per shape.
 # Summaries' label counts spread widely (target words and masked source words); at a multiple
-# of 8, 120-150 steps of the default job peaked at 1.38-1.48 GB (four runs), at 32 at 1.26-1.35 GB
-# (three), at the same tokens/s within the machine's drift.
+# of 8, 120-150 steps of the default job peaked at 1,377-1,480 MiB (four runs), at 32 at
+# 1,255-1,347 MiB (three), at the same tokens/s within the machine's drift.
 QUERY_MULTIPLE = 32
 
 
@@ -177,9 +177,9 @@ def labelled_positions(selected: torch.Tensor) -> tuple[torch.Tensor | None, tor
     """Which positions a loss reads, packed to the left of each row, in order.
 
     ``selected`` is (batch, t) boolean. Returns ``wanted`` (batch, q) indices, q the most labels
-    in any row rounded up to a multiple of :data:`QUERY_MULTIPLE`, with ``valid`` (batch, q) false where a row has
-    fewer (those slots repeat some unlabelled position and are dropped); or ``(None, selected)``
-    when q reaches the whole sequence.
+    in any row rounded up to a multiple of :data:`QUERY_MULTIPLE`, with ``valid`` (batch, q)
+    false where a row has fewer (those slots repeat some unlabelled position and are dropped);
+    or ``(None, selected)`` when q reaches the whole sequence.
     ``labels[selected]`` equals ``labels.gather(1, wanted)[valid]``.
     """
     counts = selected.sum(1)

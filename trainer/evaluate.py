@@ -27,7 +27,7 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 _SCORER = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 # Documents an evaluation decodes at once on a CPU. Beam search holds keys and values for every
 # document, beam and position; on two cores 8 documents decode as fast as 32 (192 documents,
-# beam 4: 5.6-6.0 s against 5.5-6.1 s, the same summaries) with 150-190 MB less at the peak.
+# beam 4: 5.6-6.0 s against 5.5-6.1 s, the same summaries) with 146-189 MiB less at the peak.
 # A GPU decodes the evaluation's whole batch at once.
 CPU_DECODE_BATCH = 8
 
