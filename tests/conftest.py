@@ -130,6 +130,16 @@ def small_corpus(tmp_path_factory, texts):
     return train_file, eval_file
 
 
+@pytest.fixture
+def short_rows(monkeypatch):
+    """The last block's queries rounded up to a multiple of 8 instead of
+    ``model.losses.QUERY_MULTIPLE``: test batches of 20-30 positions then take the sparse path
+    (the last block at the labelled positions only) that the tests compare with the dense one."""
+    import model.losses
+
+    monkeypatch.setattr(model.losses, "QUERY_MULTIPLE", 8)
+
+
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory, corpus_files) -> Path:
     """A run folder of two steps with a learned table of 128 positions (``--position learned``,

@@ -18,7 +18,6 @@ from transformers import AutoModel, AutoModelForMaskedLM
 
 import model
 import model.api as api
-import model.losses as losses
 import train
 from data.vocab import save_tokenizer
 from model.config import PRESETS, MiniTuringConfig
@@ -91,11 +90,10 @@ def seq2seq_batch():
 
 @EVERY_CHOICE
 @pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
-def test_forward_backward_and_the_sparse_last_block(choice, copy, monkeypatch):
+def test_forward_backward_and_the_sparse_last_block(choice, copy, short_rows):
     """Masked LM and prefix-LM batches give finite losses and a finite gradient for every
     parameter; the last block run at the labelled positions only (sparse_outputs) gives the
     loss of the whole block; the parameter count is the config's formula."""
-    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # rows of 20-24 positions: a sparse path
     m = arch_model(choice, copy_attention=copy).train()
     assert sum(p.numel() for p in m.parameters()) == m.config.num_parameters()
     dense = arch_model(choice, copy_attention=copy, sparse_outputs=False).train()
@@ -402,11 +400,7 @@ def test_flags_reach_the_model_config_and_default_to_today():
     default = build_model_config(train.config_from_args([]))
     # Rotary positions: the trainer's default since 2026-12-07; the rest as before.
     assert {f: getattr(default, f) for f in NEW_FIELDS} == dict(
-        position="rope",
-        norm="layernorm",
-        bias=True,
-        ffn="gelu",
-        qk_norm=False,
+        position="rope", norm="layernorm", bias=True, ffn="gelu", qk_norm=False,
         zero_init_proj=False,
     )  # fmt: skip
     cfg = train.config_from_args(

@@ -158,9 +158,8 @@ def test_copy_is_off_for_masked_lm_batches_and_by_default():
 
 
 @pytest.mark.parametrize("copy_layer", [-1, 0])
-def test_labelled_positions_only_change_nothing_with_copy(monkeypatch, copy_layer):
+def test_labelled_positions_only_change_nothing_with_copy(monkeypatch, copy_layer, short_rows):
     """The last block runs at labelled positions only; loss and gradients equal the full run's."""
-    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # short rows: a fast path
     model = copy_model(3, num_layers=3, copy_layer=copy_layer).train()
     x, padding, prefix, labels = seq2seq_batch(1)
     assert losses.labelled_positions(labels != IGNORE_INDEX)[0] is not None

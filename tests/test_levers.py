@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import model.losses as losses
 from data.batching import Seq2SeqStream
 from model.config import MiniTuringConfig
 from model.constants import IGNORE_INDEX
@@ -61,8 +60,7 @@ def loss_and_grads(inputs: dict, **options):
         {"attention": "sdpa", "sparse_outputs": False, "chunked_loss": False},
     ],
 )
-def test_model_levers_change_speed_only(option, prefix_lm, monkeypatch):
-    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # rows of 30 positions: a sparse path
+def test_model_levers_change_speed_only(option, prefix_lm, short_rows):
     inputs = batch(prefix_lm)
     loss, grads = loss_and_grads(inputs)
     other_loss, other_grads = loss_and_grads(inputs, **option)

@@ -131,10 +131,9 @@ def test_loss_only_on_labelled_positions():
 
 
 @pytest.mark.parametrize("prefix_lm", [False, True])
-def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, prefix_lm):
+def test_last_block_at_labelled_positions_only_changes_nothing(monkeypatch, prefix_lm, short_rows):
     """The last block computes queries and feed-forward only where labels are; loss and every
     gradient equal those of the model run at every position (padding, uneven label counts)."""
-    monkeypatch.setattr(losses, "QUERY_MULTIPLE", 8)  # rows of 30 positions: a fast path
     model = small_model(num_layers=3).train()
     torch.manual_seed(1)
     x = torch.randint(6, 100, (3, 30))
