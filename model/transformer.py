@@ -77,14 +77,17 @@ def rotary_tables(
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = ROPE_BASE ** (-exponents / head_dim)
     angles = positions.float().unsqueeze(-1) * inv_freq
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    # The sine's first half carries the rotation's minus sign (see apply_rotary).
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, positions, head_dim) queries or keys turned by their positions' angles."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    """(..., positions, head_dim) queries or keys turned by their positions' angles, with the
+    tables of ``rotary_tables``: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the halves
+    swapped by one roll and the sign in the table (the same numbers as negating x2)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class SelfAttention(nn.Module):
