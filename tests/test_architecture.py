@@ -398,9 +398,9 @@ def test_swiglu_has_about_the_parameters_of_gelu(preset):
 
 def test_flags_reach_the_model_config_and_default_to_today():
     default = build_model_config(train.config_from_args([]))
-    # Rotary positions: the trainer's default since 2026-12-07; the rest as before.
+    # Rotary positions, RMSNorm and ReLU squared: the trainer's defaults since 2026-12-07.
     assert {f: getattr(default, f) for f in NEW_FIELDS} == dict(
-        position="rope", norm="layernorm", bias=True, ffn="gelu", qk_norm=False,
+        position="rope", norm="rmsnorm", bias=True, ffn="relu2", qk_norm=False,
         zero_init_proj=False,
     )  # fmt: skip
     cfg = train.config_from_args(

@@ -300,7 +300,7 @@ def test_init_from_extends_the_vocabulary_with_new_task_tokens(short_run, tmp_pa
     saved = MiniTuringConfig.from_pretrained(short_run)
     fields = {k: getattr(saved, k) for k in ("hidden_size", "num_layers", "num_heads",
               "ffn_size", "max_position_embeddings", "copy_attention", "hidden_act",
-              "position")}  # fmt: skip
+              "position", "norm", "ffn")}  # fmt: skip
     child = MiniTuringModel(model_config(child_tok, **fields))
     start_from_parent(child, short_run, child_tok)
     parent = api.load(short_run).model

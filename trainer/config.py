@@ -63,13 +63,13 @@ class ModelOptions:
     position: str = "rope"
     """Positions: rope (rotary embeddings of queries and keys, base 10000: no table, no length
     limit) or learned (a table of --max-positions vectors added to the tokens, as in BERT)."""
-    norm: str = "layernorm"
+    norm: str = "rmsnorm"
     """Normalisation before each block's attention and feed-forward, and at the end:
-    layernorm or rmsnorm."""
+    rmsnorm or layernorm."""
     bias: bool = True
     """Biases in the blocks' linear layers and norms (--no-bias: none)."""
-    ffn: str = "gelu"
-    """Feed-forward: gelu (--hidden-act), relu2 (ReLU squared) or swiglu (gated SiLU, 2/3 of
+    ffn: str = "relu2"
+    """Feed-forward: relu2 (ReLU squared), gelu (--hidden-act) or swiglu (gated SiLU, 2/3 of
     --ffn-size wide, rounded to a multiple of 8: about the parameters of gelu's)."""
     qk_norm: bool = False
     """RMSNorm of each head's queries and keys before attention."""
