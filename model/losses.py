@@ -169,7 +169,7 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 # this: a few shapes for its products, whose CPU kernels are prepared and kept per shape.
 # Summaries' label counts spread widely (target words and masked source words); at a multiple
 # of 8, 120-150 steps of the default job peaked at 1,377-1,480 MiB (four runs), at 32 at
-# 1,255-1,347 MiB (three), at the same tokens/s within the machine's drift.
+# 1,255-1,347 MiB (four), at the same tokens/s within the machine's drift.
 QUERY_MULTIPLE = 32
 
 

@@ -72,13 +72,13 @@ def rotary_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (batch or 1, 1, positions, head_dim) of rotary embeddings at ``positions``
     (batch or 1, positions): dimension i and i + head_dim / 2 turn together by the angle
-    position * ROPE_BASE ** (-2i / head_dim) (RoFormer, LLaMA). Angles in fp32, tables in
+    position * ROPE_BASE ** (-2i / head_dim) (RoFormer, LLaMA). The sine's first half is
+    negated: it carries the rotation's minus sign (apply_rotary). Angles in fp32, tables in
     ``dtype``, the dtype the queries and keys are made in."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = ROPE_BASE ** (-exponents / head_dim)
     angles = positions.float().unsqueeze(-1) * inv_freq
     cos, sin = angles.cos(), angles.sin()
-    # The sine's first half carries the rotation's minus sign (see apply_rotary).
     cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
     return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 

@@ -38,7 +38,7 @@ from trainer.cli import main as cli
 from trainer.config import TrainConfig, check_config, parse_objectives
 from trainer.errors import TrainingError
 from trainer.evaluate import selection_metric
-from trainer.init_from import extended, start_from_parent
+from trainer.init_from import INHERITED_FIELDS, extended, start_from_parent
 
 pytestmark = pytest.mark.usefixtures("without_plot")
 
@@ -298,9 +298,9 @@ def test_init_from_extends_the_vocabulary_with_new_task_tokens(short_run, tmp_pa
     child_tok = with_task_tokens(parent_tok, ["first", "last", "middle"])
     assert task_ids(child_tok)["middle"] == len(parent_tok)
     saved = MiniTuringConfig.from_pretrained(short_run)
-    fields = {k: getattr(saved, k) for k in ("hidden_size", "num_layers", "num_heads",
-              "ffn_size", "max_position_embeddings", "copy_attention", "hidden_act",
-              "position", "norm", "ffn")}  # fmt: skip
+    # The parent's architecture; the vocabulary is the child's tokenizer's.
+    vocab = ("vocab_size", "tokenizer_size")
+    fields = {k: getattr(saved, k) for k in INHERITED_FIELDS if k not in vocab}
     child = MiniTuringModel(model_config(child_tok, **fields))
     start_from_parent(child, short_run, child_tok)
     parent = api.load(short_run).model
