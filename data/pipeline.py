@@ -14,7 +14,6 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from datasets.utils.logging import disable_progress_bar
 
 from data.batching import MaskedLMStream, Seq2SeqStream
 from data.cache import PREP_VERSION, CacheDir, mp_context, prepared_root, worker_count
@@ -232,7 +231,6 @@ def build_streams(
     seq_len: int,
 ) -> Streams:
     """Tokenize what the chosen objectives need and wrap each in its stream."""
-    disable_progress_bar()
     ids = special_ids(tokenizer)
     tok_key = digest(tokenizer.backend_tokenizer.to_str())
     masking = cfg.masking()
