@@ -24,6 +24,9 @@ TINY_FLAGS = [
 
 # Every objective, so that the tests train each (--objectives auto leaves gap_summary out with
 # 2,000 pairs or more); a test's own --objectives, given later, wins.
+# The repository: the working directory of the tests' subprocesses.
+ROOT = Path(__file__).resolve().parents[1]
+
 ALL_OBJECTIVES = ["--objectives", "masked_lm=1,gap_summary=1,summarize=1"]
 
 
@@ -171,7 +174,7 @@ def tiny_run(tmp_path_factory, corpus_files) -> Path:
 WITHOUT_PROJECT = rf"""
 import importlib.abc, os, sys
 
-root = {str(Path(__file__).resolve().parents[1])!r}
+root = {str(ROOT)!r}
 sys.path[:] = [p for p in sys.path if not (os.path.isdir(p) and os.path.samefile(p, root))]
 
 class NoMiniTuring(importlib.abc.MetaPathFinder):

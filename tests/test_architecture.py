@@ -31,7 +31,6 @@ from trainer.config import build_model_config, check_config
 from trainer.errors import TrainingError
 from trainer.init_from import parent_options
 
-ROOT = Path(__file__).resolve().parent.parent
 NEW_FIELDS = ("position", "norm", "bias", "ffn", "qk_norm", "zero_init_proj")
 CHOICES = {
     "default": {},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS, write_corpus
+from conftest import ROOT, TINY_FLAGS, write_corpus
 
 from data import cache as cache_module
 from data import raw as raw_module
@@ -28,7 +28,6 @@ from data.pipeline import build_streams
 from data.raw import load_raw
 from data.vocab import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["masked_lm", "gap_summary", "summarize"]
 
 # Each process waits for all of them to arrive, then trains; every build of a cache entry is
@@ -61,7 +60,7 @@ def _runner_env(tmp_path: Path, processes: int) -> dict:
     gate.mkdir()
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.update(
         MINITURING_CACHE=str(tmp_path / "cache"),
         BUILD_LOG=str(tmp_path / "builds.log"),
@@ -83,7 +82,7 @@ def _start_together(tmp_path: Path, launchers: list[list[str]], processes: int, 
             [*launcher, str(tmp_path / "runner.py"), *TINY_FLAGS, "--max-steps", "2"]
             + ["--train-text", str(text_file), "--objectives", "masked_lm=1"]
             + ["--output-dir", str(tmp_path / f"run-{i}")],
-            cwd=REPO,
+            cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

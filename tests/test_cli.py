@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 from importlib import import_module
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from test_interop import assert_png
 
 import model
@@ -19,7 +19,6 @@ from data.config import DataConfig
 from data.raw import load_raw
 from trainer.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
     "The list type is a mutable sequence. Lists may be constructed in several ways.",
     "A tuple is an immutable sequence, typically used to store collections of data.",

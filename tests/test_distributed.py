@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, metrics, train_flags
+from conftest import ROOT, TINY_FLAGS, metrics, train_flags
 from safetensors.torch import load_file
 
 import train
@@ -25,8 +25,7 @@ from model.transformer import MiniTuringModel
 from trainer import distributed
 from trainer.errors import TrainingError
 
-REPO = Path(__file__).resolve().parent.parent
-RUNNER = REPO / "tests" / "distributed_runner.py"
+RUNNER = ROOT / "tests" / "distributed_runner.py"
 STEPS = ["--max-steps", "6", "--save-every", "3", "--keep-checkpoints", "3"]
 LOGS = ["--log-every", "1", "--eval-every", "3"]
 MLM_ONLY = ["--objectives", "masked_lm=1"]
@@ -57,7 +56,7 @@ def launch(runs: list[list[str]], workdir: Path, nproc: int = 2) -> None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     done = subprocess.run(
         launcher + [str(RUNNER), str(spec)],
-        cwd=REPO,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import latest_step, metrics, train_flags
+from conftest import ROOT, latest_step, metrics, train_flags
 from fault_runner import assert_same_run
 from safetensors.torch import load_file, save_file
 
@@ -37,7 +37,6 @@ from model.api import RunFolderError
 from model.transformer import MiniTuringModel
 from trainer import checkpoint, prepare
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY, KEEP = 12, 4, 2
 
 needs_gloo = pytest.mark.skipif(

@@ -32,7 +32,6 @@ from trainer import metrics
 from trainer.errors import TrainingError
 from trainer.plot import PLOT_FILE
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
     "Return the [MASK] value of a number.",
     "The list is [MASK] in place.",

@@ -9,7 +9,8 @@ import ast
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 PACKAGES = ("model", "data", "trainer")
 
 # What each package may import of ours: a package name stands for all of its modules.

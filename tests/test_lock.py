@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, metrics
+from conftest import ROOT, TINY_FLAGS, metrics
 from test_faults import wait_for
 
 import model as api
 from trainer import lock as lock_module
 from trainer.lock import RunFolderLocked, RunLock
-
-ROOT = Path(__file__).resolve().parent.parent
 
 needs_gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

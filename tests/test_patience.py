@@ -14,12 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import metrics, train_flags
+from conftest import ROOT, metrics, train_flags
 from fault_runner import assert_same_run
 from safetensors.torch import load_file
 
@@ -285,7 +284,6 @@ def test_an_empty_validation_split_is_refused(tmp_path, corpus_files, monkeypatc
 
 # ---------------------------------------------------------------------------- DDP
 
-REPO = Path(__file__).resolve().parent.parent
 
 # Two ranks whose own validation scores disagree (rank 1's always improve): rank 0's decides on
 # both (``rank0_value``), so both stop where one process does.
@@ -320,14 +318,14 @@ def test_two_ddp_ranks_stop_together_as_one_process_does(tmp_path, corpus_files,
         json.dumps([train_flags(out, corpus_files, *FLAGS, "--batch-size", "4")])
     )
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(repo=str(REPO), tests=str(REPO / "tests")))
+    script.write_text(RUNNER.format(repo=str(ROOT), tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(script), str(tmp_path / "runs.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     summaries = [json.loads((r / "summary.json").read_text()) for r in (straight, out)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from data import pipeline
 from data import raw as raw_module
@@ -26,7 +27,6 @@ from data.split import group_key, held_out_document
 from data.store import FileArray, Ragged, TextTable, write_array
 from data.vocab import train_tokenizer, training_sample
 
-REPO = Path(__file__).resolve().parents[1]
 SENTENCES = [
     "The reader opens the file and returns one record per line.",
     "Each value is checked against the schema before it is stored.",
@@ -195,7 +195,7 @@ def test_kill_during_preparation_leaves_nothing_that_is_reused(cache, files):
         load_raw(DataConfig(train_text=[{str(files[0])!r}], train_pairs=[{str(files[1])!r}]))
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert done.returncode == 9, done.stderr.decode()
     prepared = cache / "prepared"

@@ -9,13 +9,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import TINY_FLAGS
+from conftest import ROOT, TINY_FLAGS
 
 import train
 
-ROOT = Path(__file__).resolve().parent.parent
 MAIN_COMMAND = "pip install -e . && python train.py"
 TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest -q'
 

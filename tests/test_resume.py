@@ -14,11 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import latest_step, metrics, train_flags
+from conftest import ROOT, latest_step, metrics, train_flags
 from fault_runner import assert_same_run
 
 import train
@@ -235,9 +234,8 @@ def test_the_commands_start_up_counts_in_the_budget(tmp_path, corpus_files):
 
 def test_process_age_counts_what_ran_before_it():
     code = "import time; time.sleep(0.6); import train; print(train.process_age())"
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert 0.6 <= float(out.stdout) < 60
 

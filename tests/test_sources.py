@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 
 from data import sources
 from data.sources import DataError, Reading, read_source_pairs, read_source_texts
@@ -142,10 +143,9 @@ def test_datasets_imported_only_for_saved_or_hub_data(tmp_path: Path) -> None:
         "enable_progress_bar()\n"
         "print(read_source_texts(sys.argv[1]), is_progress_bar_enabled())\n"
     )
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "ds")],
-        cwd=root,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
