@@ -22,6 +22,12 @@ from bench.common import Failed, run, run_train, table
 from model.config import SHAPE_FIELDS, resolve_shape
 
 PARTS = ("mlm", "seq2seq")
+# Our side's architecture flags: the trainer's defaults, or the HF models' own (BERT and BART
+# have learned positions, LayerNorm and GELU), the same computation on both sides.
+ARCHITECTURES = {
+    "default": [],
+    "bert": ["--position", "learned", "--norm", "layernorm", "--ffn", "gelu"],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SHAPE_FIELDS:
         add("--" + name.replace("_", "-"), type=int, default=None, help="default: the preset's")
     add("--max-positions", type=int, default=512)
+    add(
+        "--architecture",
+        default="default",
+        choices=tuple(ARCHITECTURES),
+        help="ours: the trainer's default architecture, or the HF side's (bert: learned "
+        "positions, LayerNorm, GELU), so the ratio measures the trainer alone",
+    )
     add("--vocab-size", type=int, default=8192, help="tokenizer entries")
     add("--bart-layers", default=None, help="ENC,DEC (default: half our layers each)")
     add("--source-len", type=int, default=256)
@@ -179,6 +192,7 @@ def ours_flags(args: argparse.Namespace, spec: dict, part: str) -> list[str]:
         "--no-progress", "--device", spec["device"], "--precision", spec["precision"],
         "--seed", args.seed, "--tokenizer", spec["tokenizer"], "--mask-rate", spec["mask_rate"],
         "--objectives", "masked_lm=1" if part == "mlm" else "summarize=1",
+        *ARCHITECTURES[args.architecture],
     ]  # fmt: skip
     flags += ["--corpus-max-chars", args.corpus_max_chars] * (args.corpus_max_chars is not None)
     if data := (args.train_text if part == "mlm" else args.train_pairs):
@@ -252,12 +266,13 @@ def ok(result: dict | None) -> bool:
     return bool(result) and "error" not in result  # ran, and did not fail
 
 
-def build_rows(spec: dict, results: dict) -> list[dict]:
+def build_rows(spec: dict, results: dict, architecture: str = "default") -> list[dict]:
     """One row per measurement; every ratio computed here from the measured numbers."""
     rows: list[dict] = []
     enc, dec = spec["bart_layers"]
-    names = {"mlm": ("HF BertForMaskedLM + Trainer", "ours train.py masked_lm"),
-             "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", "ours train.py summarize")}  # fmt: skip
+    same = " (HF's architecture)" if architecture != "default" else ""
+    names = {"mlm": ("HF BertForMaskedLM + Trainer", f"ours train.py masked_lm{same}"),
+             "seq2seq": (f"HF BART {enc}+{dec} layers + Trainer", f"ours train.py summarize{same}")}  # fmt: skip
     keep = ("peak_mem_mib", "data_wait", "padding_share", "runs", "params")
     for part, (hf_name, ours_name) in names.items():
         sides = {"HF": results.get(f"{part}_hf"), "ours": results.get(f"{part}_ours")}
@@ -298,7 +313,8 @@ def describe(args: argparse.Namespace, settings: dict, spec: dict, results: dict
     lines = [
         f"device {settings['device']}, precision {settings['precision']}; {s['num_layers']} layers x "
         f"{s['hidden_size']}, {s['num_heads']} heads, FFN {s['ffn_size']}, vocabulary {s['vocab_size']}, "
-        f"batch {args.batch_size}; data: {spec['data']}",
+        f"batch {args.batch_size}; data: {spec['data']}; our architecture: {args.architecture} "
+        f"{' '.join(ARCHITECTURES[args.architecture]) or '(the trainer defaults)'}",
         f"{args.train_rounds} runs a side (HF, ours, ours, HF), tokens/s over the steps after the "
         f"warm-up; mlm: sequence {s['seq_len']}, {mw} + {ms} steps; seq2seq: source "
         f"{args.source_len}, target {args.target_len}, {sw} + {ss} steps",
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             raise SystemExit(f"error: {err}") from None
         results = run_all(args, settings, spec, tmp)
-        rows = build_rows(spec, results)
+        rows = build_rows(spec, results, args.architecture)
         if args.json:
             report = {
                 "command": ["python", "-m", "bench.compare", *(sys.argv[1:] if argv is None else argv)],

@@ -114,6 +114,7 @@ def test_summary_counts_real_tokens_after_warm_up(tmp_path, corpus_files, withou
 def test_our_side_is_train_py_with_the_benchmark_settings(tmp_path):
     import train
     from model.config import PRESETS
+    from trainer.config import ModelOptions
 
     args = compare.build_parser().parse_args(TINY + ["--train-text", "a.txt"])
     spec = {"shape": {**PRESETS["tiny"](), "seq_len": 32, "max_positions": 128},
@@ -125,6 +126,14 @@ def test_our_side_is_train_py_with_the_benchmark_settings(tmp_path):
     assert cfg.run.precision == "bf16" and cfg.run.objectives == "masked_lm=1"
     assert (cfg.model.hidden_size, cfg.model.seq_len, cfg.optim.batch_size) == (256, 32, 8)
     assert cfg.data.train_text == ["a.txt"] and cfg.data.tokenizer == "tok"
+    assert cfg.model == ModelOptions(
+        hidden_size=256, num_layers=4, num_heads=4, ffn_size=1024, seq_len=32, max_positions=128
+    )  # the trainer's defaults
+    # --architecture bert: ours computes what BertForMaskedLM does, so the ratio is the trainer's.
+    args = compare.build_parser().parse_args(TINY + ["--architecture", "bert"])
+    cfg = train.config_from_args(compare.ours_flags(args, spec, "mlm"))
+    assert (cfg.model.position, cfg.model.norm, cfg.model.ffn) == ("learned", "layernorm", "gelu")
+    assert cfg.model.hidden_act == "gelu" and cfg.model.bias
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -170,6 +179,8 @@ def test_rows_compute_ratios_from_results():
     rows = compare.build_rows(spec, results)
     by = {(r["part"], r["contestant"]): r for r in rows}
     assert by[("mlm", "ours train.py masked_lm")]["ratio"] == pytest.approx(2.5)
+    named = compare.build_rows(spec, results, "bert")
+    assert named[1]["contestant"] == "ours train.py masked_lm (HF's architecture)"
     # A failed side shows as failed and leaves no ratio behind.
     assert by[("seq2seq", "HF BART 1+1 layers + Trainer")]["value"] is None
     assert by[("seq2seq", "ours train.py summarize")]["ratio"] is None
