@@ -249,7 +249,7 @@ def test_label_smoothing_never_touches_the_masked_source_words(copy_attention, c
         return (model(**batch, label_smoothing=0.1).loss - model(**batch).loss) * count
 
     added = smoothing_adds(target_only)
-    assert abs(float(added)) > 1e-3
+    assert abs(added.item()) > 1e-3
     torch.testing.assert_close(smoothing_adds(with_source), added, rtol=1e-4, atol=1e-4)
 
 
