@@ -22,11 +22,11 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
-# Every objective, so that the tests train each (--objectives auto leaves gap_summary out with
-# 2,000 pairs or more); a test's own --objectives, given later, wins.
 # The repository: the working directory of the tests' subprocesses.
 ROOT = Path(__file__).resolve().parents[1]
 
+# Every objective, so that the tests train each (--objectives auto leaves gap_summary out with
+# 2,000 pairs or more); a test's own --objectives, given later, wins.
 ALL_OBJECTIVES = ["--objectives", "masked_lm=1,gap_summary=1,summarize=1"]
 
 

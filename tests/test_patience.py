@@ -284,7 +284,6 @@ def test_an_empty_validation_split_is_refused(tmp_path, corpus_files, monkeypatc
 
 # ---------------------------------------------------------------------------- DDP
 
-
 # Two ranks whose own validation scores disagree (rank 1's always improve): rank 0's decides on
 # both (``rank0_value``), so both stop where one process does.
 RUNNER = """
