@@ -22,7 +22,7 @@ import torch
 
 from data.objectives import is_objective, objective_index, ordered
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
-from data.objectives.summarize import PAD_MULTIPLE, build_example, collate
+from data.objectives.summarize import PAD_MULTIPLE, build_example, collate, pack
 from data.store import Ragged
 from data.vocab import layout_ids, word_start_table
 from model.constants import round_up
@@ -145,6 +145,9 @@ class Seq2SeqStream:
     PEGASUS's sources carry masked words). Each example is masked by its sample key.
 
     ``task_id``: a named task's token, put in front of every source (never masked).
+
+    ``pack``: batches put several examples in a row (``data.objectives.summarize.pack``), and
+    an epoch's order is not sorted by length (examples of mixed lengths pack tightest).
     """
 
     def __init__(
@@ -159,8 +162,10 @@ class Seq2SeqStream:
         pad_multiple: int = PAD_MULTIPLE,
         source_masker: MaskedLMStream | None = None,
         task_id: int | None = None,
+        pack: bool = False,
     ) -> None:
         self.name = name
+        self.pack = pack
         self.source_masker = source_masker
         self.task_id = task_id
         head = 1 if task_id is None else 2  # [CLS], and the task's token
@@ -183,8 +188,9 @@ class Seq2SeqStream:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def lengths(self) -> np.ndarray:
-        return self._lengths
+    def lengths(self) -> np.ndarray | None:
+        """Each example's length, for batches of similar lengths; None when packing."""
+        return None if self.pack else self._lengths
 
     @property
     def num_tokens(self) -> int:
@@ -212,7 +218,7 @@ class Seq2SeqStream:
                 ids[source], labels[source] = self.source_masker.mask(
                     ids[source], _rng(seed, _SAMPLE, obj, key)
                 )
-        return collate(
+        return (pack if self.pack else collate)(
             examples,
             self.ids.pad,
             multiple=self.pad_multiple,

@@ -218,7 +218,7 @@ class Streams:
             held, val = len(self.eval.get(name, [])), len(self.val.get(name, []))
             parts.append(
                 f"{name}: {len(s):,} train / {val:,} validation / {held:,} held-out examples "
-                f"({s.num_tokens:,} tokens)"
+                f"({s.num_tokens:,} tokens{', packed' if getattr(s, 'pack', False) else ''})"
             )
         return "; ".join(parts)
 
@@ -263,9 +263,15 @@ def build_streams(
             ("val", raw.val_texts, vals),
         ):
             src, tgt = gap_pairs(texts, cfg, tokenizer, f"gaps-{split}", tok_key)
-            masker = source_masker if split == "train" else None
+            train_split = split == "train"
             out["gap_summary"] = Seq2SeqStream(
-                "gap_summary", src, tgt, ids, **lengths, source_masker=masker
+                "gap_summary",
+                src,
+                tgt,
+                ids,
+                **lengths,
+                source_masker=source_masker if train_split else None,
+                pack=cfg.pack_pairs and train_split,
             )
     tokens = task_ids(tokenizer)
     for task in [n for n in objectives if n not in OBJECTIVES]:
@@ -282,8 +288,15 @@ def build_streams(
         for split, out in (("train", train), ("eval", evals), ("val", vals)):
             pairs = raw.pairs(task, split)
             src, tgt = tokenize_pairs(pairs, tokenizer, f"{prefix}-{split}", tok_key)
-            masker = source_masker if split == "train" else None
+            train_split = split == "train"
             out[task] = Seq2SeqStream(
-                task, src, tgt, ids, **lengths, source_masker=masker, task_id=task_id
+                task,
+                src,
+                tgt,
+                ids,
+                **lengths,
+                source_masker=source_masker if train_split else None,
+                task_id=task_id,
+                pack=cfg.pack_pairs and train_split,
             )
     return Streams(train, evals, vals)

@@ -28,8 +28,8 @@ from .losses import LabelRows, linear_cross_entropy, linear_log_prob, pad_rows
 @dataclass
 class CopySpec:
     """What the copy layer's attention copies from: the first ``length`` keys, those where
-    ``mask`` (batch, 1, 1, length) is True (all of them when None), one head's attention or
-    (``head`` None) the mean over heads."""
+    ``mask`` (batch, 1, 1 or queries, length) is True (all of them when None), one head's
+    attention or (``head`` None) the mean over heads."""
 
     length: int
     mask: torch.Tensor | None

@@ -226,19 +226,25 @@ def label_rows(
     valid: torch.Tensor,
     copied: torch.Tensor | None = None,
     source_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> LabelRows:
     """The rows of the labels at ``valid`` (batch, q), from the hidden states ``h`` (batch, q,
     hidden) at positions ``wanted`` (batch, q) (None: every position); with the copy path, also
     its copy distribution ``copied`` (batch, q, source length) and ``source_ids`` (batch, source
-    length)."""
+    length). Packed rows give each token's ``positions`` in its example (batch, seq) and
+    ``prefix_lengths`` per token (batch, seq); otherwise a token's position is its index."""
     previous = input_ids
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(labels)
+    prefix = None if prefix_lengths is None else prefix_lengths.view(len(labels), -1)
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(labels)
     if wanted is not None:
         labels, previous = labels.gather(1, wanted), input_ids.gather(1, wanted)
-        positions = wanted
+        positions = positions.gather(1, wanted)
+        if prefix is not None and prefix.shape[1] > 1:
+            prefix = prefix.gather(1, wanted)
     filled = None
-    if prefix_lengths is not None:
-        filled = (positions < prefix_lengths.view(-1, 1) - 1)[valid]
+    if prefix is not None:
+        filled = (positions < prefix - 1)[valid]
         filled = filled if bool(filled.any()) else None
     if copied is None:
         return LabelRows(h[valid], labels[valid], filled)

@@ -281,6 +281,24 @@ def attention_mask_for(
     return allowed | (keys == q)
 
 
+def packed_attention_mask(
+    segment_ids: torch.Tensor, in_prefix: torch.Tensor, queries: torch.Tensor, *, copy: bool = False
+) -> torch.Tensor:
+    """Boolean (batch, 1, queries, keys) mask of packed rows (several examples in a row, see
+    ``data.objectives.summarize.pack``), True where attention is allowed: a query sees the keys
+    of its own example (``segment_ids``, batch x keys), those in its prefix (``in_prefix``) and
+    those up to itself; with ``copy``, only its prefix (what the copy path copies from).
+    ``queries`` (batch, queries) are the queries' indices among the keys."""
+    keys = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    q = queries.unsqueeze(1).unsqueeze(-1)
+    same = segment_ids.gather(1, queries)[:, None, :, None] == segment_ids[:, None, None, :]
+    prefix = in_prefix[:, None, None, :]
+    if copy:
+        return same & prefix
+    # A query always sees itself, so no row is empty (an empty row would give NaN).
+    return (same & (prefix | (keys <= q))) | (keys == q)
+
+
 class MiniTuringModel(PreTrainedModel):
     """The UniLM-style transformer: token + position embeddings (or rotary positions in the
     attention), pre-norm blocks, final norm, and an output layer tied to the input embedding.
@@ -354,6 +372,7 @@ class MiniTuringModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         wanted: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, hidden), or with ``wanted`` (batch, q), indices
         into the sequence, those positions' only (batch, q, hidden).
@@ -377,6 +396,7 @@ class MiniTuringModel(PreTrainedModel):
         *,
         wanted: torch.Tensor | None,
         copy: bool,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``hidden_states``; with ``copy``, also the copy layer's copy distribution at the same
         positions (batch, q, source length) and the source's token ids (batch, source length)."""
@@ -396,7 +416,18 @@ class MiniTuringModel(PreTrainedModel):
                     "shorten the input or train a model with longer positions"
                 )
 
+        in_prefix = None
+        if segment_ids is not None:
+            if cache is not None or not given_positions or prefix_lengths is None:
+                raise ValueError(
+                    "packed rows (segment_ids) need position_ids and prefix_lengths per token, "
+                    "and no cache"
+                )
+            in_prefix = position_ids < prefix_lengths
+
         def mask_for(queries: torch.Tensor) -> torch.Tensor | None:
+            if in_prefix is not None:
+                return packed_attention_mask(segment_ids, in_prefix, queries.expand(b, -1))
             return attention_mask_for(
                 query_positions=queries + offset,
                 key_length=offset + t,
@@ -404,9 +435,15 @@ class MiniTuringModel(PreTrainedModel):
                 prefix_lengths=prefix_lengths,
             )
 
-        mask = mask_for(torch.arange(t, device=input_ids.device).unsqueeze(0))
+        every = torch.arange(t, device=input_ids.device).unsqueeze(0)
+        mask = mask_for(every)
         spec, source_ids, copied = None, None, None
-        if copy:
+        if copy and in_prefix is not None:
+            # Each query copies from its own example's source alone.
+            queries = (every if wanted is None else wanted).expand(b, -1)
+            source = packed_attention_mask(segment_ids, in_prefix, queries, copy=True)
+            spec, source_ids = CopySpec(t, source, self.config.copy_head), input_ids
+        elif copy:
             head = self.config.copy_head
             spec, source_ids = copy_source(input_ids, attention_mask, prefix_lengths, cache, head)
         copy_layer = self.config.copy_layer % len(self.blocks) if copy else -1
@@ -449,6 +486,7 @@ class MiniTuringModel(PreTrainedModel):
         cache: KVCache | None = None,
         last_token_only: bool = False,
         label_smoothing: float = 0.0,
+        segment_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> MiniTuringOutput:
         """With ``labels`` (IGNORE_INDEX where there is nothing to predict), returns the mean
@@ -458,18 +496,28 @@ class MiniTuringModel(PreTrainedModel):
         distribution into the loss (as ``F.cross_entropy`` does); evaluation never smooths.
 
         With copy attention, sequence-to-sequence calls (``prefix_lengths`` or ``cache``) give
-        the copy mixture's log-probabilities as ``logits`` and its -log p(label) as the loss."""
+        the copy mixture's log-probabilities as ``logits`` and its -log p(label) as the loss.
+
+        Packed rows: ``segment_ids`` with per-example ``position_ids`` and per-token
+        ``prefix_lengths``, as ``hidden_states`` says; the same loss as the examples unpacked."""
         inputs = (input_ids, attention_mask, prefix_lengths, position_ids, cache)
         copy = self.config.copy_attention and (prefix_lengths is not None or cache is not None)
         if labels is None:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) are for training losses, with labels")
             return MiniTuringOutput(logits=self._logits(inputs, copy, last_token_only))
         selected = labels != IGNORE_INDEX
         if self.config.sparse_outputs:
             wanted, valid = labelled_positions(selected)
         else:
             wanted, valid = None, selected
-        h, copied, source_ids = self._states(*inputs, wanted=wanted, copy=copy)
-        rows = label_rows(h, labels, input_ids, prefix_lengths, wanted, valid, copied, source_ids)
+        h, copied, source_ids = self._states(
+            *inputs, wanted=wanted, copy=copy, segment_ids=segment_ids
+        )
+        positions = position_ids if segment_ids is not None else None
+        rows = label_rows(
+            h, labels, input_ids, prefix_lengths, wanted, valid, copied, source_ids, positions
+        )
         count = valid.sum()
         training = self.training and torch.is_grad_enabled() and h.requires_grad
         smoothing = label_smoothing if training else 0.0

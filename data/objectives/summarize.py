@@ -9,6 +9,10 @@ The prefix (``[CLS] source [SEP]``) sees itself in both directions; each target 
 sees the prefix and the target before it. A named task's source starts with its token
 (``[CLS] [TASK:title] source... [SEP]``), which counts in the source length. Sources longer than the limit are truncated at
 the end; targets likewise (documented behaviour, counted by the caller).
+
+Packed batches (``pack``) put several examples in one row, each with its own positions from 0
+and its own prefix; the attention mask keeps every example to its own tokens (block-diagonal
+prefix-LM), so a packed batch computes what the padded one does on fewer positions.
 """
 
 from __future__ import annotations
@@ -77,4 +81,59 @@ def collate(
         "labels": labels,
         "attention_mask": attention,
         "prefix_lengths": prefix,
+    }
+
+
+def pack(
+    examples: list[tuple[np.ndarray, np.ndarray, int]],
+    pad_id: int,
+    *,
+    multiple: int = 1,
+    limit: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The examples packed into as few rows as first-fit decreasing finds, each row as long as
+    ``collate`` would pad the batch (the longest example rounded up to ``multiple``, not past
+    ``limit``), with the arrays ``collate`` gives and two more:
+
+    * ``position_ids``: each example's positions, from 0 at its [CLS];
+    * ``segment_ids``: 1, 2, ... for the examples of a row, in order; 0 on padding;
+
+    and ``prefix_lengths`` per token (rows, length): the prefix length of the token's example
+    (0 on padding). The rows keep their examples in batch order; ties go to the earlier row.
+    """
+    sizes = [len(e[0]) for e in examples]
+    longest = max(sizes)
+    length = round_up(longest, multiple)
+    if limit is not None:
+        length = max(min(length, limit), longest)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):  # stable: ties in order
+        row = next((r for r, room in enumerate(free) if room >= sizes[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= sizes[i]
+    shape = (len(rows), length)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    attention, positions, segments, prefix = (np.zeros(shape, dtype=np.int64) for _ in range(4))
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, i in enumerate(sorted(members), start=1):
+            ids, lab, p = examples[i]
+            span = slice(at, at + len(ids))
+            input_ids[r, span], labels[r, span], prefix[r, span] = ids, lab, p
+            attention[r, span], segments[r, span] = 1, segment
+            positions[r, span] = np.arange(len(ids))
+            at += len(ids)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "prefix_lengths": prefix,
+        "position_ids": positions,
+        "segment_ids": segments,
     }
