@@ -22,7 +22,15 @@ import torch
 
 from data.objectives import is_objective, objective_index, ordered
 from data.objectives.masked_lm import MaskingConfig, block, mask_sequence, pack_blocks
-from data.objectives.summarize import PAD_MULTIPLE, build_example, collate, pack
+from data.objectives.summarize import (
+    PAD_MULTIPLE,
+    build_example,
+    collate,
+    first_fit,
+    pack,
+    packed_length,
+    padded_length,
+)
 from data.store import Ragged
 from data.vocab import layout_ids, word_start_table
 from model.constants import round_up
@@ -195,6 +203,28 @@ class Seq2SeqStream:
     @property
     def num_tokens(self) -> int:
         return int(self._lengths.sum())
+
+    def packing_saves(self, batch_size: int, batches: int = 64) -> float:
+        """The share of its batches' positions that packing saves this stream: the first
+        ``batches`` batches of ``batch_size`` of an epoch padded (similar lengths together, as
+        ``epoch_order`` puts them) against as many packed (drawn at random)."""
+        lengths, n = self._lengths, len(self._lengths)
+        size = min(batch_size, n)
+        if size == 0:
+            return 0.0
+        count = max(1, min(batches, n // size))
+        limit = self.source_len + self.target_len
+        padded = packed = 0
+        for order, packing in ((epoch_order(n, 0, 0, 0, lengths, size), False),
+                               (epoch_order(n, 0, 0, 0, None, size), True)):  # fmt: skip
+            for k in range(count):
+                sizes = lengths[order[k * size : (k + 1) * size]]
+                if packing:
+                    length = packed_length(sizes, self.pad_multiple, limit)
+                    packed += len(first_fit(sizes, length)) * length
+                else:
+                    padded += len(sizes) * padded_length(sizes, self.pad_multiple, limit)
+        return 1 - packed / padded
 
     def example(self, index: int):
         return build_example(

@@ -70,10 +70,10 @@ class DataConfig:
     pad_multiple: int = PAD_MULTIPLE
     """Pad sequence-to-sequence batches to a multiple of this many positions (1: to the longest
     example). Speed and memory only: CPU matrix kernels are prepared and kept per shape."""
-    pack_pairs: bool = False
-    """Pack several training pairs (and gap sentences) into each row of a
-    sequence-to-sequence batch, each example attending to itself alone: fewer padded
-    positions where documents are short."""
+    pack_pairs: str = "auto"
+    """Pack several training pairs (and gap sentences) into each row of a sequence-to-sequence
+    batch, each example attending to itself alone: on, off, or auto (on for a source whose
+    batches packing shortens by at least 0.15 of their positions: short documents)."""
     streaming: bool = False
     """Read --train-text as a stream (a datasets IterableDataset, split across processes),
     tokenized and packed into masked-LM blocks on the fly, for corpora larger than disk; exact

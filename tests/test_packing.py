@@ -59,8 +59,7 @@ def test_pack_puts_each_example_whole_in_one_row_with_its_own_positions():
     ]
     out = pack(made, pad_id=0, multiple=16, limit=SOURCE_LEN + TARGET_LEN)
     rows, length = out["input_ids"].shape
-    longest = max(len(ids) for ids, _, _ in made)
-    assert length == min(-(-longest // 16) * 16, SOURCE_LEN + TARGET_LEN)
+    assert length == SOURCE_LEN + TARGET_LEN  # one row length: few shapes
     total = sum(len(ids) for ids, _, _ in made)
     assert -(-total // length) <= rows < len(made)  # fewer rows than one example each
     found = []
@@ -147,22 +146,43 @@ def test_packed_rows_are_refused_without_their_positions_or_labels():
         model(**{k: v for k, v in b.items() if k != "labels"})
 
 
+def test_auto_packs_the_sources_whose_batches_packing_shortens():
+    from data.pipeline import PACK_WHEN_SAVED, packs
+
+    mixed = stream(packed=False, masked_sources=False, n=12)  # 6-48 tokens, rows of 48
+    assert mixed.packing_saves(batch_size=12) >= PACK_WHEN_SAVED
+    assert packs(mixed, "auto", 12) and packs(mixed, "on", 12) and not packs(mixed, "off", 12)
+    rng = np.random.default_rng(0)
+    long = Seq2SeqStream(
+        "summarize", [rng.integers(6, 100, size=36) for _ in range(40)],
+        [rng.integers(6, 100, size=7) for _ in range(40)], IDS,
+        source_len=SOURCE_LEN, target_len=TARGET_LEN, pad_multiple=16,
+    )  # fmt: skip
+    assert long.packing_saves(batch_size=8) == 0  # 45 tokens each: one a row either way
+    assert not packs(long, "auto", 8) and packs(long, "on", 8)
+
+
 def test_packing_is_a_train_py_flag_for_the_training_streams_only(tokenizer, texts):
     import train
     from data.config import DataConfig
     from data.pipeline import build_streams
     from data.raw import RawData
+    from trainer.config import check_config
+    from trainer.errors import TrainingError
 
-    assert not train.config_from_args([]).data.pack_pairs
-    assert train.config_from_args(["--pack-pairs"]).data.pack_pairs
+    assert train.config_from_args([]).data.pack_pairs == "auto"
+    assert train.config_from_args(["--pack-pairs", "on"]).data.pack_pairs == "on"
     assert "--pack-pairs" in train.build_parser().format_help()
+    with pytest.raises(TrainingError, match="--pack-pairs must be auto, on or off"):
+        check_config(train.config_from_args(["--pack-pairs", "yes"]))
     pairs = [(t, t.split(". ")[0]) for t in texts[:60]]
     raw = RawData(texts[:40], texts[40:50], pairs[:40], pairs[40:50], "test",
                   val_texts=texts[50:60], val_pairs=pairs[50:])  # fmt: skip
     objectives = ["gap_summary", "summarize"]
-    for packed in (False, True):
-        streams = build_streams(raw, tokenizer, DataConfig(pack_pairs=packed), objectives, 32)
+    for setting in ("off", "on"):
+        cfg = DataConfig(pack_pairs=setting)
+        streams = build_streams(raw, tokenizer, cfg, objectives, 32)
         for name in objectives:
-            assert streams.train[name].pack is packed
+            assert streams.train[name].pack is (setting == "on")
             assert not streams.eval[name].pack and not streams.val[name].pack
-        assert ("packed" in streams.describe()) is packed
+        assert ("packed" in streams.describe()) is (setting == "on")

@@ -379,6 +379,10 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (0 <= d.val_fraction < 1, f"--val-fraction must be in [0, 1), got {d.val_fraction}"),
         (d.pad_multiple >= 1, f"--pad-multiple must be >= 1, got {d.pad_multiple}"),
         (
+            d.pack_pairs in ("auto", "on", "off"),
+            f"--pack-pairs must be auto, on or off, got {d.pack_pairs!r}",
+        ),
+        (
             m.hidden_act in ACTIVATIONS,
             f"--hidden-act must be one of {', '.join(ACTIVATIONS)}, got {m.hidden_act!r}",
         ),

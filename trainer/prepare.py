@@ -368,7 +368,7 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
 
     tokenizer = _tokenizer(cfg, env, folder, sample, tasks=list(raw.tasks))
     with local_main_first(env):
-        streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len)
+        streams = build_streams(raw, tokenizer, cfg.data, objectives, seq_len, cfg.optim.batch_size)
     if cfg.run.objectives.strip() == "auto":
         # "Every objective with data": one whose examples all fell away (no document with two
         # sentences for gap_summary, say) is left out rather than failing the run.

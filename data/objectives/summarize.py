@@ -49,6 +49,35 @@ def build_example(
     return inputs, labels, len(prefix)
 
 
+def padded_length(sizes, multiple: int = 1, limit: int | None = None) -> int:
+    """The length a batch of examples of these ``sizes`` is padded to: the longest rounded up
+    to ``multiple``, but not past ``limit`` (nor under the longest)."""
+    longest = int(max(sizes))
+    length = round_up(longest, multiple)
+    return longest if limit is None else max(min(length, limit), longest)
+
+
+def packed_length(sizes, multiple: int = 1, limit: int | None = None) -> int:
+    """The length of a packed batch's rows: ``limit``, or without one ``padded_length``."""
+    return padded_length(sizes, multiple) if limit is None else max(limit, int(max(sizes)))
+
+
+def first_fit(sizes, length: int) -> list[list[int]]:
+    """The indices of ``sizes`` in rows of ``length``, by first-fit decreasing (longest first,
+    each into the first row with room; ties in order)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        row = next((r for r, room in enumerate(free) if room >= sizes[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= sizes[i]
+    return rows
+
+
 def collate(
     examples: list[tuple[np.ndarray, np.ndarray, int]],
     pad_id: int,
@@ -62,10 +91,7 @@ def collate(
     Rounding keeps the set of batch shapes small: CPU matrix kernels (oneDNN) are prepared per
     shape, and a batch of a never-seen length trains ~30% slower.
     """
-    longest = max(len(e[0]) for e in examples)
-    length = round_up(longest, multiple)
-    if limit is not None:
-        length = max(min(length, limit), longest)
+    length = padded_length([len(e[0]) for e in examples], multiple, limit)
     b = len(examples)
     input_ids = np.full((b, length), pad_id, dtype=np.int64)
     labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
@@ -91,31 +117,21 @@ def pack(
     multiple: int = 1,
     limit: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """The examples packed into as few rows as first-fit decreasing finds, each row as long as
-    ``collate`` would pad the batch (the longest example rounded up to ``multiple``, not past
-    ``limit``), with the arrays ``collate`` gives and two more:
+    """The examples packed into as few rows as first-fit decreasing finds, each row ``limit``
+    long (the longest an example can be; without a limit, as long as ``collate`` would pad the
+    batch), with the arrays ``collate`` gives and two more:
 
     * ``position_ids``: each example's positions, from 0 at its [CLS];
     * ``segment_ids``: 1, 2, ... for the examples of a row, in order; 0 on padding;
 
     and ``prefix_lengths`` per token (rows, length): the prefix length of the token's example
     (0 on padding). The rows keep their examples in batch order; ties go to the earlier row.
+    Rows of one length leave the row count the only size that varies from batch to batch:
+    few shapes (CPU matrix kernels are prepared and kept per shape).
     """
     sizes = [len(e[0]) for e in examples]
-    longest = max(sizes)
-    length = round_up(longest, multiple)
-    if limit is not None:
-        length = max(min(length, limit), longest)
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):  # stable: ties in order
-        row = next((r for r, room in enumerate(free) if room >= sizes[i]), None)
-        if row is None:
-            rows.append([])
-            free.append(length)
-            row = len(rows) - 1
-        rows[row].append(i)
-        free[row] -= sizes[i]
+    length = packed_length(sizes, multiple, limit)
+    rows = first_fit(sizes, length)
     shape = (len(rows), length)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
