@@ -54,7 +54,7 @@ def padded_length(sizes, multiple: int = 1, limit: int | None = None) -> int:
     to ``multiple``, but not past ``limit`` (nor under the longest)."""
     longest = int(max(sizes))
     length = round_up(longest, multiple)
-    return longest if limit is None else max(min(length, limit), longest)
+    return length if limit is None else max(min(length, limit), longest)
 
 
 def packed_length(sizes, multiple: int = 1, limit: int | None = None) -> int:
