@@ -214,16 +214,16 @@ class Seq2SeqStream:
             return 0.0
         count = max(1, min(batches, n // size))
         limit = self.source_len + self.target_len
+        padded_order = epoch_order(n, 0, 0, 0, lengths, size)
+        random_order = epoch_order(n, 0, 0, 0, None, size)
         padded = packed = 0
-        for order, packing in ((epoch_order(n, 0, 0, 0, lengths, size), False),
-                               (epoch_order(n, 0, 0, 0, None, size), True)):  # fmt: skip
-            for k in range(count):
-                sizes = lengths[order[k * size : (k + 1) * size]]
-                if packing:
-                    length = packed_length(sizes, self.pad_multiple, limit)
-                    packed += len(first_fit(sizes, length)) * length
-                else:
-                    padded += len(sizes) * padded_length(sizes, self.pad_multiple, limit)
+        for k in range(count):
+            batch = slice(k * size, (k + 1) * size)
+            sizes = lengths[padded_order[batch]]
+            padded += len(sizes) * padded_length(sizes, self.pad_multiple, limit)
+            sizes = lengths[random_order[batch]]
+            length = packed_length(sizes, self.pad_multiple, limit)
+            packed += len(first_fit(sizes, length)) * length
         return 1 - packed / padded
 
     def example(self, index: int):
