@@ -303,5 +303,5 @@ PACK_WHEN_SAVED = 0.15
 def packs(stream: Seq2SeqStream, setting: str, batch_size: int) -> bool:
     """Whether ``stream``'s training batches are packed under ``--pack-pairs setting``."""
     if setting == "auto":
-        return len(stream) > 0 and stream.packing_saves(batch_size) >= PACK_WHEN_SAVED
+        return stream.packing_saves(batch_size) >= PACK_WHEN_SAVED  # 0 for no examples
     return setting == "on"
