@@ -30,6 +30,7 @@ from model import config as config_module
 from model import constants as constants_module
 from model import copy_attention as copy_attention_module
 from model import losses as losses_module
+from model import ops as ops_module
 from model import transformer as transformer_module
 from model.config import MODEL_TYPE, MiniTuringConfig
 from model.files import atomic_path, atomic_write_text
@@ -43,6 +44,7 @@ REMOTE_CODE_FILES = tuple(
         constants_module,
         cache_module,
         losses_module,
+        ops_module,
         copy_attention_module,
         transformer_module,
     )

@@ -36,6 +36,7 @@ from .copy_attention import (
     shared_copy_distribution,
 )
 from .losses import autocast_dtype, chunked_loss, label_rows, labelled_positions, logits_loss
+from .ops import RMSNorm, relu_squared, rotate
 
 # ---------------------------------------------------------------------------- blocks
 
@@ -63,7 +64,7 @@ def make_norm(config: MiniTuringConfig) -> nn.Module:
     """The config's normalisation of the hidden states (before each block's branches, and
     the final one)."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        return RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
 
 
@@ -87,7 +88,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """(..., positions, head_dim) queries or keys turned by their positions' angles, with the
     tables of ``rotary_tables``: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the halves
     swapped by one roll and the sign in the table (the same numbers as negating x2)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return rotate(x, cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -207,7 +208,7 @@ class FeedForward(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = relu_squared(h)
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.down(h)
