@@ -5,9 +5,9 @@ autograd differentiates a composite operation piece by piece: RMSNorm is a chain
 mean, a reciprocal square root and two products (PyTorch 2.13 has no fused RMSNorm kernel for
 CPUs), whose backward adds about a dozen more passes; ReLU squared's backward makes a copy, two
 products and a mask; the rotary turn's product and sum, two passes, are one (addcmul). The
-functions here compute the same values in fewer passes (docs/
-performance.md, "Fewer passes over memory"). ``torch.compile`` fuses them too, but compiles for
-every new batch shape, which a few CPU-minutes cannot afford.
+functions here compute the same values in fewer passes (docs/performance.md, "Fewer passes over
+memory"). ``torch.compile`` fuses them too, but compiles for every new batch shape, which a few
+CPU-minutes cannot afford.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Rotate(torch.autograd.Function):
-    """x cos + roll(x) sin, roll turning the last dimension by half its size. Its own transpose:
-    the gradient is grad cos + roll(grad sin), as rolling by half twice is the identity."""
+    """x cos + roll(x) sin, roll shifting the last dimension by half its size. The gradient is
+    the transposed turn, grad cos + roll(grad sin): rolling by half twice is the identity."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
