@@ -34,14 +34,21 @@ def _adamw(named_parameters, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def muon_parameters(model: torch.nn.Module) -> list[str]:
-    """The parameters Muon trains: every 2-D weight of the transformer blocks (attention's
-    fused q/k/v and its output projection, the feed-forward's two). Not the embeddings (the
-    output layer is tied to one), norms, biases or the copy gate."""
-    return [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    """The parameters Muon trains: the blocks' 2-D weights but attention's fused q/k/v (its
+    output projection, the feed-forward's two). Not the embeddings (the output layer is tied to
+    one), norms, biases or the copy gate. Orthogonalised as one matrix, the fused q/k/v ties
+    the three projections' updates together: with rotary positions the masked-LM loss then
+    stalled (6.21 after 300 steps of the default job, AdamW 5.22); with q/k/v left to AdamW,
+    5.15 (docs/performance.md, "Muon and the fused q/k/v matrix")."""
+    return [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith("blocks.") and p.dim() == 2 and ".attn.qkv." not in n
+    ]
 
 
 class MuonAdamW:
-    """torch.optim.Muon for the blocks' matrices (``muon_parameters``), AdamW as ``_adamw``
+    """torch.optim.Muon for the blocks' matrices but q/k/v (``muon_parameters``), AdamW as ``_adamw``
     for the rest, seen by the loop and the checkpoints as one optimizer: ``param_groups`` are
     Muon's then AdamW's, the same dicts (the loop sets each one's rate), and ``state_dict``
     numbers the parameters across both in that order, the format of one optimizer's.
