@@ -37,8 +37,9 @@ class _RMSNorm(torch.autograd.Function):
         # p = grad * normed serves both gradients: the weight's is its sum over the rows, and
         # the row's dot product with the weight is sum(grad * weight * normed).
         p = grad * normed
-        grad_weight = p.reshape(-1, d).sum(0).to(weight.dtype)
-        dot = (p.reshape(-1, d) @ w).reshape(*p.shape[:-1], 1).div_(d)
+        rows = p.reshape(-1, d)
+        grad_weight = rows.sum(0).to(weight.dtype)
+        dot = (rows @ w).reshape(*p.shape[:-1], 1).div_(d)
         gx = torch.addcmul(grad * w, normed, dot, value=-1).mul_(rstd)
         return gx.to(ctx.input_dtype), grad_weight, None
 
@@ -94,7 +95,8 @@ class _Rotate(torch.autograd.Function):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary positions' turn of queries or keys x (..., head_dim) by tables (cos, sin) that
-    broadcast to x, the sine's first half negated (transformer.rotary_tables): x cos + roll(x)
-    sin, the product and the sum fused (addcmul: rounded once). The tables get no gradient."""
+    """Queries or keys x (..., positions, head_dim) turned by their positions' angles, with the
+    tables of ``transformer.rotary_tables`` (they broadcast to x): (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin), the halves swapped by one roll and the sign in the sine's first half. The
+    product and the sum are fused (addcmul: rounded once). The tables get no gradient."""
     return _Rotate.apply(x, cos, sin)

@@ -74,7 +74,7 @@ def rotary_tables(
     """cos and sin (batch or 1, 1, positions, head_dim) of rotary embeddings at ``positions``
     (batch or 1, positions): dimension i and i + head_dim / 2 turn together by the angle
     position * ROPE_BASE ** (-2i / head_dim) (RoFormer, LLaMA). The sine's first half is
-    negated: it carries the rotation's minus sign (apply_rotary). Angles in fp32, tables in
+    negated: it carries the rotation's minus sign (ops.rotate). Angles in fp32, tables in
     ``dtype``, the dtype the queries and keys are made in."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = ROPE_BASE ** (-exponents / head_dim)
@@ -82,13 +82,6 @@ def rotary_tables(
     cos, sin = angles.cos(), angles.sin()
     cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
     return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(..., positions, head_dim) queries or keys turned by their positions' angles, with the
-    tables of ``rotary_tables``: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the halves
-    swapped by one roll and the sign in the table (the same numbers as negating x2)."""
-    return rotate(x, cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -123,7 +116,7 @@ class SelfAttention(nn.Module):
             q, k = _head_norm(q, self.q_norm), _head_norm(k, self.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if call.rotary is not None:
-            q, k = apply_rotary(q, *call.rotary_q), apply_rotary(k, *call.rotary)
+            q, k = rotate(q, *call.rotary_q), rotate(k, *call.rotary)
         dropout = self.dropout if self.training else 0.0
         copied, mask = None, call.mask
         if cache is not None and cache.group > 1:

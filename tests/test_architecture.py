@@ -157,11 +157,12 @@ def test_choices_are_checked():
 def test_rotary_turns_dimension_pairs_by_position_times_frequency():
     """Dimensions i and i + d/2 are one complex number, turned by position * 10000^(-2i/d)
     (RoFormer's rotation in LLaMA's half layout)."""
-    from model.transformer import apply_rotary, rotary_tables
+    from model.ops import rotate
+    from model.transformer import rotary_tables
 
     d, positions = 8, torch.tensor([[0, 1, 5, 1000]])
     x = torch.randn(1, 2, 4, d, dtype=torch.float64)
-    turned = apply_rotary(x, *rotary_tables(positions, d, torch.float64))
+    turned = rotate(x, *rotary_tables(positions, d, torch.float64))
     freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angle = positions[0, :, None].double() * freq
     z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(

@@ -48,7 +48,7 @@ def test_rms_norm_matches_nn_rmsnorm(dtype):
 
 
 def test_rotate_gradcheck_and_values():
-    """The turn's gradient (its own transpose) by gradcheck in float64, with a batch of
+    """The turn's gradient (the transposed turn) by gradcheck in float64, with a batch of
     tables; its values and gradient as autograd through x cos + roll(x) sin gives them: equal
     in float64, within a bf16 rounding in bf16 (the fused product and sum round once)."""
     torch.manual_seed(0)
@@ -97,7 +97,6 @@ def test_model_with_ops_matches_plain_modules():
     for module in [plain.ln_f, *(m for b in plain.blocks for m in (b.ln1, b.ln2))]:
         module.forward = nn.RMSNorm.forward.__get__(module)
     for block in plain.blocks:
-        block.ffn.kind = "plain relu2"
         block.ffn.forward = _plain_ffn.__get__(block.ffn)
     ids = torch.randint(10, 96, (3, 20))
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)

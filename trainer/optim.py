@@ -48,11 +48,11 @@ def muon_parameters(model: torch.nn.Module) -> list[str]:
 
 
 class MuonAdamW:
-    """torch.optim.Muon for the blocks' matrices but q/k/v (``muon_parameters``), AdamW as ``_adamw``
-    for the rest, seen by the loop and the checkpoints as one optimizer: ``param_groups`` are
-    Muon's then AdamW's, the same dicts (the loop sets each one's rate), and ``state_dict``
-    numbers the parameters across both in that order, the format of one optimizer's.
-    torch.distributed.checkpoint takes ``parts``, the two optimizers.
+    """torch.optim.Muon for the blocks' matrices but q/k/v (``muon_parameters``), AdamW as
+    ``_adamw`` for the rest, seen by the loop and the checkpoints as one optimizer:
+    ``param_groups`` are Muon's then AdamW's, the same dicts (the loop sets each one's rate),
+    and ``state_dict`` numbers the parameters across both in that order, the format of one
+    optimizer's. torch.distributed.checkpoint takes ``parts``, the two optimizers.
 
     Muon's update, an orthogonalised momentum (singular values near 1), has a size set by the
     matrix's shape alone; ``match_rms_adamw`` scales it per matrix (0.2 sqrt(max(rows, columns))) to the RMS of an AdamW update, so one rate,
