@@ -1,13 +1,12 @@
 """RMSNorm, ReLU squared and the rotary turn with hand-written backward passes.
 
 Eager PyTorch on a CPU runs each elementwise operation as its own pass over memory, and
-autograd differentiates a composite operation piece by piece: RMSNorm is a chain of a power, a
-mean, a reciprocal square root and two products (PyTorch 2.13 has no fused RMSNorm kernel for
-CPUs), whose backward adds about a dozen more passes; ReLU squared's backward makes a copy, two
-products and a mask; the rotary turn's product and sum, two passes, are one (addcmul). The
-functions here compute the same values in fewer passes (docs/performance.md, "Fewer passes over
-memory"). ``torch.compile`` fuses them too, but compiles for every new batch shape, which a few
-CPU-minutes cannot afford.
+autograd differentiates a composite operation piece by piece: RMSNorm is a power, a mean, a
+reciprocal square root and two products (PyTorch 2.13 has no fused RMSNorm kernel for CPUs);
+ReLU squared's backward makes a copy, two products and a mask; the rotary turn's product and
+sum, two passes, can be one (addcmul). The functions here compute the same values in fewer
+passes (docs/performance.md, "Fewer passes over memory"). ``torch.compile`` fuses them too, but
+compiles for every new batch shape, which a few CPU-minutes cannot afford.
 """
 
 from __future__ import annotations
