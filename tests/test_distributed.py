@@ -83,6 +83,9 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     assert any(k.startswith("eval/") for _, k, _ in a) and a[-1][0] == 6
     for (step, key, va), (_, _, vb) in zip(a, b, strict=True):
         assert vb == pytest.approx(va, rel=1e-5, abs=1e-6), (step, key)
+    # The same weights kept, for the same reason (the validation samples pair up by example).
+    ka, kb = (json.loads((run / "summary.json").read_text())["kept"] for run in (expected, actual))
+    assert (kb["step"], kb["why"].split(":")[0]) == (ka["step"], ka["why"].split(":")[0])
     wa = load_file(str(expected / "model.safetensors"))
     wb = load_file(str(actual / "model.safetensors"))
     assert wa.keys() == wb.keys()

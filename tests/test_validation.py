@@ -1,5 +1,7 @@
 """The validation split: carved from the training data (grouped, apart from the held-out split),
-evaluated periodically, and the weights of its best evaluation kept as model.safetensors."""
+evaluated periodically, and the weights of its best evaluation kept as model.safetensors, unless
+at the end that evaluation does not beat the last weights' by more than 2 paired standard
+errors."""
 
 from __future__ import annotations
 
@@ -86,21 +88,28 @@ def test_validation_fraction_is_checked(tmp_path):
 
 # The validation masked-LM loss each evaluation reports (lower is better): step 6 is the best.
 SCORES = {3: 3.0, 6: 1.0, 9: 2.0, 12: 4.0}
+# Its per-batch losses: the score plus these, the same at every step unless a test says
+# otherwise (``scored["spread"]``), so that step 6 beats step 12 by 3 with no noise at all.
+STEADY = [-0.5, 0.0, 0.5, 0.0]
 KEPT_FLAGS = ["--objectives", "masked_lm=1", "--max-steps", "12", "--eval-every", "3"]
 KEPT_FLAGS += ["--save-every", "3", "--keep-checkpoints", "5", "--log-every", "1"]
 
 
 @pytest.fixture
 def scored(monkeypatch):
-    """Validation evaluations report SCORES; the held-out one records the weights it saw."""
+    """Validation evaluations report SCORES and per-batch samples around them; the held-out one
+    records the weights it saw."""
     from trainer import loop
 
-    real, seen = loop.run_evaluation, {}
+    real, seen = loop.run_evaluation, {"spread": {}}
 
     def run_evaluation(run, progress, split="eval", model=None):
         results = real(run, progress, split, model)
         if split == "val":
-            results["masked_lm/loss"] = SCORES[run.state.step]
+            step = run.state.step
+            results["masked_lm/loss"] = SCORES[step]
+            spread = seen["spread"].get(step, STEADY)
+            results.samples["masked_lm/loss"] = [[SCORES[step] + e for e in spread]]
         else:
             seen["held-out"] = (model or run.model).state_dict()
         return results
@@ -132,6 +141,10 @@ def test_the_best_evaluations_weights_are_kept(tmp_path, corpus_files, scored):
     kept = summary["kept"]
     assert kept["step"] == 6 and kept["metric"] == "val/masked_lm/loss" and kept["value"] == 1.0
     assert kept["rule"] == SELECTION_RULE and summary["steps"] == 12
+    assert kept["why"] == (
+        "the best val/masked_lm/loss of the evaluations: it beats the last weights' (4) by "
+        "3 +- 0, more than 2 standard errors"
+    )
     at = {step: _weights(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
           for step in (6, 12)}  # fmt: skip
     assert _same(_weights(out / "model.safetensors"), at[6])
@@ -141,6 +154,43 @@ def test_the_best_evaluations_weights_are_kept(tmp_path, corpus_files, scored):
     records = metrics(out)
     assert [r["step"] for r in records if "val/masked_lm/loss" in r] == [3, 6, 9, 12]
     assert [r["step"] for r in records if "eval/masked_lm/loss" in r] == [12]
+
+
+def test_the_last_weights_are_kept_unless_an_earlier_evaluation_beats_them_clearly(
+    tmp_path, corpus_files, scored
+):
+    """Step 6 still leads the last evaluation by 3, but the per-batch differences now vary
+    (0, -6.5, 1, -6.5: a paired standard error of 2.03), so the lead is under 2 standard
+    errors: the last weights are kept, and the held-out data scored with them."""
+    import train
+
+    scored["spread"][12] = [-3.5, 3.5, -3.5, 3.5]
+    out = tmp_path / "run"
+    train.train(train.config_from_args(train_flags(out, corpus_files, *KEPT_FLAGS)))
+    kept = json.loads((out / "summary.json").read_text())["kept"]
+    assert kept["step"] == 12 and kept["metric"] == "val/masked_lm/loss" and kept["value"] == 4.0
+    assert kept["why"] == (
+        "the last weights: the best earlier evaluation (step 6, 1) leads them by 3 +- 2.03, "
+        "not more than 2 standard errors"
+    )
+    assert "samples" not in kept
+    last = _weights(out / "checkpoints" / "step-0000012" / "model.safetensors")
+    assert _same(_weights(out / "model.safetensors"), last)
+    assert _same({k: v.detach().cpu() for k, v in scored["held-out"].items()}, last)
+
+
+def test_paired_standard_error():
+    from trainer.keep import paired_se
+
+    assert paired_se([[1.0, 2.0, 3.0]], [[0.0, 1.0, 2.0]]) == 0.0  # a constant difference
+    # Differences 1, -1 (variance 2, mean over 2: s.e. 1); two groups: sqrt(1 + 1) / 2.
+    assert paired_se([[1.0, -1.0]], [[0.0, 0.0]]) == pytest.approx(1.0)
+    assert paired_se([[1.0, -1.0], [1.0, -1.0]], [[0.0, 0.0]] * 2) == pytest.approx(2**0.5 / 2)
+    # Values that do not pair: none.
+    assert paired_se([], []) is None
+    assert paired_se([[1.0, 2.0]], [[1.0, 2.0, 3.0]]) is None
+    assert paired_se([[1.0]], [[2.0]]) is None
+    assert paired_se([[1.0, 2.0]], [[1.0, 2.0], [3.0, 4.0]]) is None
 
 
 def test_a_resumed_run_keeps_choosing_as_the_uninterrupted_one(tmp_path, corpus_files, scored):

@@ -6,7 +6,7 @@
     loop.py         ``train(cfg)``: the training loop and its side jobs
     optim.py        optimizer and learning-rate schedule
     schedule.py     how long a run trains: the plan fitted to --time-budget
-    keep.py         which weights the run folder keeps: the best validation evaluation's
+    keep.py         which weights the run folder keeps: the last, unless clearly beaten
     patience.py     --patience: stop early, after a short learning-rate decay
     lock.py         one writer per run folder (flock on RUN/.lock)
     checkpoint.py   atomic run-folder checkpoints (plain and sharded), safe loading

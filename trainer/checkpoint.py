@@ -8,8 +8,9 @@ Layout (a Hugging Face model folder plus the trainer's state)::
     RUN/checkpoints/latest        name of the newest complete checkpoint
     RUN/checkpoints/step-0000400/kept.safetensors   the kept weights, when not this step's
 
-RUN/model.safetensors is the kept weights: the best validation evaluation's (written when it
-happens, ``save_kept_weights``), else the latest checkpoint's. A checkpoint holds the kept
+RUN/model.safetensors is the kept weights (``trainer/keep.py``: during a run the best
+validation evaluation's, written when it happens by ``save_kept_weights``), else the latest
+checkpoint's. A checkpoint holds the kept
 weights of its moment (a copy), so a resumed run restores them with its state.
 
 Writing never stores non-finite weights, and a failed write (disk full) leaves nothing

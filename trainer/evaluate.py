@@ -6,6 +6,10 @@ baseline, for ``summarize`` and for each named text-to-text task (``title/rougeL
 It is rank-aware, and one process is the ordinary case of N: rank r takes the held-out batches
 r, r + N, ... (the same batches and masks one process would use) and token-weighted sums are
 all-reduced, so the numbers do not depend on the number of processes.
+
+Beside the metrics, an evaluation keeps the per-example values behind those that can pick the
+kept weights (``Evaluation.samples``), so two evaluations of one split can be compared with a
+paired standard error (``trainer/keep.py``).
 """
 
 from __future__ import annotations
@@ -45,14 +49,33 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return dict(zip(ROUGE_KEYS, means.tolist(), strict=True))
 
 
+# How many paired standard errors the best earlier validation evaluation must beat the final
+# one by for its weights to be kept instead of the last ones (trainer/keep.py).
+SELECTION_MARGIN = 2.0
 SELECTION_RULE = (
     "validation ROUGE-L of the summaries (higher is better) when summarize trains and "
     "--rouge-samples > 0, the product skill (with named tasks, the mean ROUGE-L of the tasks, "
     "tasks/rougeL; a named task alone, its own); else the validation loss (lower is better) of "
-    "masked_lm, else of gap_summary, else of summarize, else of the first named task"
+    "masked_lm, else of gap_summary, else of summarize, else of the first named task; the "
+    "best evaluation's weights are kept during the run, and at the end the last weights unless "
+    f"the best earlier evaluation beats the final one by more than {SELECTION_MARGIN:g} paired "
+    "standard errors"
 )
 # The key of the tasks' mean ROUGE-L, when a run has several.
 TASKS_MEAN = "tasks/rougeL"
+
+
+class Evaluation(dict):
+    """An evaluation's metrics by name (``objective/metric``: a plain dict of floats) and, in
+    ``samples``, the per-example values behind each metric that can pick the kept weights, as
+    groups whose means the metric averages: ROUGE-L, one group of per-document scores (the tasks'
+    mean: one group per task); a loss, one group of per-batch losses. The examples and their
+    masks are fixed, so two evaluations of one split pair up value by value. Under FSDP only
+    rank 0 has the ROUGE samples."""
+
+    def __init__(self, metrics: dict | None = None, samples: dict | None = None):
+        super().__init__(metrics or {})
+        self.samples: dict[str, list[list[float]]] = samples or {}
 
 
 def task_names(streams: dict) -> list[str]:
@@ -103,10 +126,11 @@ def evaluate(
     rouge_samples: int = 32,
     decoding: DecodingConfig | dict[str, DecodingConfig] | None = None,
     env: Env | None = None,
-) -> dict[str, float]:
-    """Metrics per objective, named ``objective/metric``. Every rank calls it; every rank gets
-    the same numbers. ``max_batches`` counts global batches (batch size x processes), as one
-    process with the global batch would evaluate them. ROUGE is taken for each task
+) -> Evaluation:
+    """Metrics per objective, named ``objective/metric``, with their samples
+    (:class:`Evaluation`). Every rank calls it; every rank gets the same numbers.
+    ``max_batches`` counts global batches (batch size x processes), as one process with the
+    global batch would evaluate them. ROUGE is taken for each task
     (``summarize`` and the named ones) on its first ``rouge_samples`` pairs, decoded as
     ``decoding`` says (one config, or one per task); with several tasks, ``tasks/rougeL`` is
     their mean ROUGE-L."""
@@ -123,27 +147,39 @@ def evaluate(
                     continue
                 count = min(rouge_samples, len(pairs))
                 cfg = decoding.get(task) if isinstance(decoding, dict) else decoding
-                results.update(
-                    _rouge(model, tokenizer, pairs, count, batch_size, cfg, env, task=task)
+                means, documents = _rouge(
+                    model, tokenizer, pairs, count, batch_size, cfg, env, task=task
                 )
+                results.update(means)
+                if documents:
+                    results.samples[f"{task}/rougeL"] = [documents]
                 scored.append(task)
             if len(scored) > 1 and all(f"{t}/rougeL" in results for t in scored):
                 results[TASKS_MEAN] = float(np.mean([results[f"{t}/rougeL"] for t in scored]))
+                results.samples[TASKS_MEAN] = [
+                    group for t in scored for group in results.samples.get(f"{t}/rougeL", [])
+                ]
     finally:
         model.train(was_training)
     return results
 
 
-def _stream_metrics(model, streams: dict, batch_size: int, max_batches: int, env: Env) -> dict:
+def _stream_metrics(
+    model, streams: dict, batch_size: int, max_batches: int, env: Env
+) -> Evaluation:
     """Token-weighted loss and accuracy at the labelled positions, with the fixed masks of
-    ``EVAL_SEED``. Under FSDP each forward gathers weights collectively, so every rank runs the
-    same number of them: a rank short of batches repeats its first one and ignores the result."""
+    ``EVAL_SEED``, and each batch's loss as the loss's samples. Under FSDP each forward gathers
+    weights collectively, so every rank runs the same number of them: a rank short of batches
+    repeats its first one and ignores the result."""
     names = [n for n, s in streams.items() if len(s)]
-    sums = torch.zeros(len(names), 3, dtype=torch.float64)  # loss x tokens, tokens, correct
-    for j, name in enumerate(names):
+    batches = [
+        min(max_batches * env.world_size, math.ceil(len(streams[n]) / batch_size)) for n in names
+    ]
+    # Per objective and batch: loss x tokens, tokens, correct.
+    sums = torch.zeros(len(names), max(batches, default=0), 3, dtype=torch.float64)
+    for j, (name, num_batches) in enumerate(zip(names, batches, strict=True)):
         stream = streams[name]
         n = len(stream)
-        num_batches = min(max_batches * env.world_size, math.ceil(n / batch_size))
         mine: list[int | None] = list(range(env.rank, num_batches, env.world_size))
         if is_fsdp(model):
             mine += [None] * (math.ceil(num_batches / env.world_size) - len(mine))
@@ -158,14 +194,14 @@ def _stream_metrics(model, streams: dict, batch_size: int, max_batches: int, env
             labels = batch["labels"]
             correct = (out.logits.argmax(-1) == labels[labels != IGNORE_INDEX]).sum()
             count = int(out.num_label_tokens)
-            sums[j] += torch.tensor([float(out.loss) * count, count, int(correct)])
+            sums[j, b] = torch.tensor([float(out.loss) * count, count, int(correct)])
     if env.distributed:
         sums = sums.to(env.device)
         torch.distributed.all_reduce(sums)
         sums = sums.cpu()
-    results: dict[str, float] = {}
+    results = Evaluation()
     for j, name in enumerate(names):
-        loss_sum, tokens, correct = sums[j].tolist()
+        loss_sum, tokens, correct = sums[j].sum(0).tolist()
         if tokens == 0:
             continue
         loss = loss_sum / tokens
@@ -173,14 +209,17 @@ def _stream_metrics(model, streams: dict, batch_size: int, max_batches: int, env
         results[f"{name}/loss"] = loss
         results[f"{name}/perplexity"] = math.exp(min(loss, 50))
         results[f"{name}/{accuracy}"] = correct / tokens
+        counted = sums[j, : batches[j]][sums[j, : batches[j], 1] > 0]
+        results.samples[f"{name}/loss"] = [(counted[:, 0] / counted[:, 1]).tolist()]
     return results
 
 
 def _rouge(
     model, tokenizer, summaries, count, batch_size, decoding, env: Env, task: str = "summarize"
-) -> dict:
+) -> tuple[dict, list[float]]:
     """ROUGE of ``task``'s outputs for the first ``count`` held-out sources, and of the lead
-    baseline (the source's first words, as many as the reference has), as ``task/rouge1``...
+    baseline (the source's first words, as many as the reference has), as ``task/rouge1``...;
+    and the ROUGE-L of each document, in order (empty on ranks other than 0 under FSDP).
 
     DDP (or one process): each rank summarizes every N-th document with its own replica, and
     per-document scores are gathered. FSDP: decoding runs a data-dependent number of forward
@@ -191,7 +230,7 @@ def _rouge(
     if fsdp:
         weights = full_state_dict(model)  # collective
         if not env.main:
-            return {}
+            return {}, []
         with torch.device("meta"):
             replica = MiniTuringModel(model.config)
         replica.load_state_dict(weights, assign=True)
@@ -214,11 +253,14 @@ def _rouge(
         # (A named task's token is special: decoding leaves it out.)
         words = tokenizer.decode(source[1:-1], skip_special_tokens=True).split()
         lead = " ".join(words[: len(reference.split())])
-        rows.append(rouge_scores(prediction.strip(), reference) + rouge_scores(lead, reference))
+        rows.append(
+            (i, rouge_scores(prediction.strip(), reference) + rouge_scores(lead, reference))
+        )
     if env.distributed and not fsdp:
         gathered: list = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
+        rows = sorted(row for part in gathered for row in part)  # in document order
+    rows = [row for _, row in rows]
     means = np.mean(rows, axis=0).tolist()
     keys = [f"{task}/{k}" for k in ROUGE_KEYS] + [f"{task}/lead_{k}" for k in ROUGE_KEYS]
-    return dict(zip(keys, means, strict=True))
+    return dict(zip(keys, means, strict=True)), [row[ROUGE_KEYS.index("rougeL")] for row in rows]

@@ -21,7 +21,7 @@ from trainer.config import OptimConfig, TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate, evaluation_work
-from trainer.keep import keep_if_best, kept_summary, selection
+from trainer.keep import keep_at_end, keep_if_best, kept_summary, selection
 from trainer.metrics import (
     ETA_AFTER_STEPS,
     Progress,
@@ -301,7 +301,7 @@ def finish(run: Run, tracker: StepTracker, reason: str) -> str:
         # in place.)
         rule = selection(run)
         if rule:
-            keep_if_best(run, run_evaluation(run, tracker.progress, "val"), rule)
+            keep_at_end(run, run_evaluation(run, tracker.progress, "val"), rule)
         evaluate_kept(run, tracker.progress)
         save_run(run, tracker)
         draw_curves(run, tracker, final=True)
