@@ -250,7 +250,7 @@ def test_progress_off_a_terminal_is_a_plain_line_per_log_interval(tmp_path, corp
 
 
 def test_the_auto_mixture_puts_the_pairs_first():
-    from trainer.config import FEW_PAIRS, parse_objectives
+    from trainer.config import FEW_PAIRS, PAIRS_AT_FULL_WEIGHT, parse_objectives
 
     everything = ["masked_lm", "gap_summary", "summarize"]
     assert parse_objectives("auto", everything) == {"masked_lm": 0.25, "summarize": 1.0}
@@ -259,16 +259,27 @@ def test_the_auto_mixture_puts_the_pairs_first():
         "gap_summary": 1.0,
     }
     assert parse_objectives("auto", ["summarize"]) == {"summarize": 1.0}
-    # Few pairs: gap sentences on the text join (where there is text to draw them from).
-    few = {"masked_lm": 0.25, "gap_summary": 1.0, "summarize": 1.0}
-    assert parse_objectives("auto", everything, fewest_pairs=448) == few
-    assert parse_objectives("auto", everything, fewest_pairs=FEW_PAIRS) == {
+    # Few pairs: gap sentences on the text join (where there is text to draw them from), and
+    # each pair task weighs its share of PAIRS_AT_FULL_WEIGHT pairs, at most 1.
+    few = {"masked_lm": 0.25, "gap_summary": 1.0, "summarize": 450 / PAIRS_AT_FULL_WEIGHT}
+    assert parse_objectives("auto", everything, pairs={"summarize": 450}) == few
+    assert few["summarize"] == pytest.approx(0.3)
+    assert parse_objectives("auto", everything, pairs={"summarize": FEW_PAIRS - 1}) == {
+        "masked_lm": 0.25,
+        "gap_summary": 1.0,
+        "summarize": 1.0,
+    }
+    assert parse_objectives("auto", everything, pairs={"summarize": FEW_PAIRS}) == {
         "masked_lm": 0.25,
         "summarize": 1.0,
     }
-    assert parse_objectives("auto", ["summarize"], fewest_pairs=448) == {"summarize": 1.0}
-    named = parse_objectives("auto", [*everything, "title"], ["title"], fewest_pairs=300)
-    assert named == {**few, "title": 1.0}
+    # Pairs alone: nothing to weigh them against.
+    assert parse_objectives("auto", ["summarize"], pairs={"summarize": 448}) == {"summarize": 1.0}
+    # Named tasks: each by its own pairs; gap sentences join for the one that has fewest.
+    named = parse_objectives(
+        "auto", [*everything, "title"], ["title"], pairs={"summarize": 3000, "title": 300}
+    )
+    assert named == {"masked_lm": 0.25, "gap_summary": 1.0, "summarize": 1.0, "title": 0.2}
     # Spelled out, every objective is trained as asked.
     assert parse_objectives("masked_lm=1,gap_summary=0.5", everything) == {
         "masked_lm": 1.0,

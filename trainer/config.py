@@ -240,19 +240,28 @@ AUTO_TEXT_ONLY = {"masked_lm": 1.0, "gap_summary": 1.0}
 # With the 7,272 pairs of the embedded corpus the pairs come first (the default job).
 FEW_PAIRS = 2000
 AUTO_FEW_PAIRS = {"gap_summary": 1.0}
+# And the fewer the pairs, the smaller their weight beside the objectives on text: a pair task's
+# weight is its training pairs / PAIRS_AT_FULL_WEIGHT, at most 1, so that a run repeats a few
+# hundred pairs about as often as a thousand (a set number of passes at a given budget and
+# speed). 450 embedded pairs with all the text, held-out ROUGE-L of the last weights, weight 0.3
+# against 1: +1.20 +- 0.54 at 10 minutes, +2.76 +- 0.59 at 30; 1,000 pairs: +0.14 +- 0.51;
+# 2,000 pairs (weight 1 by this rule): -0.85 +- 0.50; the Debian pairs (503): -0.88 +- 1.54
+# (docs/performance.md, "The pairs' weight by their number").
+PAIRS_AT_FULL_WEIGHT = 1500
 
 
 def parse_objectives(
     spec: str,
     available: list[str] | None,
     tasks: list[str] | None = None,
-    fewest_pairs: int | None = None,
+    pairs: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """'masked_lm=1,summarize=0.5' -> weights; 'auto' -> the recipe for the available ones
-    (``fewest_pairs``: the training pairs of the pair task that has fewest; under
-    ``FEW_PAIRS``, gap sentences join). With ``available`` None (before the data is read) only
-    the spelling is checked, and the named tasks against ``tasks`` (those of --train-pairs)
-    when given."""
+    (``pairs``: the training pairs of each pair task; under ``FEW_PAIRS`` for the one that has
+    fewest, gap sentences join, and beside objectives on text each task's weight is its share of
+    ``PAIRS_AT_FULL_WEIGHT``). With ``available`` None (before the data is read) only the
+    spelling is checked, and the named tasks against ``tasks`` (those of --train-pairs) when
+    given."""
     if spec.strip() == "auto":
         if available is None:
             return {}
@@ -265,8 +274,12 @@ def parse_objectives(
         if "summarize" in available or named:
             # Every text-to-text task as summarize: weight 1 each.
             recipe = {**AUTO_WITH_PAIRS, **dict.fromkeys(named, AUTO_WITH_PAIRS["summarize"])}
-            if fewest_pairs is not None and fewest_pairs < FEW_PAIRS:
+            counts = {n: c for n, c in (pairs or {}).items() if n in available}
+            if counts and min(counts.values()) < FEW_PAIRS:
                 recipe |= AUTO_FEW_PAIRS
+            if counts and ("masked_lm" in available or "gap_summary" in available):
+                for name, count in counts.items():
+                    recipe[name] *= min(1.0, count / PAIRS_AT_FULL_WEIGHT)
         else:
             recipe = AUTO_TEXT_ONLY
         return {name: recipe[name] for name in available if recipe.get(name)}

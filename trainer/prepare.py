@@ -358,8 +358,8 @@ def _prepared_data(cfg: TrainConfig, env: Env, folder: Path, seq_len: int) -> Ru
     with local_main_first(env):
         raw = load_raw(cfg.data)
     available = [n for n in OBJECTIVES if raw.has(n)] + [n for n in raw.tasks if raw.has(n)]
-    pairs = [len(raw.pairs(task, "train")) for task in raw.task_names if raw.has(task)]
-    weights = parse_objectives(cfg.run.objectives, available, fewest_pairs=min(pairs, default=None))
+    pairs = {task: len(raw.pairs(task, "train")) for task in raw.task_names if raw.has(task)}
+    weights = parse_objectives(cfg.run.objectives, available, pairs=pairs)
     objectives = [n for n, w in weights.items() if w > 0]
 
     def sample() -> Iterable[str]:
