@@ -44,6 +44,8 @@ def paired_se(a: list[list[float]], b: list[list[float]]) -> float | None:
 
 
 def _keep_now(run: Run, metric: str, value: float, results) -> None:
+    """The weights now as RUN/model.safetensors, and their evaluation (with the samples that
+    the end's comparison pairs against) as the state's kept record."""
     save_kept_weights(run.checkpointer, run.model, run.env)
     samples = getattr(results, "samples", {}).get(metric)
     run.state.kept = {"step": run.state.step, "metric": f"val/{metric}", "value": value}
