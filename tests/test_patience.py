@@ -26,6 +26,7 @@ import train
 from trainer import keep, loop
 from trainer.config import OptimConfig
 from trainer.errors import TrainingError
+from trainer.evaluate import Evaluation
 from trainer.optim import final_decay_lr, lr_at
 from trainer.patience import after_evaluation, count, decay_steps, ran_out
 from trainer.prepare import TrainState
@@ -53,7 +54,8 @@ def countdown(scores: list[float], patience: int, higher: bool = False) -> list[
     out: list[int | None] = []
     for step, score in enumerate(scores, 1):
         state.step = step
-        improved = keep.keep_if_best(run, {"masked_lm/loss": score}, ("masked_lm/loss", higher))
+        results = Evaluation({"masked_lm/loss": score})
+        improved = keep.keep_if_best(run, results, ("masked_lm/loss", higher))
         after_evaluation(state, improved)
         if ran_out(run):
             out.append(None)

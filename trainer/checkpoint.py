@@ -10,8 +10,8 @@ Layout (a Hugging Face model folder plus the trainer's state)::
 
 RUN/model.safetensors is the kept weights (``trainer/keep.py``: during a run the best
 validation evaluation's, written when it happens by ``save_kept_weights``), else the latest
-checkpoint's. A checkpoint holds the kept
-weights of its moment (a copy), so a resumed run restores them with its state.
+checkpoint's. A checkpoint holds the kept weights of its moment (a copy), so a resumed run
+restores them with its state.
 
 Writing never stores non-finite weights, and a failed write (disk full) leaves nothing
 half-written behind; reading names the file at fault.

@@ -209,7 +209,8 @@ def _stream_metrics(
         results[f"{name}/loss"] = loss
         results[f"{name}/perplexity"] = math.exp(min(loss, 50))
         results[f"{name}/{accuracy}"] = correct / tokens
-        counted = sums[j, : batches[j]][sums[j, : batches[j], 1] > 0]
+        per_batch = sums[j, : batches[j]]
+        counted = per_batch[per_batch[:, 1] > 0]
         results.samples[f"{name}/loss"] = [(counted[:, 0] / counted[:, 1]).tolist()]
     return results
 

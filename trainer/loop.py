@@ -20,7 +20,7 @@ from trainer.checkpoint import intact_checkpoint_note, kept_model, save_checkpoi
 from trainer.config import OptimConfig, TrainConfig
 from trainer.distributed import Env, all_reduce_sum, autocast, no_sync, rank0_value
 from trainer.errors import TrainingError
-from trainer.evaluate import evaluate, evaluation_work
+from trainer.evaluate import Evaluation, evaluate, evaluation_work
 from trainer.keep import keep_at_end, keep_if_best, kept_summary, selection
 from trainer.metrics import (
     ETA_AFTER_STEPS,
@@ -503,7 +503,7 @@ def held_out_relative_cost(run: Run) -> float:
 
 def run_evaluation(
     run: Run, progress: Progress, split: str = "eval", model: torch.nn.Module | None = None
-) -> dict:
+) -> Evaluation:
     """The metrics of ``split`` ("eval": the held-out data, "val": the validation split), of
     ``model`` (default: the run's), computed by every rank together and logged by rank 0 under
     ``split/``."""
